@@ -1,0 +1,114 @@
+"""Checkpoint directories: `config.json` (transformers' format), the tokenizer file(s), and the
+weights written by Orbax under `weights/` as a nested dict mirroring the model's attributes.
+
+A checkpoint does not record the mesh it was saved from: `load(path, mesh=...)` restores every
+weight straight into the sharding the rules give on that mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from mistral_jax import models
+from mistral_jax.configs import Config, from_hf_dict, to_hf_dict
+from mistral_jax.decoder import Decoder
+from mistral_jax.tokenizer import Tokenizer
+
+WEIGHTS = "weights"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a checkpoint, or weights that do not fit its config."""
+
+
+def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically."""
+    return write(model.config, models.weights(model), path, tokenizer=model.tokenizer,
+                 overwrite=overwrite)
+
+
+def write(config: Config, weights: dict, path: str | os.PathLike, *, tokenizer=None,
+          overwrite: bool = False) -> Path:
+    """Write a checkpoint from a config and a nested dict of arrays (numpy or jax).
+
+    Everything goes to a temporary sibling directory first, renamed into place at the end, so an
+    interrupted save never leaves a directory that looks like a checkpoint.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another path")
+    check_weights(config, weights, str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(to_hf_dict(config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / WEIGHTS, weights)
+            ckptr.wait_until_finished()
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_dir():
+        raise CheckpointError(f"{path} is not a mistral_jax checkpoint (needs config.json and "
+                              f"{WEIGHTS}/); convert a torch checkpoint with "
+                              "`python -m convert.from_torch SRC OUT`")
+    return from_hf_dict(json.loads((path / "config.json").read_text()))
+
+
+def load(path: str | os.PathLike, *, mesh=None, dtype=None) -> Decoder:
+    """The model in `path`, its weights cast to `dtype` (default: as saved).
+
+    With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding rules.
+    """
+    path = Path(path).absolute()
+    config = read_config(path)
+    tokenizer = Tokenizer.from_dir(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path / WEIGHTS).item_metadata.tree
+        stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+        check_weights(config, stored, str(path))
+        abstract = models.abstract(config, tokenizer=tokenizer)
+        shardings = _shardings(abstract, mesh)
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+            stored, shardings)
+        tree = ckptr.restore(path / WEIGHTS, target)
+    return models.with_weights(abstract, tree)
+
+
+def _shardings(abstract: Decoder, mesh):
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, models.weights(abstract))
+    from mistral_jax import sharding
+
+    return sharding.weight_shardings(abstract, mesh)
+
+
+def check_weights(config: Config, tree: dict, where: str) -> None:
+    """Raise one error listing every missing, unexpected or mis-shaped weight for `config`."""
+    expected = models.flatten(models.weights(models.abstract(config)))
+    got = models.flatten(tree)
+    problems = [f"missing {k} {tuple(s.shape)}" for k, s in expected.items() if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k}: shape {tuple(got[k].shape)}, config needs {tuple(s.shape)}"
+                 for k, s in expected.items() if k in got and tuple(got[k].shape) != s.shape]
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match its config: " + "; ".join(problems))

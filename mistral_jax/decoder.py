@@ -1,0 +1,96 @@
+"""The decoder skeleton both models share: embed, one scanned layer body over stacked weights,
+final norm, LM head. `Mistral` and `GPT2` fill in the embedding, the block and the final norm.
+
+The layers' weights carry a leading `layers` axis and run under `jax.lax.scan`, so compile time
+does not grow with depth (as MaxText and jax-llm-examples do).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mistral_jax import layers as L
+
+
+class Output(NamedTuple):
+    """What a decoder returns when per-layer outputs are asked for (transformers' names)."""
+
+    logits: jax.Array  # [b, t, vocab] float32
+    hidden_states: tuple[jax.Array, ...] | None  # L + 1 of [b, t, d]: embeddings ... final norm
+    attentions: tuple[jax.Array, ...] | None  # L of [b, n, t, s] float32
+
+
+class Decoder(nnx.Module):
+    """Base class: subclasses set `embed`, `layers`, final-norm weights and `lm_head` (or None)."""
+
+    config = None
+    tokenizer = None
+
+    # -- what a subclass provides --
+    def embed_inputs(self, input_ids, inputs_embeds, positions):  # -> [b, t, d]
+        raise NotImplementedError
+
+    def block(self, layer, x, positions, mask, output_attentions):  # -> (x, probs | None)
+        raise NotImplementedError
+
+    def final_norm(self, x):
+        raise NotImplementedError
+
+    # -- shared --
+    @property
+    def dtype(self):
+        """Compute dtype: the dtype of the weights (softmax, norms and loss still run in float32)."""
+        return self.embed[...].dtype
+
+    def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
+                 output_hidden_states: bool = False, output_attentions: bool = False):
+        """Logits [b, t, vocab] float32, or an `Output` when per-layer outputs are asked for.
+
+        `attention_mask` [b, t] is 1 for tokens and 0 for padding (left or right); without
+        `positions`, positions count tokens only, so a left-padded row equals its unpadded self.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = L.default_positions(attention_mask)
+        mask = L.attention_mask_bts(attention_mask, self.config.sliding_window)
+        x = self.embed_inputs(input_ids, inputs_embeds, positions)
+
+        def body(x, layer):
+            y, probs = self.block(layer, x, positions, mask, output_attentions)
+            return y, (y if output_hidden_states else None, probs)
+
+        x0 = x
+        x, (per_layer, probs) = jax.lax.scan(body, x, self.layers)
+        x = self.final_norm(x)
+        logits = self.lm_logits(x)
+        if not (output_hidden_states or output_attentions):
+            return logits
+        hidden = None
+        if output_hidden_states:  # transformers' convention: the last entry is after the final norm
+            hidden = (x0, *(per_layer[i] for i in range(per_layer.shape[0] - 1)), x)
+        attentions = tuple(probs) if output_attentions else None
+        return Output(logits, hidden, attentions)
+
+    def lm_logits(self, x):
+        if self.lm_head is None:  # tied: the embedding table is the output projection
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...])
+        return logits[..., : self.config.vocab_size].astype(jnp.float32)
+
+    def loss(self, input_ids, attention_mask=None, labels=None, positions=None):
+        """Mean next-token cross-entropy; labels default to the input ids with padding ignored."""
+        if labels is None:
+            labels = input_ids
+            if attention_mask is not None:
+                labels = jnp.where(attention_mask.astype(bool), labels, L.IGNORE_INDEX)
+        logits = self(input_ids, attention_mask, positions)
+        return L.causal_lm_loss(logits, labels)

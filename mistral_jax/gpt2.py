@@ -1,0 +1,74 @@
+"""The GPT-2 decoder (Radford et al. 2019), as trained by OpenAI and by NVIDIA Megatron-LM:
+learned positions, pre-LayerNorm, GELU MLP, biases on every projection, tied LM head.
+
+Weights mirror transformers' GPT2LMHeadModel with the fused `c_attn` split into q/k/v and heads
+kept as an explicit axis: q/k/v [d, n, h] (+ bias [n, h]), o [n, h, d], fc [d, f], proj [f, d].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mistral_jax import layers as L
+from mistral_jax.configs import GPT2Config
+from mistral_jax.decoder import Decoder
+
+
+class GPT2Layers(nnx.Module):
+    """The weights of every layer, stacked on a leading `layers` axis."""
+
+    def __init__(self, c: GPT2Config, make: L.ParamMaker):
+        d, n, h, f = c.n_embd, c.n_head, c.head_dim, c.n_inner
+        self.ln1_scale = make((d,), ("embed",), "ones")
+        self.ln1_bias = make((d,), ("embed",), "zeros")
+        for name in ("q", "k", "v"):
+            setattr(self, name, make((d, n, h), ("embed", "heads", "head_dim")))
+            setattr(self, f"{name}_bias", make((n, h), ("heads", "head_dim"), "zeros"))
+        self.o = make((n, h, d), ("heads", "head_dim", "embed"))
+        self.o_bias = make((d,), ("embed",), "zeros")
+        self.ln2_scale = make((d,), ("embed",), "ones")
+        self.ln2_bias = make((d,), ("embed",), "zeros")
+        self.fc = make((d, f), ("embed", "mlp"))
+        self.fc_bias = make((f,), ("mlp",), "zeros")
+        self.proj = make((f, d), ("mlp", "embed"))
+        self.proj_bias = make((d,), ("embed",), "zeros")
+
+
+class GPT2(Decoder):
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
+                 tokenizer=None):
+        c = self.config = config
+        self.tokenizer = tokenizer
+        make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
+        self.embed = make((c.vocab_size, c.n_embd), ("vocab", "embed"))
+        self.pos_embed = make((c.n_positions, c.n_embd), (None, "embed"))
+        self.layers = GPT2Layers(c, L.ParamMaker(make.rngs, dtype, make.std, c.n_layer))
+        self.norm_scale = make((c.n_embd,), ("embed",), "ones")
+        self.norm_bias = make((c.n_embd,), ("embed",), "zeros")
+        self.lm_head = None if c.tie_word_embeddings else make((c.n_embd, c.vocab_size),
+                                                                ("embed", "vocab"))
+
+    def embed_inputs(self, input_ids, inputs_embeds, positions):
+        if inputs_embeds is None:
+            inputs_embeds = jnp.take(self.embed[...], input_ids, axis=0)
+        return inputs_embeds.astype(self.dtype) + jnp.take(self.pos_embed[...], positions, axis=0)
+
+    def block(self, w: GPT2Layers, x, positions, mask, output_attentions):
+        c = self.config
+        with jax.named_scope("attention"):
+            y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
+            q, k, v = (jnp.einsum("btd,dnh->btnh", y, getattr(w, p)[...]) + getattr(w, p + "_bias")[...]
+                       for p in ("q", "k", "v"))
+            out, probs = L.attention(q, k, v, mask, output_attentions)
+            x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
+        with jax.named_scope("mlp"):
+            y = L.layer_norm(x, w.ln2_scale[...], w.ln2_bias[...], c.layer_norm_epsilon)
+            hidden = L.ACTIVATIONS[c.activation_function](y @ w.fc[...] + w.fc_bias[...])
+            x = x + hidden @ w.proj[...] + w.proj_bias[...]
+        return x, probs
+
+    def final_norm(self, x):
+        return L.layer_norm(x, self.norm_scale[...], self.norm_bias[...],
+                            self.config.layer_norm_epsilon)

@@ -1,0 +1,152 @@
+"""What both decoders share: parameter creation, norms, RoPE, masks, attention, MLP activations,
+and the causal-LM loss.
+
+Numerics follow Hugging Face transformers' torch models (the parity reference): norms, softmax and
+the loss run in float32 whatever the compute dtype; RoPE uses the rotate-halves layout.
+Shape letters: b batch, t query time, s key time, d embed, n query heads, k kv heads,
+g query heads per kv head, h head_dim, f mlp, v vocab, l layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# --- parameters --------------------------------------------------------------------------------
+
+
+class ParamMaker:
+    """Makes `nnx.Param`s with their logical axes (`axes` metadata, read by the sharding rules).
+
+    With `layers=L`, every parameter gets a leading stacked `layers` axis of size L.
+    """
+
+    def __init__(self, rngs: nnx.Rngs, dtype, std: float, layers: int | None = None):
+        self.rngs, self.dtype, self.std, self.layers = rngs, dtype, std, layers
+
+    def __call__(self, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str = "normal",
+                 std: float | None = None) -> nnx.Param:
+        assert len(shape) == len(axes), (shape, axes)
+        if self.layers is not None:
+            shape, axes = (self.layers, *shape), ("layers", *axes)
+        if init == "normal":
+            value = (std or self.std) * jax.random.normal(self.rngs.params(), shape, self.dtype)
+        else:
+            value = (jnp.ones if init == "ones" else jnp.zeros)(shape, self.dtype)
+        return nnx.Param(value, axes=axes)
+
+
+# --- norms and activations ---------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * y.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _gelu_tanh(x):  # GPT-2's original approximation ("gelu_new", "gelu_pytorch_tanh")
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _gelu_fast(x):  # Megatron's bias_gelu_fusion form of the same approximation
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_fast,
+}
+
+
+# --- positions and masks -----------------------------------------------------------------------
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Absolute positions from a padding mask: a left-padded row counts from its first token."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in Hugging Face's rotate-halves layout. x: [b, t, n, h], positions: [b, t]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [h/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, t, 1, h]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean [b, t, s] mask: causal, within the window (0 <= i - j < window, as HF), not padding.
+
+    Query and key indices are positions in the (padded) sequence, as in transformers.
+    """
+    t = attention_mask.shape[-1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= i - j < sliding_window
+    return allowed[None] & attention_mask[:, None, :].astype(bool)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              return_weights: bool = False):
+    """Grouped-query attention. q: [b, t, n, h], k/v: [b, s, k, h], mask: [b, t, s] bool.
+
+    Each kv head serves n // k query heads (k == 1 is multi-query attention). Returns the output
+    [b, t, n, h] and, when asked, the attention probabilities [b, n, t, s] (float32).
+    A query whose keys are all masked (a padding position) gets a uniform average, never NaN.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [b, t, k, g, h]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
+    return out, (probs.reshape(b, n, t, -1) if return_weights else None)
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy and the number of counted tokens; label -100 is ignored.
+
+    Written as logsumexp minus a one-hot contraction so that it runs on vocab-sharded logits
+    without gathering them.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE_INDEX
+    one_hot = jax.nn.one_hot(jnp.where(valid, labels, 0), logits.shape[-1], dtype=logits.dtype)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * one_hot, axis=-1)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy, as transformers' ForCausalLM: logits[:, i] predict labels[:, i+1]."""
+    total, count = cross_entropy(logits[:, :-1], labels[:, 1:])
+    return total / jnp.maximum(count, 1)

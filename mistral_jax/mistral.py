@@ -1,0 +1,70 @@
+"""The Mistral decoder (Jiang et al. 2023, "Mistral 7B"): RMSNorm, RoPE, grouped-query attention
+with an optional sliding window, SwiGLU MLP. With `sliding_window=None` it is a Llama.
+
+Weights mirror transformers' MistralForCausalLM with heads kept as an explicit axis:
+q [d, n, h], k/v [d, k, h], o [n, h, d]; MLP gate/up [d, f], down [f, d]; all layers stacked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mistral_jax import layers as L
+from mistral_jax.configs import MistralConfig
+from mistral_jax.decoder import Decoder
+
+
+class MistralLayers(nnx.Module):
+    """The weights of every layer, stacked on a leading `layers` axis."""
+
+    def __init__(self, c: MistralConfig, make: L.ParamMaker):
+        d, n, k, h, f = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                         c.intermediate_size)
+        self.attn_norm = make((d,), ("embed",), "ones")
+        self.q = make((d, n, h), ("embed", "heads", "head_dim"))
+        self.k = make((d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.v = make((d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.o = make((n, h, d), ("heads", "head_dim", "embed"))
+        self.mlp_norm = make((d,), ("embed",), "ones")
+        self.gate = make((d, f), ("embed", "mlp"))
+        self.up = make((d, f), ("embed", "mlp"))
+        self.down = make((f, d), ("mlp", "embed"))
+
+
+class Mistral(Decoder):
+    def __init__(self, config: MistralConfig, *, rngs: nnx.Rngs | None = None,
+                 dtype=jnp.float32, tokenizer=None):
+        c = self.config = config
+        self.tokenizer = tokenizer
+        make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
+        self.embed = make((c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        self.layers = MistralLayers(c, L.ParamMaker(make.rngs, dtype, make.std, c.num_hidden_layers))
+        self.norm = make((c.hidden_size,), ("embed",), "ones")
+        self.lm_head = None if c.tie_word_embeddings else make((c.hidden_size, c.vocab_size),
+                                                                ("embed", "vocab"))
+
+    def embed_inputs(self, input_ids, inputs_embeds, positions):
+        if inputs_embeds is not None:
+            return inputs_embeds.astype(self.dtype)
+        return jnp.take(self.embed[...], input_ids, axis=0)
+
+    def block(self, w: MistralLayers, x, positions, mask, output_attentions):
+        c = self.config
+        with jax.named_scope("attention"):
+            y = L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps)
+            q = L.rope(jnp.einsum("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
+            k = L.rope(jnp.einsum("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
+            v = jnp.einsum("btd,dkh->btkh", y, w.v[...])
+            out, probs = L.attention(q, k, v, mask, output_attentions)
+            x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...])
+        with jax.named_scope("mlp"):
+            y = L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps)
+            act = L.ACTIVATIONS[c.hidden_act]
+            hidden = act(y @ w.gate[...]) * (y @ w.up[...])
+            x = x + hidden @ w.down[...]
+        return x, probs
+
+    def final_norm(self, x):
+        return L.rms_norm(x, self.norm[...], self.config.rms_norm_eps)
