@@ -49,14 +49,16 @@ class TensorSource:
                 files = {k: path / f for k, f in weight_map.items()}
                 missing = sorted({str(f) for f in files.values() if not f.is_file()})
                 if missing:
-                    raise ConversionError(f"{path / index} names shards that are absent: "
-                                          + ", ".join(missing))
+                    raise ConversionError(
+                        f"{path / index} names shards that are absent: " + ", ".join(missing)
+                    )
                 return cls(files)
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return cls.from_files([path / name])
-        raise ConversionError(f"{path}: no model.safetensors, sharded safetensors index or "
-                              "pytorch_model.bin found")
+        raise ConversionError(
+            f"{path}: no model.safetensors, sharded safetensors index or pytorch_model.bin found"
+        )
 
     @classmethod
     def from_files(cls, files: list[Path]) -> TensorSource:
@@ -82,8 +84,7 @@ class TensorSource:
                 self._open[f] = safe_open(f, framework="pt")
             else:
                 try:
-                    self._open[f] = torch.load(f, map_location="cpu", mmap=True,
-                                               weights_only=True)
+                    self._open[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
                 except Exception as e:
                     raise ConversionError(f"{f}: cannot read as a torch checkpoint: {e}") from e
         return self._open[f]
@@ -93,17 +94,17 @@ def _pattern(key: str) -> re.Pattern:
     return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *,
-                    ignore=(), dtype=None) -> dict:
+def convert_tensors(
+    source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(), dtype=None
+) -> dict:
     """Our nested weight dict from `source` via `keymap`; every problem is reported at once."""
-    expected = {k: (v.shape, v.dtype) for k, v in models.flatten(models.weights(models.abstract(config))).items()}
-    n_layers = config.n_layers
-    patterns = [(_pattern(k), names if isinstance(names, tuple) else (names,), fn)
-                for k, (names, fn) in keymap.items()]
+    expected = {
+        k: v.shape for k, v in models.flatten(models.weights(models.abstract(config))).items()
+    }
+    patterns = [(_pattern(k), _tuple(names), fn) for k, (names, fn) in keymap.items()]
     out: dict[str, np.ndarray] = {}
-    filled: dict[str, set] = {}
+    seen: dict[str, set] = {}  # our name -> layers (or {None}) a source tensor was found for
     problems: list[str] = []
-    ignore = set(ignore)
     for key in source.keys():
         if key in ignore:
             continue
@@ -113,36 +114,43 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *,
             continue
         m, names, fn = match
         layer = int(m.group(1)) if m.groups() else None
-        if layer is not None and layer >= n_layers:
-            problems.append(f"{key}: layer {layer} but the config has {n_layers} layers")
+        if layer is not None and layer >= config.n_layers:
+            problems.append(f"{key}: layer {layer}, but the config has {config.n_layers} layers")
             continue
-        values = fn(source.get(key))
-        values = values if isinstance(values, tuple) else (values,)
+        for name in names:
+            seen.setdefault(name, set()).add(layer)
+        wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
+        raw = source.get(key)
+        try:
+            values = _tuple(fn(raw))
+            if [v.shape for v in values] != wants:
+                raise ValueError
+        except ValueError:  # the tensor is not the size the config says
+            problems.append(
+                f"{key}: shape {tuple(raw.shape)} does not give the "
+                f"{' + '.join(map(str, wants))} the config needs"
+            )
+            continue
         for name, value in zip(names, values, strict=True):
-            shape, _ = expected[name]
-            want = shape[1:] if layer is not None else shape
-            if value.shape != tuple(want):
-                problems.append(f"{key}: shape {value.shape} after conversion, config needs {want}")
-                continue
             value = value.astype(dtype or value.dtype)
             if layer is None:
                 out[name] = value
             else:
-                if name not in out:
-                    out[name] = np.zeros(shape, value.dtype)
-                out[name][layer] = value
-                filled.setdefault(name, set()).add(layer)
-    for name, (shape, _) in expected.items():
-        torch_key = next((k for k, (n, _) in keymap.items() if name in _tuple(n)), name)
-        if "{i}" in torch_key:
-            missing = sorted(set(range(n_layers)) - filled.get(name, set()))
-            if missing:
-                problems.append(f"missing tensor {torch_key} for layers {_ranges(missing)}")
-        elif name not in out:
-            problems.append(f"missing tensor {torch_key}")
+                out.setdefault(name, np.zeros(expected[name], value.dtype))[layer] = value
+    for key, (names, _) in keymap.items():
+        for name in _tuple(names):
+            if "{i}" in key:
+                absent = sorted(set(range(config.n_layers)) - seen.get(name, set()))
+                if absent:
+                    problems.append(f"missing tensor {key} for layers {_ranges(absent)}")
+            elif name not in seen and name in expected:
+                problems.append(f"missing tensor {key}")
     if problems:
-        raise ConversionError(f"{len(problems)} problem(s) converting to {type(config).__name__}: "
-                              + "; ".join(problems))
+        problems = list(dict.fromkeys(problems))  # a fused tensor names each of its parts once
+        raise ConversionError(
+            f"{len(problems)} problem(s) converting to {type(config).__name__}: "
+            + "; ".join(problems)
+        )
     return models.unflatten(out)
 
 

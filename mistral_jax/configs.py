@@ -120,7 +120,7 @@ def _check(ok: bool, message: str) -> None:
 PRESETS: dict[str, Config] = {
     # Mistral-7B-v0.1: 7.24B parameters.
     "mistral-7b": MistralConfig(),
-    # NVIDIA's megatron_lm_345m: 24 layers, 1024 wide, 16 heads; 354M parameters with its tied
+    # NVIDIA's megatron_lm_345m: 24 layers, 1024 wide, 16 heads; 355M parameters with its tied
     # embeddings (vocab padded to 50304 by Megatron, cut to GPT-2's 50257 on conversion).
     "megatron-gpt2-345m": GPT2Config(n_embd=1024, n_layer=24, n_head=16, activation_function="gelu",
                                      n_positions=1024),
