@@ -1,7 +1,7 @@
 """Model configs: frozen dataclasses mirroring Hugging Face's MistralConfig and GPT2Config.
 
-Field names and defaults follow transformers, so a `config.json` written by transformers reads back
-here unchanged and ours loads in transformers. Presets are named constructors (`preset("mistral-7b")`).
+Field names and defaults follow transformers, so a `config.json` written by transformers reads
+back here unchanged and ours loads in transformers. Presets: `preset("mistral-7b")` and others.
 """
 
 from __future__ import annotations

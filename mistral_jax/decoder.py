@@ -43,7 +43,7 @@ class Decoder(nnx.Module):
     # -- shared --
     @property
     def dtype(self):
-        """Compute dtype: the dtype of the weights (softmax, norms and loss still run in float32)."""
+        """Compute dtype: the weights' dtype (softmax, norms and the loss still run in float32)."""
         return self.embed[...].dtype
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,

@@ -44,7 +44,7 @@ class GPT2(Decoder):
         make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
         self.embed = make((c.vocab_size, c.n_embd), ("vocab", "embed"))
         self.pos_embed = make((c.n_positions, c.n_embd), (None, "embed"))
-        self.layers = GPT2Layers(c, L.ParamMaker(make.rngs, dtype, make.std, c.n_layer))
+        self.layers = GPT2Layers(c, L.ParamMaker(make.rngs, dtype, make.std, layers=c.n_layer))
         self.norm_scale = make((c.n_embd,), ("embed",), "ones")
         self.norm_bias = make((c.n_embd,), ("embed",), "zeros")
         self.lm_head = None if c.tie_word_embeddings else make((c.n_embd, c.vocab_size),
@@ -59,8 +59,9 @@ class GPT2(Decoder):
         c = self.config
         with jax.named_scope("attention"):
             y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
-            q, k, v = (jnp.einsum("btd,dnh->btnh", y, getattr(w, p)[...]) + getattr(w, p + "_bias")[...]
-                       for p in ("q", "k", "v"))
+            q = jnp.einsum("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
+            k = jnp.einsum("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
+            v = jnp.einsum("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
             out, probs = L.attention(q, k, v, mask, output_attentions)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
         with jax.named_scope("mlp"):

@@ -83,7 +83,7 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in Hugging Face's rotate-halves layout. x: [b, t, n, h], positions: [b, t]."""
+    """RoPE in Hugging Face's rotate-halves layout. x: [b, t, n, h], positions: [b, t]."""
     h = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [h/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
@@ -147,6 +147,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy, as transformers' ForCausalLM: logits[:, i] predict labels[:, i+1]."""
+    """Mean next-token cross-entropy as in transformers: logits[:, i] predict labels[:, i+1]."""
     total, count = cross_entropy(logits[:, :-1], labels[:, 1:])
     return total / jnp.maximum(count, 1)

@@ -40,7 +40,8 @@ class Mistral(Decoder):
         self.tokenizer = tokenizer
         make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
         self.embed = make((c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        self.layers = MistralLayers(c, L.ParamMaker(make.rngs, dtype, make.std, c.num_hidden_layers))
+        stacked = L.ParamMaker(make.rngs, dtype, make.std, layers=c.num_hidden_layers)
+        self.layers = MistralLayers(c, stacked)
         self.norm = make((c.hidden_size,), ("embed",), "ones")
         self.lm_head = None if c.tie_word_embeddings else make((c.hidden_size, c.vocab_size),
                                                                 ("embed", "vocab"))

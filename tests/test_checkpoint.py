@@ -1,4 +1,4 @@
-"""HF folder -> our checkpoint -> load: same logits; and every kind of bad input gets a clear error."""
+"""HF folder -> our checkpoint -> load gives the same logits; bad input gets a clear error."""
 
 import json
 import shutil
@@ -146,3 +146,19 @@ def test_save_refuses_to_overwrite_and_leaves_no_partial_directory(tmp_path):
     shutil.rmtree(tmp_path / "c" / "weights")
     with pytest.raises(mistral_jax.CheckpointError):
         mistral_jax.load(tmp_path / "c")
+
+
+def test_tokenizer_travels_from_hf_folder_into_the_checkpoint(tmp_path):
+    from tests.fetch import fetch_wheel_member
+
+    sp_model = fetch_wheel_member("mistral-common", "mistral_common/data/tokenizer.model.v1")
+    src = tmp_path / "hf"
+    model = hf_model("mistral", src, vocab_size=32000)
+    shutil.copy(sp_model, src / "tokenizer.model")
+    assert from_torch.main([str(src), str(tmp_path / "ckpt")]) == 0
+    params = mistral_jax.load(tmp_path / "ckpt")
+    text = "My favourite condiment is ketchup 🍅"
+    ids = params.tokenizer.encode(text)
+    assert ids[0] == 1 and params.tokenizer.decode(ids) == text
+    got = np.asarray(mistral_jax.forward(params, [ids]))  # jit with the tokenizer as static data
+    assert np.max(np.abs(got - torch_logits(model, [ids]))) <= 1e-4

