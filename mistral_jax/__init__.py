@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import jax
@@ -16,9 +17,11 @@ from mistral_jax.checkpoint import CheckpointError, load, save
 from mistral_jax.configs import ConfigError, GPT2Config, MistralConfig, preset
 from mistral_jax.decoder import Decoder, Output
 from mistral_jax.models import init
+from mistral_jax.sharding import ShardingError, make_mesh, mesh_of, shard
 
 __all__ = ["CheckpointError", "ConfigError", "Decoder", "GPT2Config", "MistralConfig", "Output",
-           "forward", "init", "load", "loss", "preset", "save"]
+           "ShardingError", "forward", "init", "load", "loss", "make_mesh", "preset", "save",
+           "shard"]
 
 
 def forward(params: Decoder, input_ids=None, attention_mask=None, positions=None, *,
@@ -31,8 +34,9 @@ def forward(params: Decoder, input_ids=None, attention_mask=None, positions=None
     """
     if input_ids is not None:
         input_ids = _check_ids(input_ids, params.config.vocab_size)
-    return _forward(params, input_ids, attention_mask, positions, inputs_embeds,
-                    output_hidden_states, output_attentions)
+    with _on_mesh_of(params):
+        return _forward(params, input_ids, attention_mask, positions, inputs_embeds,
+                        output_hidden_states, output_attentions)
 
 
 @partial(jax.jit, static_argnums=(5, 6))
@@ -47,7 +51,8 @@ def loss(params: Decoder, input_ids, attention_mask=None, labels=None, positions
     Without `labels`, the inputs are the labels and padding is ignored.
     """
     input_ids = _check_ids(input_ids, params.config.vocab_size)
-    return _loss(params, input_ids, attention_mask, labels, positions)
+    with _on_mesh_of(params):
+        return _loss(params, input_ids, attention_mask, labels, positions)
 
 
 @jax.jit
@@ -69,3 +74,9 @@ def _check_ids(input_ids, vocab_size: int):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); "
                              "check the tokenizer matches this checkpoint")
     return input_ids
+
+
+def _on_mesh_of(params):
+    """Trace under the mesh the weights live on, so the model's sharding constraints apply."""
+    mesh = mesh_of(params)
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

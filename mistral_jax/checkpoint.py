@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from mistral_jax import models
+from mistral_jax import models, sharding
 from mistral_jax.configs import Config, from_hf_dict, to_hf_dict
 from mistral_jax.decoder import Decoder
 from mistral_jax.tokenizer import Tokenizer
@@ -30,8 +30,11 @@ class CheckpointError(ValueError):
 
 def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically."""
-    return write(model.config, models.weights(model), path, tokenizer=model.tokenizer,
-                 overwrite=overwrite)
+    weights = models.weights(model)
+    if model.vocab_padded != model.config.vocab_size:  # checkpoints hold the real vocab only
+        axes = models.logical_axes(model)
+        weights = jax.jit(lambda w: models.resize_vocab(w, axes, model.config.vocab_size))(weights)
+    return write(model.config, weights, path, tokenizer=model.tokenizer, overwrite=overwrite)
 
 
 def write(config: Config, weights: dict, path: str | os.PathLike, *, tokenizer=None,
@@ -75,7 +78,9 @@ def read_config(path: str | os.PathLike) -> Config:
 def load(path: str | os.PathLike, *, mesh=None, dtype=None) -> Decoder:
     """The model in `path`, its weights cast to `dtype` (default: as saved).
 
-    With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding rules.
+    With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
+    rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
+    needs it.
     """
     path = Path(path).absolute()
     config = read_config(path)
@@ -85,21 +90,21 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None) -> Decoder:
         stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
         check_weights(config, stored, str(path))
         abstract = models.abstract(config, tokenizer=tokenizer)
-        shardings = _shardings(abstract, mesh)
+        padded = config.vocab_size
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, stored)
+        else:
+            padded = sharding.padded_vocab_size(config.vocab_size, mesh.shape[sharding.MODEL])
+            shard_as = sharding.vocab_shardings if padded > config.vocab_size else \
+                sharding.weight_shardings
+            shardings = shard_as(abstract, mesh)
         target = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
             stored, shardings)
         tree = ckptr.restore(path / WEIGHTS, target)
-    return models.with_weights(abstract, tree)
-
-
-def _shardings(abstract: Decoder, mesh):
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, models.weights(abstract))
-    from mistral_jax import sharding
-
-    return sharding.weight_shardings(abstract, mesh)
+    model = models.with_weights(abstract, tree)
+    return sharding.shard(model, mesh, donate=True) if padded > config.vocab_size else model
 
 
 def check_weights(config: Config, tree: dict, where: str) -> None:

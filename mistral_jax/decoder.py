@@ -14,6 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral_jax import layers as L
+from mistral_jax.sharding import constrain
+
+# Logical axes of activations: between blocks, and inside the tensor-parallel regions.
+ACT = ("batch", "sequence", "embed")
+HEADS = ("batch", None, "heads", "head_dim")
+MLP = ("batch", None, "mlp")
 
 
 class Output(NamedTuple):
@@ -25,10 +31,15 @@ class Output(NamedTuple):
 
 
 class Decoder(nnx.Module):
-    """Base class: subclasses set `embed`, `layers`, final-norm weights and `lm_head` (or None)."""
+    """Base class: subclasses set `embed`, `layers`, final-norm weights and `lm_head` (or None).
+
+    `vocab_padded` (>= config.vocab_size) is the row count of the embedding and LM head: padded
+    so that the model axis divides it; padded logits are masked and never leave the model.
+    """
 
     config = None
     tokenizer = None
+    vocab_padded: int = 0
 
     # -- what a subclass provides --
     def embed_inputs(self, input_ids, inputs_embeds, positions):  # -> [b, t, d]
@@ -53,6 +64,17 @@ class Decoder(nnx.Module):
         `attention_mask` [b, t] is 1 for tokens and 0 for padding (left or right); without
         `positions`, positions count tokens only, so a left-padded row equals its unpadded self.
         """
+        logits, hidden, attentions = self.run(input_ids, attention_mask, positions,
+                                              inputs_embeds, output_hidden_states,
+                                              output_attentions)
+        logits = logits[..., : self.config.vocab_size]
+        if not (output_hidden_states or output_attentions):
+            return logits
+        return Output(logits, hidden, attentions)
+
+    def run(self, input_ids, attention_mask, positions, inputs_embeds=None,
+            output_hidden_states=False, output_attentions=False):
+        """(vocab-padded logits, hidden states or None, attentions or None)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -61,30 +83,33 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = L.default_positions(attention_mask)
         mask = L.attention_mask_bts(attention_mask, self.config.sliding_window)
-        x = self.embed_inputs(input_ids, inputs_embeds, positions)
+        x = constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
 
         def body(x, layer):
             y, probs = self.block(layer, x, positions, mask, output_attentions)
+            y = constrain(y, ACT)
             return y, (y if output_hidden_states else None, probs)
 
         x0 = x
         x, (per_layer, probs) = jax.lax.scan(body, x, self.layers)
         x = self.final_norm(x)
-        logits = self.lm_logits(x)
-        if not (output_hidden_states or output_attentions):
-            return logits
         hidden = None
         if output_hidden_states:  # transformers' convention: the last entry is after the final norm
             hidden = (x0, *(per_layer[i] for i in range(per_layer.shape[0] - 1)), x)
         attentions = tuple(probs) if output_attentions else None
-        return Output(logits, hidden, attentions)
+        return self.lm_logits(x), hidden, attentions
 
     def lm_logits(self, x):
+        """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""
         if self.lm_head is None:  # tied: the embedding table is the output projection
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...])
-        return logits[..., : self.config.vocab_size].astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "sequence", "vocab"))
+        if self.vocab_padded > self.config.vocab_size:
+            real = jnp.arange(self.vocab_padded) < self.config.vocab_size
+            logits = jnp.where(real, logits, -1e30)
+        return logits
 
     def loss(self, input_ids, attention_mask=None, labels=None, positions=None):
         """Mean next-token cross-entropy; labels default to the input ids with padding ignored."""
@@ -92,5 +117,5 @@ class Decoder(nnx.Module):
             labels = input_ids
             if attention_mask is not None:
                 labels = jnp.where(attention_mask.astype(bool), labels, L.IGNORE_INDEX)
-        logits = self(input_ids, attention_mask, positions)
+        logits, _, _ = self.run(input_ids, attention_mask, positions)  # never gathered: see run
         return L.causal_lm_loss(logits, labels)

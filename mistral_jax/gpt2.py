@@ -13,7 +13,8 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import GPT2Config
-from mistral_jax.decoder import Decoder
+from mistral_jax.decoder import HEADS, MLP, Decoder
+from mistral_jax.sharding import constrain
 
 
 class GPT2Layers(nnx.Module):
@@ -38,17 +39,17 @@ class GPT2Layers(nnx.Module):
 
 class GPT2(Decoder):
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
-                 tokenizer=None):
+                 tokenizer=None, vocab_padded: int | None = None):
         c = self.config = config
         self.tokenizer = tokenizer
+        self.vocab_padded = v = vocab_padded or c.vocab_size
         make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
-        self.embed = make((c.vocab_size, c.n_embd), ("vocab", "embed"))
+        self.embed = make((v, c.n_embd), ("vocab", "embed"))
         self.pos_embed = make((c.n_positions, c.n_embd), (None, "embed"))
         self.layers = GPT2Layers(c, L.ParamMaker(make.rngs, dtype, make.std, layers=c.n_layer))
         self.norm_scale = make((c.n_embd,), ("embed",), "ones")
         self.norm_bias = make((c.n_embd,), ("embed",), "zeros")
-        self.lm_head = None if c.tie_word_embeddings else make((c.n_embd, c.vocab_size),
-                                                                ("embed", "vocab"))
+        self.lm_head = None if c.tie_word_embeddings else make((c.n_embd, v), ("embed", "vocab"))
 
     def embed_inputs(self, input_ids, inputs_embeds, positions):
         if inputs_embeds is None:
@@ -62,11 +63,13 @@ class GPT2(Decoder):
             q = jnp.einsum("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
             k = jnp.einsum("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
             v = jnp.einsum("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
+            q, k, v = (constrain(a, HEADS) for a in (q, k, v))
             out, probs = L.attention(q, k, v, mask, output_attentions)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
         with jax.named_scope("mlp"):
             y = L.layer_norm(x, w.ln2_scale[...], w.ln2_bias[...], c.layer_norm_epsilon)
             hidden = L.ACTIVATIONS[c.activation_function](y @ w.fc[...] + w.fc_bias[...])
+            hidden = constrain(hidden, MLP)
             x = x + hidden @ w.proj[...] + w.proj_bias[...]
         return x, probs
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import MistralConfig
-from mistral_jax.decoder import Decoder
+from mistral_jax.decoder import HEADS, MLP, Decoder
+from mistral_jax.sharding import constrain, model_axis_size
 
 
 class MistralLayers(nnx.Module):
@@ -35,15 +36,16 @@ class MistralLayers(nnx.Module):
 
 class Mistral(Decoder):
     def __init__(self, config: MistralConfig, *, rngs: nnx.Rngs | None = None,
-                 dtype=jnp.float32, tokenizer=None):
+                 dtype=jnp.float32, tokenizer=None, vocab_padded: int | None = None):
         c = self.config = config
         self.tokenizer = tokenizer
+        self.vocab_padded = v = vocab_padded or c.vocab_size
         make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, c.initializer_range)
-        self.embed = make((c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        self.embed = make((v, c.hidden_size), ("vocab", "embed"))
         stacked = L.ParamMaker(make.rngs, dtype, make.std, layers=c.num_hidden_layers)
         self.layers = MistralLayers(c, stacked)
         self.norm = make((c.hidden_size,), ("embed",), "ones")
-        self.lm_head = None if c.tie_word_embeddings else make((c.hidden_size, c.vocab_size),
+        self.lm_head = None if c.tie_word_embeddings else make((c.hidden_size, v),
                                                                 ("embed", "vocab"))
 
     def embed_inputs(self, input_ids, inputs_embeds, positions):
@@ -58,12 +60,16 @@ class Mistral(Decoder):
             q = L.rope(jnp.einsum("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
             k = L.rope(jnp.einsum("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
             v = jnp.einsum("btd,dkh->btkh", y, w.v[...])
+            tp = model_axis_size()
+            if tp > k.shape[2]:  # fewer kv heads than devices: each device keeps the one it needs
+                k, v = (jnp.repeat(a, tp // a.shape[2], axis=2) for a in (k, v))
+            q, k, v = (constrain(a, HEADS) for a in (q, k, v))
             out, probs = L.attention(q, k, v, mask, output_attentions)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...])
         with jax.named_scope("mlp"):
             y = L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps)
             act = L.ACTIVATIONS[c.hidden_act]
-            hidden = act(y @ w.gate[...]) * (y @ w.up[...])
+            hidden = constrain(act(y @ w.gate[...]) * (y @ w.up[...]), MLP)
             x = x + hidden @ w.down[...]
         return x, probs
 

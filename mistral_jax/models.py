@@ -20,14 +20,18 @@ def model_class(config: Config) -> type[Decoder]:
     raise TypeError(f"no model for config type {type(config).__name__}")
 
 
-def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None) -> Decoder:
+def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
+         vocab_padded: int | None = None) -> Decoder:
     """A randomly initialised model (normal(0, initializer_range) weights, unit norms)."""
-    return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer)
+    return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer,
+                               vocab_padded=vocab_padded)
 
 
-def abstract(config: Config, *, dtype=jnp.float32, tokenizer=None) -> Decoder:
+def abstract(config: Config, *, dtype=jnp.float32, tokenizer=None,
+             vocab_padded: int | None = None) -> Decoder:
     """The model with `jax.ShapeDtypeStruct`s in place of weights: no memory, no compute."""
-    return nnx.eval_shape(lambda: init(config, dtype=dtype, tokenizer=tokenizer))
+    return nnx.eval_shape(lambda: init(config, dtype=dtype, tokenizer=tokenizer,
+                                       vocab_padded=vocab_padded))
 
 
 def weights(model: Decoder) -> dict:
@@ -70,3 +74,19 @@ def unflatten(flat: dict) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+def resize_vocab(tree: dict, axes: dict, size: int) -> dict:
+    """Cut or zero-pad every weight's `vocab` axis to `size` rows (Megatron's vocab padding)."""
+
+    def resize(x, names):
+        if "vocab" not in names:
+            return x
+        i = names.index("vocab")
+        if x.shape[i] >= size:
+            return jax.lax.slice_in_dim(x, 0, size, axis=i)
+        pad = [(0, 0)] * x.ndim
+        pad[i] = (0, size - x.shape[i])
+        return jnp.pad(x, pad)
+
+    return jax.tree.map(resize, tree, axes)

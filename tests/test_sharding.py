@@ -1,0 +1,181 @@
+"""Megatron tensor parallelism on 8 fake CPU devices: sharded == unsharded, layouts read off the
+arrays, and the collectives XLA compiles counted in the HLO."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax
+from mistral_jax import configs, models, sharding
+from mistral_jax.decoder import ACT
+
+MESHES = ["1x1", "1x2", "1x4", "1x8", "2x4", "8x1"]
+# 8 query heads so every mesh divides them; 2 kv heads so 1x4 and 1x8 replicate kv heads;
+# a vocab of 100 so any model axis > 1 pads it (to 128 * tp).
+MISTRAL = configs.MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                sliding_window=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+GPT2 = configs.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=8, n_positions=64,
+                          tie_word_embeddings=False)
+IDS = np.random.default_rng(0).integers(0, 100, (8, 12)).astype(np.int32)
+MASK = np.ones_like(IDS)
+MASK[1, :3] = 0  # a left-padded row
+
+
+def mesh(spec):
+    d, t = sharding.parse_mesh(spec)
+    return mistral_jax.make_mesh(spec, jax.devices()[: d * t])
+
+
+def perturbed(config):
+    """A random model whose norms and biases are not all ones and zeros."""
+    model = models.init(config, seed=1)
+    leaves = models.weights(model)
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    leaves = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), leaves)
+    return models.with_weights(model, leaves)
+
+
+def unpadded_grads(model):
+    grads = jax.grad(lambda m: mistral_jax.loss(m, IDS, MASK))(model)
+    return models.resize_vocab(models.weights(grads), models.logical_axes(model),
+                               model.config.vocab_size)
+
+
+@pytest.fixture(scope="module", params=[MISTRAL, GPT2], ids=["mistral", "gpt2"])
+def reference(request):
+    model = perturbed(request.param)
+    return model, mistral_jax.forward(model, IDS, MASK), unpadded_grads(model)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_logits_loss_and_grads_equal_unsharded(reference, spec):
+    model, logits, grads = reference
+    sharded = mistral_jax.shard(model, mesh(spec))
+    got = mistral_jax.forward(sharded, IDS, MASK)
+    assert got.shape == logits.shape
+    np.testing.assert_allclose(got, logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(mistral_jax.loss(sharded, IDS, MASK),
+                               mistral_jax.loss(model, IDS, MASK), atol=1e-6, rtol=0)
+    for (name, a), b in zip(models.flatten(unpadded_grads(sharded)).items(),
+                            models.flatten(grads).values(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
+
+
+def shard_shapes(model):
+    """Each weight's per-device shape, read off the arrays themselves."""
+    weights = models.flatten(models.weights(model))
+    shapes = {}
+    for name, x in weights.items():
+        per_device = {s.data.shape for s in x.addressable_shards}
+        assert len(per_device) == 1, name
+        assert len(x.addressable_shards) == len(jax.devices()[: x.sharding.num_devices])
+        shapes[name] = per_device.pop()
+    return shapes
+
+
+def test_each_weight_is_split_the_megatron_way_on_1x8():
+    m = mistral_jax.shard(perturbed(MISTRAL), mesh("1x8"))
+    # Megatron: column-parallel q / gate / up, row-parallel o / down, vocab-parallel embed / head;
+    # 2 kv heads cannot split 8 ways, so k / v are whole on every device.
+    assert m.vocab_padded == 1024
+    assert shard_shapes(m) == {
+        "embed": (128, 64), "lm_head": (64, 128), "norm": (64,),
+        "layers.attn_norm": (2, 64), "layers.mlp_norm": (2, 64),
+        "layers.q": (2, 64, 1, 8), "layers.k": (2, 64, 2, 8), "layers.v": (2, 64, 2, 8),
+        "layers.o": (2, 1, 8, 64),
+        "layers.gate": (2, 64, 16), "layers.up": (2, 64, 16), "layers.down": (2, 16, 64),
+    }
+    g = mistral_jax.shard(perturbed(GPT2), mesh("2x4"))
+    shapes = shard_shapes(g)
+    assert g.vocab_padded == 100  # 4 divides 100: no padding needed
+    assert shapes["embed"] == (25, 64) and shapes["pos_embed"] == (64, 64)
+    assert shapes["layers.q"] == (2, 64, 2, 8) and shapes["layers.q_bias"] == (2, 2, 8)
+    assert shapes["layers.o"] == (2, 2, 8, 64) and shapes["layers.o_bias"] == (2, 64)
+    assert shapes["layers.fc"] == (2, 64, 64) and shapes["layers.fc_bias"] == (2, 64)
+    assert shapes["layers.proj"] == (2, 64, 64) and shapes["layers.proj_bias"] == (2, 64)
+    # 2x4: the two data-parallel rows of devices hold the same model shards
+    q = g.layers.q[...]
+    assert {s.replica_id for s in q.addressable_shards} == {0, 1}
+
+
+def collectives(hlo: str) -> dict:
+    ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ops}
+
+
+@pytest.mark.parametrize("config", [MISTRAL, GPT2], ids=["mistral", "gpt2"])
+@pytest.mark.parametrize("spec", ["1x8", "2x4"])
+def test_one_layer_forward_has_two_all_reduces_and_gathers_no_weight(config, spec):
+    m = mistral_jax.shard(perturbed(config), mesh(spec))
+    layer = jax.tree.map(lambda x: x[0], m.layers)  # one layer's weights, still sharded
+    x = jnp.ones((8, 12, 64))
+    positions = jnp.broadcast_to(jnp.arange(12), (8, 12))
+    mask = jnp.ones((8, 12, 12), bool)
+    with jax.set_mesh(m.embed[...].sharding.mesh):
+        f = jax.jit(lambda w, x: sharding.constrain(m.block(w, x, positions, mask, False)[0], ACT))
+        hlo = f.lower(layer, x).compile().as_text()
+    assert collectives(hlo) == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0,
+                                "all-to-all": 0, "collective-permute": 0}
+
+
+@pytest.mark.parametrize("config", [MISTRAL, GPT2], ids=["mistral", "gpt2"])
+def test_loss_and_its_gradient_never_gather_the_logits(config):
+    m = mistral_jax.shard(perturbed(config), mesh("2x4"))
+    with jax.set_mesh(m.embed[...].sharding.mesh):
+        step = jax.jit(jax.value_and_grad(lambda m, ids: m.loss(ids)))
+        hlo = step.lower(m, IDS).compile().as_text()
+    gathered = [tuple(map(int, shape.split(","))) for shape in
+                re.findall(r"= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(", hlo)]
+    vocab = {m.config.vocab_size, m.vocab_padded}
+    assert not [s for s in gathered if vocab & set(s)]  # no logits, no embedding, no LM head
+    if config is MISTRAL:  # the one gather there is: replicated kv weights collect their grads
+        assert gathered == [(2, 64, 2, 8)] * len(gathered) and gathered
+    assert collectives(hlo)["all-reduce"] > 0
+
+
+@pytest.mark.parametrize("saved_on", ["2x4", "1x1"])
+def test_checkpoint_saved_on_one_mesh_restores_on_every_other(reference, saved_on, tmp_path):
+    model, logits, _ = reference
+    mistral_jax.save(mistral_jax.shard(model, mesh(saved_on)), tmp_path / "c")
+    for spec in ["1x1", "1x8", "2x4", "8x1"]:
+        restored = mistral_jax.load(tmp_path / "c", mesh=mesh(spec))
+        assert sharding.mesh_of(restored) is (None if spec == "1x1" else restored.embed[...]
+                                              .sharding.mesh)
+        np.testing.assert_allclose(mistral_jax.forward(restored, IDS, MASK), logits, atol=1e-5,
+                                   rtol=0, err_msg=spec)
+    restored = mistral_jax.load(tmp_path / "c", mesh=mesh("1x8"))
+    assert restored.layers.o[...].addressable_shards[0].data.shape == (2, 1, 8, 64)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_mesh_strings_and_device_counts():
+    for bad in ["8", "1x", "axb", "0x8", "1x-2", "2x2x2"]:
+        with pytest.raises(sharding.ShardingError, match="is not DxT with positive integers"):
+            mistral_jax.make_mesh(bad)
+    with pytest.raises(sharding.ShardingError, match="needs 16 devices but 8 are given"):
+        mistral_jax.make_mesh("2x8")
+    with pytest.raises(sharding.ShardingError, match="needs 4 devices but 8 are given"):
+        mistral_jax.make_mesh("1x4")
+    assert dict(mistral_jax.make_mesh("2x4").shape) == {"data": 2, "model": 4}
+
+
+def test_head_counts_that_do_not_divide():
+    with pytest.raises(sharding.ShardingError, match="num_attention_heads=4 is not divisible"):
+        mistral_jax.shard(mistral_jax.init(configs.preset("mistral-tiny")), mesh("1x8"))
+    odd_kv = configs.MistralConfig(vocab_size=64, hidden_size=48, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=6,
+                                   num_key_value_heads=3)
+    with pytest.raises(sharding.ShardingError, match="num_key_value_heads=3 and the model axis 2"):
+        mistral_jax.shard(mistral_jax.init(odd_kv), mesh("1x2"))
+
+
+def test_rules_table_refuses_collisions():
+    rules = sharding.ShardingRules(embed="model")
+    with pytest.raises(sharding.ShardingError, match="one mesh axis may shard only one"):
+        rules.spec(("embed", "heads", "head_dim"))
