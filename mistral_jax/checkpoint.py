@@ -75,12 +75,12 @@ def read_config(path: str | os.PathLike) -> Config:
     return from_hf_dict(json.loads((path / "config.json").read_text()))
 
 
-def load(path: str | os.PathLike, *, mesh=None, dtype=None) -> Decoder:
+def load(path: str | os.PathLike, *, mesh=None, dtype=None, sequence_parallel=False) -> Decoder:
     """The model in `path`, its weights cast to `dtype` (default: as saved).
 
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
-    needs it.
+    needs it; `sequence_parallel` as in `sharding.shard`.
     """
     path = Path(path).absolute()
     config = read_config(path)
@@ -104,7 +104,10 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None) -> Decoder:
             stored, shardings)
         tree = ckptr.restore(path / WEIGHTS, target)
     model = models.with_weights(abstract, tree)
-    return sharding.shard(model, mesh, donate=True) if padded > config.vocab_size else model
+    if padded > config.vocab_size:
+        model = sharding.shard(model, mesh, donate=True)
+    model.rules = sharding.SEQUENCE_PARALLEL_RULES if sequence_parallel else sharding.RULES
+    return model
 
 
 def check_weights(config: Config, tree: dict, where: str) -> None:

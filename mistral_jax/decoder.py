@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral_jax import layers as L
-from mistral_jax.sharding import constrain
+from mistral_jax.sharding import RULES, ShardingRules, constrain
 
 # Logical axes of activations: between blocks, and inside the tensor-parallel regions.
 ACT = ("batch", "sequence", "embed")
+GATHERED = ("batch", None, "embed")  # entering a tensor-parallel region: the whole sequence
 HEADS = ("batch", None, "heads", "head_dim")
 MLP = ("batch", None, "mlp")
 
@@ -40,6 +41,10 @@ class Decoder(nnx.Module):
     config = None
     tokenizer = None
     vocab_padded: int = 0
+    rules: ShardingRules = RULES  # how activations are laid out on a mesh; see sharding.shard
+
+    def constrain(self, x, axes):
+        return constrain(x, axes, self.rules)
 
     # -- what a subclass provides --
     def embed_inputs(self, input_ids, inputs_embeds, positions):  # -> [b, t, d]
@@ -83,11 +88,11 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = L.default_positions(attention_mask)
         mask = L.attention_mask_bts(attention_mask, self.config.sliding_window)
-        x = constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
+        x = self.constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
 
         def body(x, layer):
             y, probs = self.block(layer, x, positions, mask, output_attentions)
-            y = constrain(y, ACT)
+            y = self.constrain(y, ACT)
             return y, (y if output_hidden_states else None, probs)
 
         x0 = x
@@ -97,7 +102,7 @@ class Decoder(nnx.Module):
         if output_hidden_states:  # transformers' convention: the last entry is after the final norm
             hidden = (x0, *(per_layer[i] for i in range(per_layer.shape[0] - 1)), x)
         attentions = tuple(probs) if output_attentions else None
-        return self.lm_logits(x), hidden, attentions
+        return self.lm_logits(self.constrain(x, GATHERED)), hidden, attentions
 
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""
@@ -105,7 +110,7 @@ class Decoder(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...])
-        logits = constrain(logits.astype(jnp.float32), ("batch", "sequence", "vocab"))
+        logits = self.constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
         if self.vocab_padded > self.config.vocab_size:
             real = jnp.arange(self.vocab_padded) < self.config.vocab_size
             logits = jnp.where(real, logits, -1e30)

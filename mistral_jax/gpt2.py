@@ -13,8 +13,7 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import GPT2Config
-from mistral_jax.decoder import HEADS, MLP, Decoder
-from mistral_jax.sharding import constrain
+from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder
 
 
 class GPT2Layers(nnx.Module):
@@ -60,16 +59,19 @@ class GPT2(Decoder):
         c = self.config
         with jax.named_scope("attention"):
             y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
+            y = self.constrain(y, GATHERED)
             q = jnp.einsum("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
             k = jnp.einsum("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
             v = jnp.einsum("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
-            q, k, v = (constrain(a, HEADS) for a in (q, k, v))
+            q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, probs = L.attention(q, k, v, mask, output_attentions)
+            out = self.constrain(out, HEADS)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
         with jax.named_scope("mlp"):
             y = L.layer_norm(x, w.ln2_scale[...], w.ln2_bias[...], c.layer_norm_epsilon)
+            y = self.constrain(y, GATHERED)
             hidden = L.ACTIVATIONS[c.activation_function](y @ w.fc[...] + w.fc_bias[...])
-            hidden = constrain(hidden, MLP)
+            hidden = self.constrain(hidden, MLP)
             x = x + hidden @ w.proj[...] + w.proj_bias[...]
         return x, probs
 

@@ -13,8 +13,8 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import MistralConfig
-from mistral_jax.decoder import HEADS, MLP, Decoder
-from mistral_jax.sharding import constrain, model_axis_size
+from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder
+from mistral_jax.sharding import model_axis_size
 
 
 class MistralLayers(nnx.Module):
@@ -56,20 +56,21 @@ class Mistral(Decoder):
     def block(self, w: MistralLayers, x, positions, mask, output_attentions):
         c = self.config
         with jax.named_scope("attention"):
-            y = L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps)
+            y = self.constrain(L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps), GATHERED)
             q = L.rope(jnp.einsum("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
             k = L.rope(jnp.einsum("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
             v = jnp.einsum("btd,dkh->btkh", y, w.v[...])
             tp = model_axis_size()
             if tp > k.shape[2]:  # fewer kv heads than devices: each device keeps the one it needs
                 k, v = (jnp.repeat(a, tp // a.shape[2], axis=2) for a in (k, v))
-            q, k, v = (constrain(a, HEADS) for a in (q, k, v))
+            q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, probs = L.attention(q, k, v, mask, output_attentions)
+            out = self.constrain(out, HEADS)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...])
         with jax.named_scope("mlp"):
-            y = L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps)
+            y = self.constrain(L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps), GATHERED)
             act = L.ACTIVATIONS[c.hidden_act]
-            hidden = constrain(act(y @ w.gate[...]) * (y @ w.up[...]), MLP)
+            hidden = self.constrain(act(y @ w.gate[...]) * (y @ w.up[...]), MLP)
             x = x + hidden @ w.down[...]
         return x, probs
 

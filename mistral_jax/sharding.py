@@ -95,6 +95,7 @@ class ShardingRules:
 
 
 RULES = ShardingRules()
+SEQUENCE_PARALLEL_RULES = ShardingRules(sequence=MODEL)
 
 
 def model_axis_size(mesh=None) -> int:
@@ -189,9 +190,12 @@ def vocab_shardings(model, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def shard(model, mesh: Mesh, *, donate: bool = False):
+def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = False):
     """`model` on `mesh`: every weight in its rule's sharding, the vocab padded where needed.
 
+    `sequence_parallel` (Korthikanti et al. 2022) also shards the activations between the
+    tensor-parallel regions (norms, residuals) on the sequence over `model`, so each all-reduce
+    becomes a reduce-scatter + all-gather pair and those activations take 1/T of the memory.
     With `donate`, the input model's arrays are consumed (their memory reused)."""
     from mistral_jax import models
 
@@ -205,4 +209,14 @@ def shard(model, mesh: Mesh, *, donate: bool = False):
                      donate_argnums=0 if donate else ())
     with warnings.catch_warnings():  # donated vocab tables change shape, so are not reused
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        return models.with_weights(target, resize(models.weights(model)))
+        sharded = models.with_weights(target, resize(models.weights(model)))
+    sharded.rules = SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
+    return sharded
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    """How many of each collective a compiled HLO text (`.compile().as_text()`) runs."""
+    return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}

@@ -102,9 +102,7 @@ def test_each_weight_is_split_the_megatron_way_on_1x8():
     assert {s.replica_id for s in q.addressable_shards} == {0, 1}
 
 
-def collectives(hlo: str) -> dict:
-    ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-    return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ops}
+collectives = sharding.count_collectives
 
 
 @pytest.mark.parametrize("config", [MISTRAL, GPT2], ids=["mistral", "gpt2"])
@@ -179,3 +177,50 @@ def test_rules_table_refuses_collisions():
     rules = sharding.ShardingRules(embed="model")
     with pytest.raises(sharding.ShardingError, match="one mesh axis may shard only one"):
         rules.spec(("embed", "heads", "head_dim"))
+
+
+# --- sequence parallelism ------------------------------------------------------------------------
+
+LONG_IDS = np.random.default_rng(3).integers(0, 100, (4, 16)).astype(np.int32)
+
+
+@pytest.mark.parametrize("spec", ["1x2", "1x8", "2x4"])
+@pytest.mark.parametrize("config", [MISTRAL, GPT2], ids=["mistral", "gpt2"])
+def test_sequence_parallel_equals_unsharded(config, spec):
+    model = perturbed(config)
+    sp = mistral_jax.shard(model, mesh(spec), sequence_parallel=True)
+    np.testing.assert_allclose(mistral_jax.forward(sp, LONG_IDS),
+                               mistral_jax.forward(model, LONG_IDS), atol=1e-5, rtol=0)
+
+    def grads(m):
+        g = jax.grad(lambda m: mistral_jax.loss(m, LONG_IDS))(m)
+        return models.flatten(models.resize_vocab(models.weights(g), models.logical_axes(m),
+                                                  config.vocab_size))
+
+    for name, a in grads(sp).items():
+        np.testing.assert_allclose(a, grads(model)[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("config", [MISTRAL, GPT2], ids=["mistral", "gpt2"])
+def test_sequence_parallel_layer_trades_all_reduces_for_reduce_scatter_and_all_gather(config):
+    m = mistral_jax.shard(perturbed(config), mesh("1x8"), sequence_parallel=True)
+    layer = jax.tree.map(lambda x: x[0], m.layers)
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
+    mask = jnp.ones((4, 16, 16), bool)
+    with jax.set_mesh(m.embed[...].sharding.mesh):
+        x = jax.device_put(jnp.ones((4, 16, 64)), jax.sharding.PartitionSpec(None, "model"))
+        f = jax.jit(lambda w, x: m.constrain(m.block(w, x, positions, mask, False)[0], ACT))
+        hlo = f.lower(layer, x).compile().as_text()
+    counts = collectives(hlo)
+    # two all-gathers of the activations on the sequence, entering attention and the MLP
+    gathers = re.findall(r"= f32\[4,16,64\]\S* all-gather\(.*dimensions=\{1\}", hlo)
+    assert counts["all-gather"] == len(gathers) == 2
+    # two reduce-scatters leaving them; XLA's CPU backend writes each as an all-reduce whose
+    # result is read only to cut this device's [4, 16 / 8, 64] piece (indexed by partition-id)
+    if counts["reduce-scatter"] != 2:
+        reduced = re.findall(r"(%all-reduce[.\d]*) = f32\[4,16,64\]", hlo)
+        assert counts["reduce-scatter"] == 0 and len(reduced) == counts["all-reduce"] == 2
+        for name in reduced:
+            readers = [line for line in hlo.splitlines() if re.search(rf"{name}\b[,)]", line)]
+            assert readers and all("= f32[4,2,64]" in r and "%partition-id" in r for r in readers)
+    assert counts["all-to-all"] == counts["collective-permute"] == 0
