@@ -21,10 +21,27 @@ def model_class(config: Config) -> type[Decoder]:
 
 
 def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
-         vocab_padded: int | None = None) -> Decoder:
-    """A randomly initialised model (normal(0, initializer_range) weights, unit norms)."""
-    return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer,
-                               vocab_padded=vocab_padded)
+         vocab_padded: int | None = None, mesh=None) -> Decoder:
+    """A randomly initialised model (normal(0, initializer_range) weights, unit norms).
+
+    With `mesh`, each weight is created directly in its shard (no device holds a whole one) and
+    the vocab is padded as the mesh needs.
+    """
+    if mesh is not None:
+        from mistral_jax import sharding
+
+        vocab_padded = vocab_padded or sharding.padded_vocab_size(config.vocab_size,
+                                                                  mesh.shape[sharding.MODEL])
+
+    def make():
+        return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer,
+                                   vocab_padded=vocab_padded)
+
+    if mesh is None:
+        return make()
+    model = nnx.eval_shape(make)
+    create = jax.jit(lambda: weights(make()), out_shardings=sharding.weight_shardings(model, mesh))
+    return with_weights(model, create())
 
 
 def abstract(config: Config, *, dtype=jnp.float32, tokenizer=None,

@@ -224,3 +224,14 @@ def test_sequence_parallel_layer_trades_all_reduces_for_reduce_scatter_and_all_g
             readers = [line for line in hlo.splitlines() if re.search(rf"{name}\b[,)]", line)]
             assert readers and all("= f32[4,2,64]" in r and "%partition-id" in r for r in readers)
     assert counts["all-to-all"] == counts["collective-permute"] == 0
+
+
+def test_sharded_init_creates_each_weight_in_its_shard():
+    direct = mistral_jax.init(MISTRAL, seed=3, mesh=mesh("1x8"))
+    assert direct.vocab_padded == 1024
+    assert shard_shapes(direct)["layers.up"] == (2, 64, 16)
+    assert shard_shapes(direct)["embed"] == (128, 64)
+    whole = models.init(MISTRAL, seed=3, vocab_padded=1024)
+    for (name, a), b in zip(models.flatten(models.weights(direct)).items(),
+                            models.flatten(models.weights(whole)).values(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)  # same draws
