@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 
 import mistral_jax  # noqa: E402
 from mistral_jax import configs, models, sharding  # noqa: E402
-from mistral_jax.decoder import ACT  # noqa: E402
+from mistral_jax.decoder import ACT
+from mistral_jax.layers import attend_with  # noqa: E402
 
 CONFIGS = {
     "mistral (8 heads, 2 kv heads)": configs.MistralConfig(
@@ -43,7 +44,7 @@ def main():
                 layer = jax.tree.map(lambda x: x[0], m.layers)
                 with jax.set_mesh(m.embed[...].sharding.mesh):
                     block = jax.jit(lambda w, x, m=m: m.constrain(
-                        m.block(w, x, positions, mask, False)[0], ACT))
+                        m.block(w, x, positions, attend_with(mask))[0], ACT))
                     x = jax.device_put(jnp.ones((b, t, config.hidden_size)), m.rules.spec(ACT))
                     layer_hlo = block.lower(layer, x).compile().as_text()
                     step = jax.jit(jax.value_and_grad(lambda m, i: m.loss(i)))

@@ -50,7 +50,8 @@ class Decoder(nnx.Module):
     def embed_inputs(self, input_ids, inputs_embeds, positions):  # -> [b, t, d]
         raise NotImplementedError
 
-    def block(self, layer, x, positions, mask, output_attentions):  # -> (x, probs | None)
+    def block(self, layer, x, positions, attend):  # -> (x, what attend returned beside its output)
+        """One layer; `attend(q, k, v) -> (out, aux)` is the attention (plain or over a cache)."""
         raise NotImplementedError
 
     def final_norm(self, x):
@@ -90,8 +91,10 @@ class Decoder(nnx.Module):
         mask = L.attention_mask_bts(attention_mask, self.config.sliding_window)
         x = self.constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
 
+        attend = L.attend_with(mask, output_attentions)
+
         def body(x, layer):
-            y, probs = self.block(layer, x, positions, mask, output_attentions)
+            y, probs = self.block(layer, x, positions, attend)
             y = self.constrain(y, ACT)
             return y, (y if output_hidden_states else None, probs)
 

@@ -55,7 +55,7 @@ class GPT2(Decoder):
             inputs_embeds = jnp.take(self.embed[...], input_ids, axis=0)
         return inputs_embeds.astype(self.dtype) + jnp.take(self.pos_embed[...], positions, axis=0)
 
-    def block(self, w: GPT2Layers, x, positions, mask, output_attentions):
+    def block(self, w: GPT2Layers, x, positions, attend):
         c = self.config
         with jax.named_scope("attention"):
             y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
@@ -64,7 +64,7 @@ class GPT2(Decoder):
             k = jnp.einsum("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
             v = jnp.einsum("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
-            out, probs = L.attention(q, k, v, mask, output_attentions)
+            out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
         with jax.named_scope("mlp"):
@@ -73,7 +73,7 @@ class GPT2(Decoder):
             hidden = L.ACTIVATIONS[c.activation_function](y @ w.fc[...] + w.fc_bias[...])
             hidden = self.constrain(hidden, MLP)
             x = x + hidden @ w.proj[...] + w.proj_bias[...]
-        return x, probs
+        return x, aux
 
     def final_norm(self, x):
         return L.layer_norm(x, self.norm_scale[...], self.norm_bias[...],

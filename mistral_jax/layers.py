@@ -128,6 +128,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out, (probs.reshape(b, n, t, -1) if return_weights else None)
 
 
+def attend_with(mask: jax.Array, return_weights: bool = False):
+    """The `attend(q, k, v)` a decoder block takes, for attention under a fixed [b, t, s] mask."""
+    return lambda q, k, v: attention(q, k, v, mask, return_weights)
+
+
 # --- loss --------------------------------------------------------------------------------------
 
 IGNORE_INDEX = -100

@@ -53,7 +53,7 @@ class Mistral(Decoder):
             return inputs_embeds.astype(self.dtype)
         return jnp.take(self.embed[...], input_ids, axis=0)
 
-    def block(self, w: MistralLayers, x, positions, mask, output_attentions):
+    def block(self, w: MistralLayers, x, positions, attend):
         c = self.config
         with jax.named_scope("attention"):
             y = self.constrain(L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps), GATHERED)
@@ -64,7 +64,7 @@ class Mistral(Decoder):
             if tp > k.shape[2]:  # fewer kv heads than devices: each device keeps the one it needs
                 k, v = (jnp.repeat(a, tp // a.shape[2], axis=2) for a in (k, v))
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
-            out, probs = L.attention(q, k, v, mask, output_attentions)
+            out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
             x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...])
         with jax.named_scope("mlp"):
@@ -72,7 +72,7 @@ class Mistral(Decoder):
             act = L.ACTIVATIONS[c.hidden_act]
             hidden = self.constrain(act(y @ w.gate[...]) * (y @ w.up[...]), MLP)
             x = x + hidden @ w.down[...]
-        return x, probs
+        return x, aux
 
     def final_norm(self, x):
         return L.rms_norm(x, self.norm[...], self.config.rms_norm_eps)
