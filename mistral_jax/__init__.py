@@ -16,12 +16,13 @@ import numpy as np
 from mistral_jax.checkpoint import CheckpointError, load, save
 from mistral_jax.configs import ConfigError, GPT2Config, MistralConfig, preset
 from mistral_jax.decoder import Decoder, Output
+from mistral_jax.generate import generate, generate_tokens
 from mistral_jax.models import init
 from mistral_jax.sharding import ShardingError, make_mesh, mesh_of, shard
 
 __all__ = ["CheckpointError", "ConfigError", "Decoder", "GPT2Config", "MistralConfig", "Output",
-           "ShardingError", "forward", "init", "load", "loss", "make_mesh", "preset", "save",
-           "shard"]
+           "ShardingError", "forward", "generate", "generate_tokens", "init", "load", "loss",
+           "make_mesh", "preset", "save", "shard"]
 
 
 def forward(params: Decoder, input_ids=None, attention_mask=None, positions=None, *,

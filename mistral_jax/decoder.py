@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mistral_jax import cache as kv
 from mistral_jax import layers as L
 from mistral_jax.sharding import RULES, ShardingRules, constrain
 
@@ -106,6 +107,32 @@ class Decoder(nnx.Module):
             hidden = (x0, *(per_layer[i] for i in range(per_layer.shape[0] - 1)), x)
         attentions = tuple(probs) if output_attentions else None
         return self.lm_logits(self.constrain(x, GATHERED)), hidden, attentions
+
+    def step(self, input_ids, valid, positions, cache, start):
+        """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
+        the cache with the chunk written). input_ids/valid/positions: [b, c]; start: the sequence
+        index of the chunk's first token (the same for every row: rows are left-padded)."""
+        x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
+        new_index = kv.chunk_indices(start, valid)
+        query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+
+        def body(carry, layer_and_number):
+            x, cache = carry
+            layer, number = layer_and_number
+
+            def attend(q, k, v):
+                out = kv.attend_cached(q, k, v, cache.k[number], cache.v[number], cache.index,
+                                       new_index, query_index, self.config.sliding_window)
+                return out, (k, v)
+
+            x, (k, v) = self.block(layer, x, positions, attend)
+            return (self.constrain(x, ACT), kv.write(cache, number, k, v, start)), None
+
+        numbers = jnp.arange(self.config.n_layers)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers, numbers))
+        x = self.final_norm(x[:, -1:])
+        return self.lm_logits(self.constrain(x, GATHERED))[:, 0], kv.write_index(cache, new_index,
+                                                                                   start)
 
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""

@@ -1,0 +1,260 @@
+"""Generation against transformers' generate, against recomputing without a cache, across
+batching, sharding and sampling options, and counted compilations."""
+
+import importlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mistral_jax
+from mistral_jax import sharding
+from mistral_jax.sampling import Sampling, sample
+from tests.reference import hf_model, ours
+
+gen = importlib.import_module("mistral_jax.generate")  # the module; mistral_jax.generate is the function
+
+# A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
+# so greedy decoding does not settle on one token.
+WINDOWED = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, sliding_window=4,
+                initializer_range=0.1)
+GPT2 = dict(n_head=8, n_embd=64, initializer_range=0.3)
+
+
+def prompt(length, seed=0):
+    return np.random.default_rng(seed).integers(3, 96, (1, length))
+
+
+def hf_greedy(model, ids, n, **kwargs):
+    """transformers' greedy generate; after EOS (the config's), EOS, as generate_tokens gives."""
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                             max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=eos,
+                             pad_token_id=eos, **kwargs)
+    out = out[:, ids.shape[1]:].numpy()
+    return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=eos)
+
+
+@pytest.fixture(scope="module")
+def models_(tmp_path_factory):
+    pairs = {}
+    for name, kind, kwargs in [("mistral", "mistral", WINDOWED), ("gpt2", "gpt2", GPT2),
+                               ("llama", "llama", {"initializer_range": 0.1})]:
+        path = tmp_path_factory.mktemp(name)
+        pairs[name] = (hf_model(kind, path, **kwargs), ours(path))
+    return pairs
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2", "llama"])
+@pytest.mark.parametrize("length,new", [(3, 8), (7, 30), (21, 12)])
+def test_greedy_equals_transformers_generate(models_, name, length, new):
+    # (3, 8): a prompt shorter than the window; (7, 30) and (21, 12): several windows of 4
+    theirs, mine = models_[name]
+    ids = prompt(length, seed=length)
+    expected = hf_greedy(theirs, ids, new)
+    assert len(set(expected[0].tolist())) > 2  # a sequence worth comparing
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=new),
+                                  expected)
+
+
+def test_repetition_penalty_equals_transformers(models_):
+    theirs, mine = models_["mistral"]
+    ids = prompt(6, seed=1)
+    expected = hf_greedy(theirs, ids, 20, repetition_penalty=1.5)
+    got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=20, repetition_penalty=1.5)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_cached_decoding_equals_recomputing_every_step(models_, name):
+    _, mine = models_[name]
+    ids = prompt(5, seed=3)
+    got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=24)
+    seq = ids
+    for _ in range(24):
+        logits = mistral_jax.forward(mine, seq)
+        seq = np.concatenate([seq, np.asarray(logits)[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, seq[:, 5:])
+
+
+def test_long_prompt_prefills_in_window_chunks(models_):
+    theirs, mine = models_["mistral"]
+    ids = prompt(40, seed=4)  # padded to 64: sixteen chunks of the window, rolling buffer of 4
+    assert gen.plan(mine.config, 40) == (64, 4)
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=6),
+                                  hf_greedy(theirs, ids, 6))
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_left_padded_batch_equals_prompts_one_by_one(models_, name):
+    _, mine = models_[name]
+    prompts = [prompt(n, seed=n)[0] for n in (3, 9, 6)]
+    width = max(map(len, prompts))
+    ids = np.zeros((3, width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        if i == 2:  # right padding is accepted too
+            ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        else:
+            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    batch = mistral_jax.generate_tokens(mine, ids, mask, max_new_tokens=12)
+    for i, p in enumerate(prompts):
+        alone = mistral_jax.generate_tokens(mine, p[None], max_new_tokens=12)
+        np.testing.assert_array_equal(batch[i], alone[0])
+
+
+def test_seeded_sampling_is_reproducible(models_):
+    _, mine = models_["mistral"]
+    ids = prompt(5)
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=20, top_p=0.9)
+    a = mistral_jax.generate_tokens(mine, ids, seed=1, **kwargs)
+    assert np.array_equal(a, mistral_jax.generate_tokens(mine, ids, seed=1, **kwargs))
+    assert not np.array_equal(a, mistral_jax.generate_tokens(mine, ids, seed=2, **kwargs))
+
+
+def test_top_k_and_top_p_keep_what_transformers_keeps():
+    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
+    for top_k, top_p in [(5, None), (None, 0.7), (10, 0.5), (None, 0.05)]:
+        theirs = torch.tensor(logits) / 0.7
+        if top_k:
+            theirs = transformers.TopKLogitsWarper(top_k)(None, theirs)
+        if top_p:
+            theirs = transformers.TopPLogitsWarper(top_p)(None, theirs)
+        expected = torch.isfinite(theirs).numpy()
+        samples = np.stack([sample(logits, jax.random.key(i), np.zeros_like(expected),
+                                   Sampling(0.7, top_k, top_p)) for i in range(400)])
+        drawn = np.zeros_like(expected)
+        np.put_along_axis(drawn, samples.T, True, axis=1)
+        assert not (drawn & ~expected).any()  # never a token transformers would drop
+        assert drawn.sum() >= min(expected.sum(), 4 * 3)  # and not only the top one
+
+
+def test_stops_at_eos_and_fills_with_it(models_):
+    _, mine = models_["mistral"]
+    ids = prompt(5)
+    free = mistral_jax.generate_tokens(mine, ids, max_new_tokens=16)[0]
+    eos = int(free[6])
+    import dataclasses
+
+    with_eos = mine.__class__.__new__(mine.__class__)
+    with_eos.__dict__.update(mine.__dict__)
+    with_eos.config = dataclasses.replace(mine.config, eos_token_id=eos)
+    got = mistral_jax.generate_tokens(with_eos, ids, max_new_tokens=16)[0]
+    first = free.tolist().index(eos)
+    np.testing.assert_array_equal(got[: first + 1], free[: first + 1])
+    assert (got[first:] == eos).all()
+
+
+def test_compilations_are_one_per_bucket(models_):
+    _, mine = models_["mistral"]
+    jax.clear_caches()
+    gen.TRACES.clear()
+    for length in (5, 9, 14, 16):  # one bucket (16)
+        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)
+    assert gen.TRACES == {"prefill": 1, "decode": 1}
+    for length in (20, 31):  # a second bucket (32); the rolling buffer keeps the decode shape
+        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)
+    assert gen.TRACES == {"prefill": 1, "decode": 1}
+    _, gpt2 = models_["gpt2"]
+    jax.clear_caches()
+    gen.TRACES.clear()
+    for length in (5, 9, 20, 31):  # two buckets; a full cache's size follows the bucket
+        mistral_jax.generate_tokens(gpt2, prompt(length), max_new_tokens=10)
+    assert gen.TRACES == {"prefill": 2, "decode": 2}
+
+
+@pytest.mark.parametrize("spec", ["1x8", "2x4"])
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_sharded_model_generates_the_same_tokens(models_, name, spec):
+    _, mine = models_[name]
+    ids = np.concatenate([prompt(6, seed=s) for s in range(4)])
+    expected = mistral_jax.generate_tokens(mine, ids, max_new_tokens=10)
+    sharded = mistral_jax.shard(mine, mistral_jax.make_mesh(spec))
+    assert sharding.mesh_of(sharded) is not None
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(sharded, ids, max_new_tokens=10),
+                                  expected)
+
+
+def test_gpt2_refuses_more_positions_than_it_learned(models_):
+    _, mine = models_["gpt2"]
+    with pytest.raises(ValueError, match="exceeds GPT-2's 64 learned positions"):
+        mistral_jax.generate_tokens(mine, prompt(30), max_new_tokens=40)
+
+
+# --- text: a real tokenizer -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from tests.fetch import fetch_wheel_member
+
+    sp_model = fetch_wheel_member("mistral-common", "mistral_common/data/tokenizer.model.v1")
+    src, ckpt = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("ckpt") / "c"
+    hf_model("mistral", src, vocab_size=32000, **WINDOWED)
+    shutil.copy(sp_model, src / "tokenizer.model")
+    from convert import from_torch
+
+    assert from_torch.main([str(src), str(ckpt)]) == 0
+    return ckpt, mistral_jax.load(ckpt)
+
+
+def test_text_generation_stop_strings_and_streaming(text_model):
+    _, params = text_model
+    text = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24)
+    ids = params.tokenizer.encode("My favourite condiment is")
+    tokens = mistral_jax.generate_tokens(params, [ids], max_new_tokens=24)[0]
+    assert text == params.tokenizer.decode(tokens.tolist()) and len(text) > 10
+    assert "".join(mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24,
+                                        stream=True)) == text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    assert mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24,
+                                stop=[stop, "never there"]) == cut
+    assert "".join(mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24,
+                                        stop=stop, stream=True)) == cut
+    batch = mistral_jax.generate(params, ["My favourite condiment is", "Hi"], max_new_tokens=24)
+    assert batch[0] == text
+    assert batch[1] == mistral_jax.generate(params, "Hi", max_new_tokens=24)
+
+
+def test_chat_messages_use_the_chat_template(text_model):
+    from mistral_jax.chat import encode_chat
+
+    _, params = text_model
+    messages = [{"role": "user", "content": "What is your favourite condiment?"}]
+    ids = encode_chat(params.tokenizer, messages)
+    assert params.tokenizer.decode(ids).startswith("[INST]")
+    expected = mistral_jax.generate_tokens(params, [ids], max_new_tokens=8)[0]
+    text = mistral_jax.generate(params, messages=messages, max_new_tokens=8)
+    assert text == params.tokenizer.decode(expected.tolist())
+
+
+def test_command_line_streams_a_completion(text_model):
+    ckpt, params = text_model
+    expected = mistral_jax.generate(params, "Hello", max_new_tokens=6)
+    result = subprocess.run([sys.executable, "-m", "mistral_jax.generate", str(ckpt), "Hello",
+                             "--max-new-tokens", "6"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello" + expected + "\n"
+    bad = subprocess.run([sys.executable, "-m", "mistral_jax.generate", str(ckpt), "x",
+                          "--mesh", "3x3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "needs 9 devices" in bad.stderr
+
+
+def test_bad_arguments():
+    params = mistral_jax.init(mistral_jax.preset("mistral-tiny"))
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        mistral_jax.generate(params, "hello")
+    with pytest.raises(ValueError, match="temperature=-1"):
+        mistral_jax.generate_tokens(params, [[1, 2]], temperature=-1)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        mistral_jax.generate_tokens(params, [[1, 2]], top_p=1.5)
+    with pytest.raises(ValueError, match="token id 500 is outside"):
+        mistral_jax.generate_tokens(params, [[1, 500]])
