@@ -57,15 +57,13 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid.astype(bool), index[None, :], -1)
 
 
-def attend_cached(q, k, v, k_old, v_old, old_index, new_index, query_index, window):
-    """Attention of a chunk over (cache before the chunk) + (the chunk's own keys).
+def attend_cached(q, keys, values, key_index, query_index, window):
+    """Attention of a chunk's queries over keys that carry their sequence index.
 
-    q: [b, c, n, h]; k/v: [b, c, kv, h]; k_old/v_old: [b, slots, kv, h]; old_index: [b, slots];
-    new_index: [b, c] (-1 for padding); query_index: [c].
+    q: [b, c, n, h]; keys/values: [b, s, kv, h]; key_index: [b, s] (-1: empty or padding);
+    query_index: [c].
     """
-    keys = jnp.concatenate([k_old, k], axis=1)
-    values = jnp.concatenate([v_old, v], axis=1)
-    key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s]
+    key_index = key_index[:, None, :]  # [b, 1, s]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
@@ -74,13 +72,11 @@ def attend_cached(q, k, v, k_old, v_old, old_index, new_index, query_index, wind
     return out
 
 
-def write(cache: KVCache, layer: int | jax.Array, k, v, start: jax.Array) -> KVCache:
-    """Write one layer's chunk keys/values at slot `start mod slots` (in place when donated)."""
-    slot = start % cache.slots
-    at = (layer, 0, slot, 0, 0)
-    return KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                   jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
-                   cache.index)
+def write_layer(k_old, v_old, k, v, start):
+    """One layer's cache [b, slots, kv, h] with the chunk [b, c, kv, h] written at `start`."""
+    slot = start % k_old.shape[1]
+    return (jax.lax.dynamic_update_slice(k_old, k.astype(k_old.dtype), (0, slot, 0, 0)),
+            jax.lax.dynamic_update_slice(v_old, v.astype(v_old.dtype), (0, slot, 0, 0)))
 
 
 def write_index(cache: KVCache, new_index: jax.Array, start: jax.Array) -> KVCache:

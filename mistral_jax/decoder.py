@@ -115,24 +115,34 @@ class Decoder(nnx.Module):
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        window = self.config.sliding_window
+        # A chunk whose slots nothing it attends to still needs is written first, and attends over
+        # the cache alone (no copy); a rolling-buffer prefill chunk overwrites keys its own first
+        # queries still see, so it attends over (cache before) + (chunk) and is written after.
+        write_first = input_ids.shape[1] == 1 or window is None or cache.slots < window
+        updated = kv.write_index(cache, new_index, start)
 
-        def body(carry, layer_and_number):
-            x, cache = carry
-            layer, number = layer_and_number
+        def body(x, layer_and_cache):
+            layer, k_old, v_old = layer_and_cache
 
             def attend(q, k, v):
-                out = kv.attend_cached(q, k, v, cache.k[number], cache.v[number], cache.index,
-                                       new_index, query_index, self.config.sliding_window)
-                return out, (k, v)
+                if write_first:
+                    k_all, v_all = kv.write_layer(k_old, v_old, k, v, start)
+                    return kv.attend_cached(q, k_all, v_all, updated.index, query_index,
+                                            window), (k_all, v_all)
+                out = kv.attend_cached(q, jnp.concatenate([k_old, k], axis=1),
+                                       jnp.concatenate([v_old, v], axis=1),
+                                       jnp.concatenate([cache.index, new_index], axis=1),
+                                       query_index, window)
+                return out, kv.write_layer(k_old, v_old, k, v, start)
 
-            x, (k, v) = self.block(layer, x, positions, attend)
-            return (self.constrain(x, ACT), kv.write(cache, number, k, v, start)), None
+            x, (k_new, v_new) = self.block(layer, x, positions, attend)
+            return self.constrain(x, ACT), (k_new, v_new)
 
-        numbers = jnp.arange(self.config.n_layers)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers, numbers))
+        x, (ks, vs) = jax.lax.scan(body, x, (self.layers, cache.k, cache.v))
         x = self.final_norm(x[:, -1:])
-        return self.lm_logits(self.constrain(x, GATHERED))[:, 0], kv.write_index(cache, new_index,
-                                                                                   start)
+        return (self.lm_logits(self.constrain(x, GATHERED))[:, 0],
+                kv.KVCache(ks, vs, updated.index))
 
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""

@@ -267,7 +267,7 @@ def _stream(run: Generation, tokenizer, stops: list[str]) -> Iterator[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt", help="checkpoint directory (python -m convert.from_torch makes one)")
+    parser.add_argument("ckpt", help="checkpoint directory (convert.from_torch writes one)")
     parser.add_argument("prompt", help="text to complete")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

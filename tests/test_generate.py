@@ -17,7 +17,7 @@ from mistral_jax import sharding
 from mistral_jax.sampling import Sampling, sample
 from tests.reference import hf_model, ours
 
-gen = importlib.import_module("mistral_jax.generate")  # the module; mistral_jax.generate is the function
+gen = importlib.import_module("mistral_jax.generate")  # the module (the package has a function)
 
 # A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
 # so greedy decoding does not settle on one token.
