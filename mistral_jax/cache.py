@@ -14,19 +14,18 @@ never wraps around the end of the buffer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import layers as L
-
 
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
-    k: jax.Array  # [layers, b, slots, kv_heads, head_dim]
-    v: jax.Array  # [layers, b, slots, kv_heads, head_dim]
+    k: jax.Array  # [layers, b, kv_heads, slots, head_dim]: a head's keys contiguous, as the
+    v: jax.Array  # [layers, b, kv_heads, slots, head_dim]  attention dot reads them
     index: jax.Array  # [b, slots] int32: the sequence index each slot holds, -1 if none
 
     @classmethod
@@ -34,7 +33,7 @@ class KVCache:
         """A cache for sequences of up to `length` indices (prompt padding included)."""
         slots = cache_slots(config, length)
         kv = kv_heads or config.num_key_value_heads
-        shape = (config.n_layers, batch, slots, kv, config.head_dim)
+        shape = (config.n_layers, batch, kv, slots, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.full((batch, slots), -1, jnp.int32))
 
@@ -57,28 +56,39 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid.astype(bool), index[None, :], -1)
 
 
-def attend_cached(q, keys, values, key_index, query_index, window):
-    """Attention of a chunk's queries over keys that carry their sequence index.
+def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
+    """A chunk's attention over the cache as it was plus the chunk's own keys, as two score
+    blocks under one softmax (no copy of the cache's keys).
 
-    q: [b, c, n, h]; keys/values: [b, s, kv, h]; key_index: [b, s] (-1: empty or padding);
-    query_index: [c].
+    q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
+    k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
     """
-    key_index = key_index[:, None, :]  # [b, 1, s]
+    b, c, n, h = q.shape
+    kv_heads = k_old.shape[1]
+    q = q.reshape(b, c, kv_heads, n // kv_heads, h)  # [b, c, k, g, h]
+    f32 = jnp.float32
+    s_old = jnp.einsum("bckgh,bksh->bkgcs", q, k_old, preferred_element_type=f32)
+    s_new = jnp.einsum("bckgh,btkh->bkgct", q, k_new, preferred_element_type=f32)
+    scores = jnp.concatenate([s_old, s_new], axis=-1) / math.sqrt(h)
+    key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s + c]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
-    out, _ = L.attention(q, keys, values, mask)
-    return out
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_old.dtype)
+    slots = k_old.shape[2]
+    out = (jnp.einsum("bkgcs,bksh->bckgh", probs[..., :slots], v_old)
+           + jnp.einsum("bkgct,btkh->bckgh", probs[..., slots:], v_new))
+    return out.reshape(b, c, n, h)
 
 
-def write_layer(k_old, v_old, k, v, start):
-    """One layer's cache [b, slots, kv, h] with the chunk [b, c, kv, h] written at `start`."""
-    slot = start % k_old.shape[1]
-    return (jax.lax.dynamic_update_slice(k_old, k.astype(k_old.dtype), (0, slot, 0, 0)),
-            jax.lax.dynamic_update_slice(v_old, v.astype(v_old.dtype), (0, slot, 0, 0)))
-
-
-def write_index(cache: KVCache, new_index: jax.Array, start: jax.Array) -> KVCache:
-    index = jax.lax.dynamic_update_slice(cache.index, new_index, (0, start % cache.slots))
-    return KVCache(cache.k, cache.v, index)
+def write(cache: KVCache, k, v, new_index, start) -> KVCache:
+    """Every layer's chunk k/v [layers, b, c, kv, h] and indices written at slot `start mod slots`
+    (in place when the cache is donated; chunks never wrap, see `generate.plan`)."""
+    slot = start % cache.slots
+    at = (0, 0, 0, slot, 0)
+    k, v = (jnp.swapaxes(a, 2, 3) for a in (k, v))  # [layers, b, kv, c, h]
+    return KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                   jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+                   jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))

@@ -115,34 +115,24 @@ class Decoder(nnx.Module):
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-        window = self.config.sliding_window
-        # A chunk whose slots nothing it attends to still needs is written first, and attends over
-        # the cache alone (no copy); a rolling-buffer prefill chunk overwrites keys its own first
-        # queries still see, so it attends over (cache before) + (chunk) and is written after.
-        write_first = input_ids.shape[1] == 1 or window is None or cache.slots < window
-        updated = kv.write_index(cache, new_index, start)
 
         def body(x, layer_and_cache):
             layer, k_old, v_old = layer_and_cache
 
             def attend(q, k, v):
-                if write_first:
-                    k_all, v_all = kv.write_layer(k_old, v_old, k, v, start)
-                    return kv.attend_cached(q, k_all, v_all, updated.index, query_index,
-                                            window), (k_all, v_all)
-                out = kv.attend_cached(q, jnp.concatenate([k_old, k], axis=1),
-                                       jnp.concatenate([v_old, v], axis=1),
-                                       jnp.concatenate([cache.index, new_index], axis=1),
-                                       query_index, window)
-                return out, kv.write_layer(k_old, v_old, k, v, start)
+                out = kv.attend_cached(q, k_old, v_old, cache.index, k, v, new_index, query_index,
+                                       self.config.sliding_window)
+                return out, (k, v)
 
-            x, (k_new, v_new) = self.block(layer, x, positions, attend)
-            return self.constrain(x, ACT), (k_new, v_new)
+            x, (k, v) = self.block(layer, x, positions, attend)
+            return self.constrain(x, ACT), (k, v)
 
-        x, (ks, vs) = jax.lax.scan(body, x, (self.layers, cache.k, cache.v))
+        # The cache is only read inside the scan; the chunk's keys come out of it and are written
+        # once after, in place, so a step moves the cache's bytes once.
+        x, (k, v) = jax.lax.scan(body, x, (self.layers, cache.k, cache.v))
         x = self.final_norm(x[:, -1:])
-        return (self.lm_logits(self.constrain(x, GATHERED))[:, 0],
-                kv.KVCache(ks, vs, updated.index))
+        logits = self.lm_logits(self.constrain(x, GATHERED))[:, 0]
+        return logits, kv.write(cache, k, v, new_index, start)
 
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""

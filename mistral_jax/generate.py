@@ -162,7 +162,7 @@ def new_cache(params, batch: int, length: int, mesh) -> KVCache:
     data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
     model = sharding.MODEL if kv_heads % tp == 0 else None
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    kv_spec = P(None, data, None, model, None)
+    kv_spec = P(None, data, model, None, None)
     return KVCache(put(cache.k, kv_spec), put(cache.v, kv_spec), put(cache.index, P(data, None)))
 
 
