@@ -1,6 +1,7 @@
 """`python bench/decode.py`: greedy decode tokens/s vs transformers' generate(use_cache=True)
 on the same weights (a SmolLM2-135M-shaped Llama: 30 layers, hidden 576, 9 heads, 3 kv heads),
-time to first token including compilation, and sliding-window decode latency by position."""
+time to first token including compilation, and sliding-window decode latency by position
+(W = 64) with the rolling buffer's size."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -66,6 +68,34 @@ def decode_speed(theirs, mine, batch, prompt_len=16, new=32):
             "ratio": ours_tps / hf_tps, "first_call_s": first}
 
 
+def window_latency(mine, window=64, steps=16):
+    """ms per decoded token at positions W, 4W, 16W of a sliding-window model, and cache bytes."""
+    import dataclasses
+    import importlib
+
+    gen = importlib.import_module("mistral_jax.generate")
+    config = dataclasses.replace(mine.config, sliding_window=window)
+    windowed = models.with_weights(models.abstract(config), models.weights(mine))
+    rows = []
+    for multiple in (1, 4, 16):
+        ids = np.random.default_rng(1).integers(3, 1000, (1, window * multiple - 1))
+        run = gen.Generation(windowed, ids, None, steps + 2, gen.Sampling(), 0)
+        run.advance(2)
+        seconds = median_time(lambda run=run: (run.advance(1), run.state.out.block_until_ready()),
+                              repeats=steps)
+        rows.append({"position": f"{multiple}W", "ms_per_token": 1000 * seconds,
+                     "cache_bytes": run.state.cache.nbytes()})
+    return rows
+
+
+def time_to_first_token(mine):
+    jax.clear_caches()
+    ids = np.random.default_rng(2).integers(3, 1000, (1, 12))
+    start = time.perf_counter()
+    mistral_jax.generate_tokens(mine, ids, max_new_tokens=1)
+    return time.perf_counter() - start
+
+
 def main():
     threads = os.cpu_count()
     torch.set_num_threads(threads)
@@ -75,10 +105,11 @@ def main():
         theirs = transformers.LlamaForCausalLM(config).eval()
         theirs.save_pretrained(tmp)
         cfg, weights = hf.convert(Path(tmp))
-        mine = models.with_weights(models.abstract(cfg), weights)
-    results = [decode_speed(theirs, mine, b) for b in (1, 8)]
-    for r in results:
-        print(json.dumps(r))
+        mine = models.with_weights(models.abstract(cfg), jax.device_put(weights))
+    results = {"ttft_with_compile_s": time_to_first_token(mine),
+               "decode": [decode_speed(theirs, mine, b) for b in (1, 8)],
+               "window_latency": window_latency(mine)}
+    print(json.dumps(results, indent=1))
     return results
 
 

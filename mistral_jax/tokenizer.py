@@ -4,7 +4,9 @@ template). Uses only the `sentencepiece` and `tokenizers` packages: no torch, no
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +14,7 @@ import sentencepiece as spm
 import tokenizers
 
 SP_FILE, HF_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # newer transformers save the chat template here
 # Fallback special-token names for a tokenizer.json without a tokenizer_config.json.
 _HF_DEFAULTS = {
     "bos": ("<s>", "<|begin_of_text|>", "<bos>"),
@@ -23,6 +26,19 @@ _HF_DEFAULTS = {
 def _token_content(value: Any) -> str | None:
     """A tokenizer_config.json special token: a string, a {"content": ...} dict or null."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_config(config: str | Path | bytes | None) -> bytes | None:
+    """tokenizer_config.json bytes (given as a path or as bytes), checked to be a JSON object."""
+    data = config if isinstance(config, bytes | None) else Path(config).read_bytes()
+    try:
+        why = "" if isinstance(json.loads(data or b"{}"), dict) else "not a JSON object"
+    except ValueError as e:
+        why = str(e)
+    if why:
+        name = CONFIG_FILE if isinstance(config, bytes) else config
+        raise ValueError(f"{name}: expected a JSON tokenizer_config.json ({why})")
+    return data
 
 
 class Tokenizer:
@@ -57,15 +73,13 @@ class Tokenizer:
         self.name = name
 
     @classmethod
-    def from_file(cls, path: str | Path, *, config: str | Path | None = None) -> Tokenizer:
-        """Load a sentencepiece `.model` or a Hugging Face `tokenizer.json` (by content)."""
+    def from_file(cls, path: str | Path, *,
+                  config: str | Path | bytes | None = None) -> Tokenizer:
+        """Load a sentencepiece `.model` or a Hugging Face `tokenizer.json` (by content), with an
+        optional tokenizer_config.json (its path, or its bytes)."""
         path = Path(path)
         data = path.read_bytes()
-        config_bytes = Path(config).read_bytes() if config is not None else None
-        try:
-            json.loads(config_bytes or b"{}")
-        except ValueError as e:
-            raise ValueError(f"{config}: expected a JSON tokenizer_config.json ({e})") from None
+        config_bytes = _read_config(config)
         try:
             is_json = isinstance(json.loads(data), dict)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -87,9 +101,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | None:
-        """tokenizer.model (preferred) or tokenizer.json in `path`, plus tokenizer_config.json."""
+        """tokenizer.model (preferred) or tokenizer.json in `path`, plus tokenizer_config.json and
+        chat_template.jinja (which wins over the config's chat_template, as in transformers)."""
         path = Path(path)
-        config = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else None
+        config: Path | bytes | None = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else None
+        if (path / TEMPLATE_FILE).is_file():
+            merged = json.loads(_read_config(config) or b"{}")
+            merged["chat_template"] = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+            config = json.dumps(merged, ensure_ascii=False, indent=2).encode("utf-8")
         for name in (SP_FILE, HF_FILE):
             if (path / name).is_file():
                 return cls.from_file(path / name, config=config)
@@ -99,7 +118,7 @@ class Tokenizer:
 
     @classmethod
     def from_bpe_files(cls, vocab: str | Path, merges: str | Path, *,
-                       config: str | Path | None = None) -> Tokenizer:
+                       config: str | Path | bytes | None = None) -> Tokenizer:
         """GPT-2's byte-level BPE from `vocab.json` + `merges.txt`, as GPT-2 and Megatron ship it;
         built the way transformers' GPT2TokenizerFast builds it, and saved as a tokenizer.json."""
         try:
@@ -112,13 +131,14 @@ class Tokenizer:
         tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
         if tok.token_to_id("<|endoftext|>") is not None:
             tok.add_special_tokens(["<|endoftext|>"])
-        config_bytes = Path(config).read_bytes() if config is not None else None
-        return cls(tok.to_str().encode("utf-8"), "hf", str(vocab), config_bytes)
+        return cls(tok.to_str().encode("utf-8"), "hf", str(vocab), _read_config(config))
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids. `add_bos=None`: the tokenizer's own convention; True/False forces BOS."""
+    def encode(self, text: str, *, add_bos: bool | None = None,
+               parse_special: bool = False) -> list[int]:
+        """Token ids. `add_bos=None`: the tokenizer's own convention; True/False forces BOS.
+        `parse_special`: see `encode_text` (a tokenizer.json always parses its added tokens)."""
         if self.kind == "sentencepiece":
-            ids = list(self._sp.encode(text))
+            ids = self.encode_text(text, parse_special=parse_special)
             bos = self._add_bos if add_bos is None else add_bos
             eos = [self.eos_id] if self._add_eos and self.eos_id is not None else []
             return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + eos
@@ -129,6 +149,36 @@ class Tokenizer:
         if ids[:1] == [self.bos_id] and ids.count(self.bos_id) > plain.count(self.bos_id):
             ids = ids[1:]  # drop the BOS the post-processor added; keep one written in `text`
         return [self.bos_id] + ids if add_bos and ids[:1] != [self.bos_id] else ids
+
+    def encode_text(self, text: str, *, parse_special: bool = False) -> list[int]:
+        """Ids of `text` alone: no BOS/EOS added (transformers' `add_special_tokens=False`).
+
+        parse_special=True maps each special token written in `text` (sentencepiece: the control
+        pieces such as <s> and </s>, <unk>, and the config's bos/eos/unk/pad tokens) to its id and
+        encodes the text between them as separate pieces, each with sentencepiece's usual "▁"
+        prefix, as transformers' converted tokenizer.model does (its "legacy" behaviour; with
+        `"legacy": false` in tokenizer_config.json transformers adds no "▁" after a special
+        token). A tokenizer.json always splits on its added tokens, as `tokenizers` does."""
+        if self.kind == "hf":
+            return self._hf.encode(text, add_special_tokens=False).ids
+        if not parse_special:
+            return list(self._sp.encode(text))
+        pattern, ids = self._special_pieces
+        out: list[int] = []
+        for i, part in enumerate(pattern.split(text)):  # odd parts are the special tokens
+            out += [ids[part]] if i % 2 else self._sp.encode(part) if part else []
+        return out
+
+    @functools.cached_property
+    def _special_pieces(self) -> tuple[re.Pattern[str], dict[str, int]]:
+        """A regex splitting on the sentencepiece special pieces (longest first), and their ids."""
+        sp = self._sp
+        special = [i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
+        special += [i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id)
+                    if i is not None]
+        ids = {sp.id_to_piece(i): i for i in special}
+        alternatives = "|".join(re.escape(p) for p in sorted(ids, key=len, reverse=True))
+        return re.compile(f"({alternatives})"), ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
