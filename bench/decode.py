@@ -38,7 +38,7 @@ def median_time(fn, repeats=3):
 
 def decode_speed(theirs, mine, batch, prompt_len=16, new=32):
     ids = np.random.default_rng(0).integers(3, 1000, (batch, prompt_len))
-    t_ids = torch.tensor(ids)
+    t_ids = torch.tensor(ids, device=theirs.device)
 
     def hf_run():
         with torch.no_grad():
@@ -97,15 +97,22 @@ def time_to_first_token(mine):
 
 
 def main():
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", help="torch device for transformers")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**SMOLLM2)
-        theirs = transformers.LlamaForCausalLM(config).eval()
+        theirs = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
         theirs.save_pretrained(tmp)
+        theirs = theirs.to(args.device)
         cfg, weights = hf.convert(Path(tmp))
         mine = models.with_weights(models.abstract(cfg), jax.device_put(weights))
+    print(f"transformers on {args.device}, mistral_jax on {jax.devices()[0]}, {args.dtype}")
     results = {"ttft_with_compile_s": time_to_first_token(mine),
                "decode": [decode_speed(theirs, mine, b) for b in (1, 8)],
                "window_latency": window_latency(mine)}
