@@ -88,6 +88,15 @@ def window_latency(mine, window=64, steps=16):
     return rows
 
 
+def read_bandwidth():
+    """Bytes/s a jitted matrix-vector product streams from a 256 MB float32 matrix."""
+    w = jax.numpy.ones((8192, 8192), jax.numpy.float32)
+    x = jax.numpy.ones((1, 8192), jax.numpy.float32)
+    gemv = jax.jit(lambda x, w: x @ w)
+    gemv(x, w).block_until_ready()
+    return w.nbytes / median_time(lambda: gemv(x, w).block_until_ready(), repeats=9)
+
+
 def time_to_first_token(mine):
     jax.clear_caches()
     ids = np.random.default_rng(2).integers(3, 1000, (1, 12))
@@ -113,8 +122,12 @@ def main():
         cfg, weights = hf.convert(Path(tmp))
         mine = models.with_weights(models.abstract(cfg), jax.device_put(weights))
     print(f"transformers on {args.device}, mistral_jax on {jax.devices()[0]}, {args.dtype}")
-    results = {"ttft_with_compile_s": time_to_first_token(mine),
-               "decode": [decode_speed(theirs, mine, b) for b in (1, 8)],
+    decode = [decode_speed(theirs, mine, b) for b in (1, 8)]
+    bandwidth = read_bandwidth()
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(models.weights(mine)))
+    results = {"ttft_with_compile_s": time_to_first_token(mine), "decode": decode,
+               "read_bandwidth_GBps": bandwidth / 1e9,
+               "mbu_batch1": weight_bytes * decode[0]["ours_tokens_per_s"] / bandwidth,
                "window_latency": window_latency(mine)}
     print(json.dumps(results, indent=1))
     return results
