@@ -136,7 +136,9 @@ def convert_tensors(
             if layer is None:
                 out[name] = value
             else:
-                out.setdefault(name, np.zeros(expected[name], value.dtype))[layer] = value
+                if name not in out:
+                    out[name] = np.zeros(expected[name], value.dtype)
+                out[name][layer] = value
     for key, (names, _) in keymap.items():
         for name in _tuple(names):
             if "{i}" in key:

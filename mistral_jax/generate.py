@@ -97,6 +97,11 @@ class Generation:
         self.params, self.sampling, self.max_new = params, sampling, max_new_tokens
         self.eos = -1 if config.eos_token_id is None else config.eos_token_id
         lengths = mask.sum(axis=1)
+        if ids.shape[0] == 0 or lengths.min() == 0:
+            raise ValueError("every prompt needs at least one token (an empty prompt has nothing "
+                             "to continue; start it with the BOS token)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if hasattr(config, "n_positions") and lengths.max() + max_new_tokens > config.n_positions:
             raise ValueError(f"a prompt of {lengths.max()} tokens + max_new_tokens="
                              f"{max_new_tokens} exceeds GPT-2's {config.n_positions} learned "
@@ -116,7 +121,8 @@ class Generation:
                 logits, cache = _prefill(params, cache, ids[:, part], mask[:, part],
                                          positions[:, part], jnp.int32(start))
         seen = np.zeros((b, config.vocab_size), bool)
-        np.put_along_axis(seen, np.where(mask.astype(bool), ids, 0), True, axis=1)
+        for row, row_ids, row_mask in zip(seen, ids, mask, strict=True):
+            row[row_ids[row_mask.astype(bool)]] = True  # the prompt's tokens, not its padding
         self.state = State(cache, logits[:, : config.vocab_size], jnp.asarray(lengths, jnp.int32),
                            jnp.int32(padded), jnp.zeros(b, bool), jnp.asarray(seen),
                            jax.random.key(seed), jnp.full((b, capacity), self.eos, jnp.int32),
@@ -206,6 +212,10 @@ def generate(params, prompt: str | list[str] | None = None, *, messages=None,
         single = isinstance(prompt, str)
         rows = [tokenizer.encode(p) for p in ([prompt] if single else prompt)]
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if "" in stops:
+        raise ValueError("stop strings must not be empty")
+    if not rows:
+        raise ValueError("prompt is an empty list: give at least one prompt")
     width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), np.int32)
     mask = np.zeros_like(ids)
@@ -216,20 +226,28 @@ def generate(params, prompt: str | list[str] | None = None, *, messages=None,
     if stream:
         if not single:
             raise ValueError("stream=True takes one prompt, not a list")
-        return _stream(run, tokenizer, stops)
+        return _stream(run, tokenizer, stops, rows[0])
     texts = [""] * len(rows)
     while not run.finished:
         run.advance(16 if stops else max_new_tokens)
-        texts = [_text(tokenizer, row, run.eos) for row in run.tokens()]
+        texts = [_text(tokenizer, p, row, run.eos)
+                 for p, row in zip(rows, run.tokens(), strict=True)]
         hit = np.array([any(s in t for s in stops) for t in texts])
         run.stop_rows(hit)
     texts = [_cut(t, stops) for t in texts]
     return texts[0] if single else texts
 
 
-def _text(tokenizer, row: np.ndarray, eos: int) -> str:
+CONTEXT = 4  # prompt tokens decoded before the new ones, so the first keeps its leading space
+
+
+def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
+    """The text of the new tokens (up to EOS) as it reads after the prompt."""
     row = row.tolist()
-    return tokenizer.decode(row[: row.index(eos)] if eos in row else row)
+    new = row[: row.index(eos)] if eos in row else row
+    before = tokenizer.decode(prompt[-CONTEXT:])
+    both = tokenizer.decode(prompt[-CONTEXT:] + new)
+    return both[len(before):] if both.startswith(before) else tokenizer.decode(new)
 
 
 def _cut(text: str, stops: list[str]) -> str:
@@ -237,10 +255,12 @@ def _cut(text: str, stops: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def _stream(run: Generation, tokenizer, stops: list[str]) -> Iterator[str]:
+def _stream(run: Generation, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
     from mistral_jax.detokenize import StreamDecoder
 
     decoder, text, sent = StreamDecoder(tokenizer), "", 0
+    for token in prompt[-CONTEXT:]:  # context only: its text is not sent
+        decoder.push(token)
     while not run.finished:
         run.advance(1)
         token = int(run.state.out[0, int(run.state.n) - 1])

@@ -209,7 +209,9 @@ def test_text_generation_stop_strings_and_streaming(text_model):
     text = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24)
     ids = params.tokenizer.encode("My favourite condiment is")
     tokens = mistral_jax.generate_tokens(params, [ids], max_new_tokens=24)[0]
-    assert text == params.tokenizer.decode(tokens.tolist()) and len(text) > 10
+    # the text reads on from the prompt: the first word keeps its leading space
+    assert "My favourite condiment is" + text == params.tokenizer.decode(ids + tokens.tolist())
+    assert text.startswith(" ") and len(text) > 10
     assert "".join(mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=24,
                                         stream=True)) == text
     stop = text[len(text) // 2: len(text) // 2 + 3]
@@ -258,3 +260,31 @@ def test_bad_arguments():
         mistral_jax.generate_tokens(params, [[1, 2]], top_p=1.5)
     with pytest.raises(ValueError, match="token id 500 is outside"):
         mistral_jax.generate_tokens(params, [[1, 500]])
+    with pytest.raises(ValueError, match="max_new_tokens=-1 must be >= 0"):
+        mistral_jax.generate_tokens(params, [[1, 2]], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        mistral_jax.generate_tokens(params, [[1, 2], [0, 0]], [[1, 1], [0, 0]])
+
+
+def test_text_arguments_that_cannot_work(text_model):
+    _, params = text_model
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        mistral_jax.generate(params, "Hi", stop="")
+    with pytest.raises(ValueError, match="empty list"):
+        mistral_jax.generate(params, [])
+
+
+def test_repetition_penalty_ignores_padding(models_):
+    # padding ids (0) must not count as seen: a penalty < 1 would otherwise favour token 0
+    _, mine = models_["mistral"]
+    ids = prompt(5, seed=7)
+    assert 0 not in ids
+    got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=8, repetition_penalty=0.01)
+    seq = ids
+    for _ in range(8):
+        logits = np.asarray(mistral_jax.forward(mine, seq))[:, -1]
+        seen = np.zeros(logits.shape[-1], bool)
+        seen[seq[0]] = True
+        logits = np.where(seen, np.where(logits > 0, logits / 0.01, logits * 0.01), logits)
+        seq = np.concatenate([seq, logits.argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, seq[:, 5:])
