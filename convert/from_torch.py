@@ -16,8 +16,9 @@ import ml_dtypes
 import numpy as np
 
 from convert import hf, mistral_original
+from convert.cli import report
 from convert.tensors import ConversionError
-from mistral_jax.checkpoint import CheckpointError, write
+from mistral_jax.checkpoint import write
 from mistral_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -62,14 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",
                         help="source format (default: detected from the files)")
     args = parser.parse_args(argv)
-    try:
-        path = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                       format=args.format)
-    except (ConversionError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+    return report(lambda: convert(args.src, args.out, dtype=args.dtype,
+                                  overwrite=args.overwrite, format=args.format))
 
 
 if __name__ == "__main__":

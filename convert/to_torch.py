@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import mistral_jax
+from convert.cli import report
 from mistral_jax import models
 from mistral_jax.configs import GPT2Config, to_hf_dict
 
@@ -101,13 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="Hugging Face folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
-    try:
-        path = export(args.ckpt, args.out, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+    return report(lambda: export(args.ckpt, args.out, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import shutil
 import jinja2
 import pytest
 import sentencepiece as spm
+import transformers
 
 from mistral_jax.chat import encode_chat, render
 from mistral_jax.tokenizer import Tokenizer
@@ -98,11 +99,6 @@ def hf_text(hf, messages, gen, template=None):
 
 
 @pytest.fixture(scope="module")
-def transformers():
-    return pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
 def sp_path():
     return fetch_wheel_member("mistral-common", "mistral_common/data/tokenizer.model.v1")
 
@@ -119,7 +115,7 @@ def mistral(sp_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_mistral(mistral, transformers):
+def hf_mistral(mistral):
     hf = transformers.AutoTokenizer.from_pretrained(mistral[1])
     assert len(hf) == 32000 and hf.chat_template == V01_TEMPLATE
     return hf
@@ -202,7 +198,7 @@ def chatml_dir(tmp_path_factory):
 @CHAT
 @GEN
 @pytest.mark.parametrize("system", [False, True], ids=["", "system"])
-def test_chatml_matches_transformers(chatml_dir, transformers, chat, gen, system):
+def test_chatml_matches_transformers(chatml_dir, chat, gen, system):
     ours = Tokenizer.from_dir(chatml_dir)
     hf = transformers.AutoTokenizer.from_pretrained(chatml_dir)
     msgs = with_system(chat) if system else chat
@@ -212,7 +208,7 @@ def test_chatml_matches_transformers(chatml_dir, transformers, chat, gen, system
     assert ids.count(ours.piece_to_id("<|im_start|>")) == len(msgs) + gen
 
 
-def test_template_file_and_named_templates(chatml_dir, tmp_path, transformers):
+def test_template_file_and_named_templates(chatml_dir, tmp_path):
     """chat_template.jinja (newer transformers save the template there) wins over the config's;
     a list of named templates gives the one named "default"."""
     shutil.copy(chatml_dir / "tokenizer.json", tmp_path / "tokenizer.json")
