@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.tensors import ConversionError, KeyMap, TensorSource, convert_tensors
+from convert.tensors import ConversionError, KeyMap, Plan, TensorSource
 from mistral_jax.configs import Config, GPT2Config, from_hf_dict
+from mistral_jax.tokenizer import Tokenizer
 
 
 def _heads_in(c: Config, heads: str):  # torch [n*h, d] -> ours [d, n, h]
@@ -70,7 +71,7 @@ def gpt2_keymap(c: GPT2Config) -> KeyMap:
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
-def is_hf_folder(path: Path) -> bool:
+def detect(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(
         (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
                                       "pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -83,8 +84,8 @@ def read_config(path: Path) -> Config:
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
 
 
-def convert(path: Path, dtype=None) -> tuple[Config, dict]:
-    """The config and the nested dict of numpy weights of the HF folder `path`."""
+def plan(path: Path) -> Plan:
+    """How the HF folder `path` maps onto our weights."""
     config = read_config(path)
     source = TensorSource.from_hf_folder(path)
     if isinstance(config, GPT2Config):
@@ -98,4 +99,10 @@ def convert(path: Path, dtype=None) -> tuple[Config, dict]:
     ignore = [k for k in source.keys() if _IGNORED.search(k)]
     if config.tie_word_embeddings:  # transformers may save the tied head; it is the embedding
         ignore.append("lm_head.weight")
-    return config, convert_tensors(source, keymap, config, ignore=ignore, dtype=dtype)
+    return Plan(config, source, keymap, ignore, Tokenizer.from_dir(path))
+
+
+def convert(path: Path, dtype=None) -> tuple[Config, dict]:
+    """The config and the nested dict of numpy weights of the HF folder `path`, in memory."""
+    p = plan(path)
+    return p.config, p.weights(dtype)

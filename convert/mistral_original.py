@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from convert.hf import _heads_in
-from convert.tensors import ConversionError, KeyMap, TensorSource, convert_tensors
+from convert.tensors import ConversionError, KeyMap, Plan, TensorSource
 from mistral_jax.configs import MistralConfig
+from mistral_jax.tokenizer import Tokenizer
 
 DEFAULT_ROPE_THETA = 10000.0  # what Mistral-7B-v0.1 used; its params.json does not say
 
 
-def is_mistral_folder(path: Path) -> bool:
+def detect(path: Path) -> bool:
     return path.is_dir() and (path / "params.json").is_file() and bool(_weight_files(path))
 
 
@@ -93,9 +94,9 @@ class ShardedSource(TensorSource):
         return np.concatenate(parts, axis=1 if key.endswith(self.ROW_PARALLEL) else 0)
 
 
-def convert(path: Path, dtype=None) -> tuple[MistralConfig, dict]:
+def plan(path: Path) -> Plan:
     config = read_config(path)
     files = _weight_files(path)
     source = ShardedSource(files) if len(files) > 1 else TensorSource.from_files(files)
     ignore = [k for k in source.keys() if k.endswith("rope.freqs")]  # a table, not a weight
-    return config, convert_tensors(source, keymap(config), config, ignore=ignore, dtype=dtype)
+    return Plan(config, source, keymap(config), ignore, Tokenizer.from_dir(path))

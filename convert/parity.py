@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if args.hf_folder is None:
         parser.error("give HF_FOLDER (and optionally CKPT), or --demo")
     folder = Path(args.hf_folder)
-    if not hf.is_hf_folder(folder):
+    if not hf.detect(folder):
         print(f"error: {folder} is not a Hugging Face model folder", file=sys.stderr)
         return 1
     ok = report(str(folder), check(folder, Path(args.ckpt) if args.ckpt else None), args.atol)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
@@ -18,6 +19,7 @@ import torch
 
 from mistral_jax import models
 from mistral_jax.configs import Config
+from mistral_jax.tokenizer import Tokenizer
 
 KeyMap = dict[str, tuple[str | tuple[str, ...], Callable]]
 
@@ -35,7 +37,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class TensorSource:
-    """Named tensors read lazily from safetensors files (memory-mapped) or torch pickles."""
+    """Named tensors read lazily from safetensors files (memory-mapped) or torch pickles.
+
+    Other sources (merged tensor-parallel shards, GGUF files) subclass it and override `keys` and
+    `get`; `get` returns one tensor as numpy and is called once per key.
+    """
 
     def __init__(self, files_by_key: dict[str, Path]):
         self.files_by_key = files_by_key
@@ -88,6 +94,24 @@ class TensorSource:
                 except Exception as e:
                     raise ConversionError(f"{f}: cannot read as a torch checkpoint: {e}") from e
         return self._open[f]
+
+
+@dataclass
+class Plan:
+    """What a source-format module hands `from_torch`: the model's config, where its tensors are,
+    how they map onto our weights, and the tokenizer (None when the source has none)."""
+
+    config: Config
+    source: TensorSource
+    keymap: KeyMap
+    ignore: Collection[str] = ()
+    tokenizer: Tokenizer | None = None
+    notes: list[str] = field(default_factory=list)  # told to the user (defaults taken, etc.)
+
+    def weights(self, dtype=None) -> dict:
+        """Every weight in memory as a nested dict of numpy arrays (tests, small models)."""
+        return convert_tensors(self.source, self.keymap, self.config, ignore=self.ignore,
+                               dtype=dtype)
 
 
 def _pattern(key: str) -> re.Pattern:
