@@ -13,6 +13,7 @@ with options adds their flags in `add_arguments(parser)`, and the flags the user
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from convert import hf, mistral_original
 from convert.cli import report
-from convert.tensors import ConversionError
-from mistral_jax.checkpoint import write
+from convert.tensors import ConversionError, convert_tensors
+from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 FORMATS = {"hf": hf, "mistral": mistral_original}
@@ -39,11 +40,11 @@ def detect(src: Path) -> str:
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
-            overwrite: bool = False, format: str = "auto", **options) -> Path:
-    """Convert `src` into the checkpoint directory `out`; `options` go to the format's `plan`."""
-    src = Path(src)
-    if not src.exists():
-        raise ConversionError(f"{src} does not exist")
+            overwrite: bool = False, format: str = "auto", revision: str | None = None,
+            progress: bool = False, **options) -> Path:
+    """Convert `src` (a path, or a Hugging Face Hub repo id) into the checkpoint directory `out`,
+    one tensor at a time; `options` go to the format's `plan`."""
+    src = resolve(src, revision)
     format = detect(src) if format == "auto" else format
     module = FORMATS[format]
     if not module.detect(src):
@@ -54,18 +55,57 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     if plan.tokenizer is None:
         print(f"warning: {src} has no tokenizer; the checkpoint will take token ids only",
               file=sys.stderr)
-    weights = plan.weights(DTYPES[dtype] if dtype else None)
-    return write(plan.config, weights, out, tokenizer=plan.tokenizer, overwrite=overwrite)
+    with StreamingWriter(plan.config, out, tokenizer=plan.tokenizer,
+                         overwrite=overwrite) as writer:
+        convert_tensors(plan.source, plan.keymap, plan.config, ignore=plan.ignore,
+                        dtype=DTYPES[dtype] if dtype else None, progress=progress,
+                        sink=lambda name, layer, value: writer.put(name, value, layer))
+    return writer.path
+
+
+def resolve(src: str | Path, revision: str | None = None) -> Path:
+    """`src` itself when it exists, else a Hub repo id's snapshot from huggingface_hub's cache
+    (downloaded first unless HF_HUB_OFFLINE=1)."""
+    if Path(src).exists():
+        return Path(src)
+    if not REPO_ID.fullmatch(str(src)):
+        raise ConversionError(f"{src} does not exist (and is not a Hub repo id like "
+                              "mistralai/Mistral-7B-v0.1)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    skip = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "original/*"]
+    try:
+        if not constants.HF_HUB_OFFLINE:  # fetch only one copy of the weights
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(str(src), revision=revision)
+            if any(f.endswith(".safetensors") for f in files):
+                skip += ["*.bin", "*.pth", "*.pt"]
+        return Path(snapshot_download(str(src), revision=revision, ignore_patterns=skip))
+    except LocalEntryNotFoundError:
+        raise ConversionError(
+            f"{src}: not a path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            "with HF_HUB_OFFLINE=1 it must be downloaded beforehand") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ConversionError(f"{src}: cannot fetch from the Hugging Face Hub: {e}") from None
+
+
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="the checkpoint: a folder or file in one of the formats below")
+    parser.add_argument("src", help="the checkpoint: a folder or file in one of the formats below, "
+                        "or a Hugging Face Hub repo id (resolved through the huggingface_hub "
+                        "cache; HF_HUB_OFFLINE=1 uses the cache only)")
     parser.add_argument("out", help="checkpoint directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast weights to this dtype (default: keep the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",
                         help="source format (default: detected from the files)")
     options = {}  # format -> the dests of its flags
@@ -77,12 +117,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        format = detect(Path(args.src)) if args.format == "auto" and Path(args.src).exists() \
-            else args.format
+        src = resolve(args.src, args.revision)
+        format = detect(src) if args.format == "auto" else args.format
         given = {k: getattr(args, k) for k in options.get(format, ())
                  if getattr(args, k) is not None}
-        return convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                       format=format, **given)
+        return convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, format=format,
+                       progress=not args.no_progress, **given)
 
     return report(run)
 

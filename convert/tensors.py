@@ -7,8 +7,14 @@ against the model the config describes, and reports every problem at once.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import math
+import mmap
 import re
+import struct
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +43,12 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class TensorSource:
-    """Named tensors read lazily from safetensors files (memory-mapped) or torch pickles.
+    """Named tensors read lazily, one at a time, from safetensors files or torch pickles.
 
-    Other sources (merged tensor-parallel shards, GGUF files) subclass it and override `keys` and
-    `get`; `get` returns one tensor as numpy and is called once per key.
+    A safetensors tensor is memory-mapped on its own and copied out, so memory holds one tensor at
+    a time. A torch pickle is opened with `mmap=True`; `release(key)` hands a tensor's pages back
+    once it has been converted. Other sources (merged tensor-parallel shards, GGUF files)
+    subclass this and override `keys` and `get` (and `release` if they hold memory).
     """
 
     def __init__(self, files_by_key: dict[str, Path]):
@@ -58,7 +66,10 @@ class TensorSource:
                     raise ConversionError(
                         f"{path / index} names shards that are absent: " + ", ".join(missing)
                     )
-                return cls(files)
+                source = cls(files)
+                for f in dict.fromkeys(files.values()):  # read every header: fail early
+                    source._handle(f)
+                return source
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return cls.from_files([path / name])
@@ -78,22 +89,99 @@ class TensorSource:
 
     def get(self, key: str) -> np.ndarray:
         handle = self._handle(self.files_by_key[key])
-        if isinstance(handle, dict):
-            return to_numpy(handle[key])
-        return to_numpy(handle.get_tensor(key))
+        if isinstance(handle, SafetensorsFile):
+            return handle.read(key)
+        return to_numpy(handle[key])
+
+    def release(self, key: str) -> None:
+        """`key` has been converted: drop what memory it still holds."""
+        handle = self._open.get(self.files_by_key[key])
+        if isinstance(handle, dict) and isinstance(handle.get(key), torch.Tensor):
+            _drop_mapped_pages(handle[key])
 
     def _handle(self, f: Path):
         if f not in self._open:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open[f] = safe_open(f, framework="pt")
+                self._open[f] = SafetensorsFile(f)
             else:
                 try:
                     self._open[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
                 except Exception as e:
                     raise ConversionError(f"{f}: cannot read as a torch checkpoint: {e}") from e
         return self._open[f]
+
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """The tensors of one .safetensors file, each read through its own short-lived memory map.
+
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data. numpy reads bfloat16 too (as ml_dtypes.bfloat16).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (struct.error, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            raise ConversionError(f"{path}: not a safetensors file (its header is unreadable)")
+        header.pop("__metadata__", None)
+        self.start, self.header = 8 + n, header
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            if self.start + end > size:
+                raise ConversionError(f"{path}: tensor {key} ends at byte {self.start + end} but "
+                                      f"the file has {size} bytes (truncated?)")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ConversionError(f"{path}: tensor {key} has dtype {info['dtype']}, which "
+                                      "this converter does not read")
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def read(self, key: str) -> np.ndarray:
+        info = self.header[key]
+        begin, end = info["data_offsets"]
+        dtype, shape = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+        if end - begin != dtype.itemsize * math.prod(shape):
+            raise ConversionError(f"{self.path}: tensor {key} holds {end - begin} bytes, not "
+                                  f"the {dtype.itemsize * math.prod(shape)} of {shape}")
+        if end == begin:
+            return np.zeros(shape, dtype)
+        mapped = np.memmap(self.path, dtype, "r", offset=self.start + begin, shape=shape)
+        value = np.array(mapped)  # a copy; the map closes with `mapped`
+        del mapped
+        return value
+
+
+def _drop_mapped_pages(t: torch.Tensor) -> None:
+    """Tell the kernel the file-backed pages under `t` (from `torch.load(mmap=True)`) are not
+    needed any more; they stay readable (read again from the file if touched)."""
+    storage = t.untyped_storage()
+    if storage.nbytes() < MADVISE_MIN:
+        return
+    page = mmap.PAGESIZE
+    begin = storage.data_ptr() // page * page
+    end = storage.data_ptr() + storage.nbytes()
+    _libc().madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_DONTNEED)
+
+
+MADVISE_MIN = 1 << 20  # small tensors share pages with their neighbours; leave them
+MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -118,15 +206,23 @@ def _pattern(key: str) -> re.Pattern:
     return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-def convert_tensors(
-    source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(), dtype=None
-) -> dict:
-    """Our nested weight dict from `source` via `keymap`; every problem is reported at once."""
+Sink = Callable[[str, int | None, np.ndarray], None]  # (our name, layer or None, value)
+
+
+def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(),
+                    dtype=None, sink: Sink | None = None, progress: bool = False) -> dict | None:
+    """Map every tensor of `source` through `keymap` onto the weights `config` describes.
+
+    The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
+    is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
+    or, without a sink, stacked into a nested dict that is returned. After the first problem the
+    rest are only checked, so that one ConversionError reports every problem.
+    """
     expected = {
         k: v.shape for k, v in models.flatten(models.weights(models.abstract(config))).items()
     }
     patterns = [(_pattern(k), _tuple(names), fn) for k, (names, fn) in keymap.items()]
-    out: dict[str, np.ndarray] = {}
+    work = []  # (source key, our names, transform, layer)
     seen: dict[str, set] = {}  # our name -> layers (or {None}) a source tensor was found for
     problems: list[str] = []
     for key in source.keys():
@@ -143,26 +239,7 @@ def convert_tensors(
             continue
         for name in names:
             seen.setdefault(name, set()).add(layer)
-        wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
-        raw = source.get(key)
-        try:
-            values = _tuple(fn(raw))
-            if [v.shape for v in values] != wants:
-                raise ValueError
-        except ValueError:  # the tensor is not the size the config says
-            problems.append(
-                f"{key}: shape {tuple(raw.shape)} does not give the "
-                f"{' + '.join(map(str, wants))} the config needs"
-            )
-            continue
-        for name, value in zip(names, values, strict=True):
-            value = value.astype(dtype or value.dtype)
-            if layer is None:
-                out[name] = value
-            else:
-                if name not in out:
-                    out[name] = np.zeros(expected[name], value.dtype)
-                out[name][layer] = value
+        work.append((key, names, fn, layer))
     for key, (names, _) in keymap.items():
         for name in _tuple(names):
             if "{i}" in key:
@@ -171,13 +248,53 @@ def convert_tensors(
                     problems.append(f"missing tensor {key} for layers {_ranges(absent)}")
             elif name not in seen and name in expected:
                 problems.append(f"missing tensor {key}")
+
+    out: dict[str, np.ndarray] = {}
+    if sink is None:
+        def sink(name, layer, value):
+            if layer is None:
+                out[name] = value
+                return
+            if name not in out:
+                out[name] = np.zeros(expected[name], value.dtype)
+            out[name][layer] = value
+
+    for key, names, fn, layer in _progress(work, progress):
+        wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
+        raw = source.get(key)
+        try:
+            values = _tuple(fn(raw))
+            if [v.shape for v in values] != wants:
+                raise ValueError
+        except ValueError:  # the tensor is not the size the config says
+            problems.append(f"{key}: shape {tuple(raw.shape)} does not give the "
+                            f"{' + '.join(map(str, wants))} the config needs")
+            continue
+        if not problems:  # after a problem, only check the rest
+            for name, value in zip(names, values, strict=True):
+                sink(name, layer, np.ascontiguousarray(value, dtype or value.dtype))
+        del raw, values
+        source.release(key)
+    _raise_if(problems, config)
+    return models.unflatten(out) if out else None
+
+
+def _progress(work: list, enabled: bool):
+    if not enabled:
+        return work
+    from tqdm import tqdm
+
+    return tqdm(work, desc="converting", unit="tensor", file=sys.stderr, dynamic_ncols=True,
+                disable=None)  # None: only on a terminal
+
+
+def _raise_if(problems: list[str], config: Config) -> None:
     if problems:
         problems = list(dict.fromkeys(problems))  # a fused tensor names each of its parts once
         raise ConversionError(
             f"{len(problems)} problem(s) converting to {type(config).__name__}: "
             + "; ".join(problems)
         )
-    return models.unflatten(out)
 
 
 def _tuple(x):

@@ -8,13 +8,17 @@ weight straight into the sharding the rules give on that mesh.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from mistral_jax import models, sharding
 from mistral_jax.configs import Config, from_hf_dict, to_hf_dict
@@ -64,6 +68,87 @@ def write(config: Config, weights: dict, path: str | os.PathLike, *, tokenizer=N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+class StreamingWriter:
+    """Write a checkpoint one weight, or one layer of a stacked weight, at a time, so that memory
+    holds a single tensor however large the model is (the converters use it).
+
+    Orbax writes the checkpoint's metadata for the tree of weights (with one-element stand-ins);
+    each weight is then created at its full shape as a zarr array, in the layout Orbax reads back
+    with `use_ocdbt=False`, chunked by layer. Like `write`, everything goes to a temporary sibling
+    directory renamed into place at the end; leaving the `with` block by an exception removes it,
+    and a weight (or layer) never written is an error.
+    """
+
+    def __init__(self, config: Config, path: str | os.PathLike, *, tokenizer=None,
+                 overwrite: bool = False):
+        self.config, self.tokenizer = config, tokenizer
+        self.path = Path(path).absolute()
+        if self.path.exists() and not overwrite:
+            raise CheckpointError(
+                f"{self.path} already exists; pass overwrite=True or choose another path")
+        self.shapes = {k: tuple(v.shape) for k, v in
+                       models.flatten(models.weights(models.abstract(config))).items()}
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.arrays: dict[str, ts.TensorStore] = {}
+        self.written: dict[str, set] = {k: set() for k in self.shapes}
+
+    def __enter__(self) -> StreamingWriter:
+        self.tmp.mkdir(parents=True)
+        (self.tmp / "config.json").write_text(json.dumps(to_hf_dict(self.config), indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save(self.tmp)
+        stand_ins = models.unflatten({k: np.zeros((1,) * len(s), np.float32)
+                                      for k, s in self.shapes.items()})
+        absl = logging.getLogger("absl")  # quiet Orbax's note that there is no OCDBT to merge
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+                ckptr.save(self.tmp / WEIGHTS, args=ocp.args.PyTreeSave(stand_ins))
+        finally:
+            absl.setLevel(level)
+        return self
+
+    def put(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
+        """Write weight `name` (our flattened name, e.g. "layers.q"), or its slice `layer`."""
+        shape = self.shapes[name]
+        want = shape if layer is None else shape[1:]
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"{name}: shape {tuple(value.shape)}, the config needs {want}")
+        if name not in self.arrays:
+            self.arrays[name] = self._create(name, shape, value.dtype, stacked=layer is not None)
+        target = self.arrays[name] if layer is None else self.arrays[name][layer]
+        target.write(value).result()
+        self.written[name].add(layer)
+
+    def _create(self, name: str, shape: tuple, dtype, stacked: bool) -> ts.TensorStore:
+        row = np.dtype(dtype).itemsize * math.prod(shape[1:])
+        chunks = (1 if stacked else max(1, min(shape[0], CHUNK_BYTES // max(row, 1))), *shape[1:])
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.tmp / WEIGHTS /
+                                                                            name)},
+                "metadata": {"compressor": {"id": "zstd", "level": 1}, "chunks": list(chunks)}}
+        return ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype)),
+                       shape=shape).result()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                layers = set(range(self.config.n_layers))
+                absent = [k for k, got in self.written.items()
+                          if got != (layers if k.startswith("layers.") else {None})]
+                if absent:
+                    raise CheckpointError(f"{self.path}: never written: " + ", ".join(absent))
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                self.tmp.rename(self.path)
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+CHUNK_BYTES = 64 << 20  # an unstacked weight is stored in chunks of about this size
 
 
 def read_config(path: str | os.PathLike) -> Config:
