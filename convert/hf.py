@@ -99,7 +99,8 @@ def plan(path: Path) -> Plan:
     ignore = [k for k in source.keys() if _IGNORED.search(k)]
     if config.tie_word_embeddings:  # transformers may save the tied head; it is the embedding
         ignore.append("lm_head.weight")
-    return Plan(config, source, keymap, ignore, Tokenizer.from_dir(path))
+    return Plan(config, source, keymap, ignore, Tokenizer.from_dir(path),
+                origin=str(path / "config.json"))
 
 
 def convert(path: Path, dtype=None) -> tuple[Config, dict]:

@@ -12,7 +12,6 @@ dim 1 (Llama's layout); norms are replicated.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +36,6 @@ def read_config(path: Path) -> MistralConfig:
     params = json.loads((path / "params.json").read_text())
     try:
         dim, n_heads = params["dim"], params["n_heads"]
-        if "rope_theta" not in params:
-            print(f"note: {path / 'params.json'} has no rope_theta; using {DEFAULT_ROPE_THETA}, "
-                  "Mistral-7B-v0.1's", file=sys.stderr)
         return MistralConfig(
             vocab_size=params["vocab_size"], hidden_size=dim,
             intermediate_size=params["hidden_dim"], num_hidden_layers=params["n_layers"],
@@ -99,4 +95,9 @@ def plan(path: Path) -> Plan:
     files = _weight_files(path)
     source = ShardedSource(files) if len(files) > 1 else TensorSource.from_files(files)
     ignore = [k for k in source.keys() if k.endswith("rope.freqs")]  # a table, not a weight
-    return Plan(config, source, keymap(config), ignore, Tokenizer.from_dir(path))
+    notes = []
+    if "rope_theta" not in json.loads((path / "params.json").read_text()):
+        notes.append(f"{path / 'params.json'} has no rope_theta; using {DEFAULT_ROPE_THETA}, "
+                     "Mistral-7B-v0.1's")
+    return Plan(config, source, keymap(config), ignore, Tokenizer.from_dir(path), notes,
+                origin=str(path / "params.json"))

@@ -45,8 +45,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 class TensorSource:
     """Named tensors read lazily, one at a time, from safetensors files or torch pickles.
 
-    A safetensors tensor is memory-mapped on its own and copied out, so memory holds one tensor at
-    a time. A torch pickle is opened with `mmap=True`; `release(key)` hands a tensor's pages back
+    A safetensors tensor is read from its offset when asked for, so memory holds one tensor at a
+    time. A torch pickle is opened with `mmap=True`; `release(key)` hands a tensor's pages back
     once it has been converted. Other sources (merged tensor-parallel shards, GGUF files)
     subclass this and override `keys` and `get` (and `release` if they hold memory).
     """
@@ -117,7 +117,8 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 
 class SafetensorsFile:
-    """The tensors of one .safetensors file, each read through its own short-lived memory map.
+    """The tensors of one .safetensors file, each read from its offset straight into a new array
+    when asked for (a memory map would leave the file's pages counted in the process's memory).
 
     The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets}}, then the data. numpy reads bfloat16 too (as ml_dtypes.bfloat16).
@@ -155,11 +156,10 @@ class SafetensorsFile:
         if end - begin != dtype.itemsize * math.prod(shape):
             raise ConversionError(f"{self.path}: tensor {key} holds {end - begin} bytes, not "
                                   f"the {dtype.itemsize * math.prod(shape)} of {shape}")
-        if end == begin:
-            return np.zeros(shape, dtype)
-        mapped = np.memmap(self.path, dtype, "r", offset=self.start + begin, shape=shape)
-        value = np.array(mapped)  # a copy; the map closes with `mapped`
-        del mapped
+        value = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:  # read straight into the array: no page stays mapped
+            f.seek(self.start + begin)
+            f.readinto(memoryview(value.reshape(-1).view(np.uint8)))
         return value
 
 
@@ -184,6 +184,9 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+Sink = Callable[[str, int | None, np.ndarray], None]  # (our name, layer or None, value)
+
+
 @dataclass
 class Plan:
     """What a source-format module hands `from_torch`: the model's config, where its tensors are,
@@ -195,28 +198,32 @@ class Plan:
     ignore: Collection[str] = ()
     tokenizer: Tokenizer | None = None
     notes: list[str] = field(default_factory=list)  # told to the user (defaults taken, etc.)
+    origin: str = ""  # where the config came from (a file), named in errors
 
     def weights(self, dtype=None) -> dict:
         """Every weight in memory as a nested dict of numpy arrays (tests, small models)."""
+        return self.convert(dtype=dtype)
+
+    def convert(self, *, dtype=None, sink: Sink | None = None, progress: bool = False):
+        """`convert_tensors` on this plan."""
         return convert_tensors(self.source, self.keymap, self.config, ignore=self.ignore,
-                               dtype=dtype)
+                               dtype=dtype, sink=sink, progress=progress, origin=self.origin)
 
 
 def _pattern(key: str) -> re.Pattern:
     return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-Sink = Callable[[str, int | None, np.ndarray], None]  # (our name, layer or None, value)
-
-
 def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(),
-                    dtype=None, sink: Sink | None = None, progress: bool = False) -> dict | None:
+                    dtype=None, sink: Sink | None = None, progress: bool = False,
+                    origin: str = "") -> dict | None:
     """Map every tensor of `source` through `keymap` onto the weights `config` describes.
 
     The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
     is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
     or, without a sink, stacked into a nested dict that is returned. After the first problem the
-    rest are only checked, so that one ConversionError reports every problem.
+    rest are only checked, so that one ConversionError reports every problem (saying that the
+    config came from `origin`).
     """
     expected = {
         k: v.shape for k, v in models.flatten(models.weights(models.abstract(config))).items()
@@ -272,10 +279,10 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
             continue
         if not problems:  # after a problem, only check the rest
             for name, value in zip(names, values, strict=True):
-                sink(name, layer, np.ascontiguousarray(value, dtype or value.dtype))
+                sink(name, layer, value if dtype is None else value.astype(dtype, copy=False))
         del raw, values
         source.release(key)
-    _raise_if(problems, config)
+    _raise_if(problems, config, origin)
     return models.unflatten(out) if out else None
 
 
@@ -288,13 +295,12 @@ def _progress(work: list, enabled: bool):
                 disable=None)  # None: only on a terminal
 
 
-def _raise_if(problems: list[str], config: Config) -> None:
+def _raise_if(problems: list[str], config: Config, origin: str) -> None:
     if problems:
         problems = list(dict.fromkeys(problems))  # a fused tensor names each of its parts once
-        raise ConversionError(
-            f"{len(problems)} problem(s) converting to {type(config).__name__}: "
-            + "; ".join(problems)
-        )
+        described = f" as {origin} describes it" if origin else ""
+        raise ConversionError(f"{len(problems)} problem(s) converting to {type(config).__name__}"
+                              f"{described}: " + "; ".join(problems))
 
 
 def _tuple(x):

@@ -120,14 +120,24 @@ class StreamingWriter:
         if name not in self.arrays:
             self.arrays[name] = self._create(name, shape, value.dtype, stacked=layer is not None)
         target = self.arrays[name] if layer is None else self.arrays[name][layer]
-        target.write(value).result()
+        if value.ndim == 0:
+            target.write(value).result()
+        rows = target.chunk_layout.read_chunk.shape[0] if value.ndim else 0
+        for start in range(0, len(value) if value.ndim else 0, rows):
+            # a chunk at a time: tensorstore holds one chunk's copy, not the tensor's
+            stop = min(start + rows, len(value))
+            target[start:stop].write(value[start:stop]).result()
         self.written[name].add(layer)
 
     def _create(self, name: str, shape: tuple, dtype, stacked: bool) -> ts.TensorStore:
-        row = np.dtype(dtype).itemsize * math.prod(shape[1:])
-        chunks = (1 if stacked else max(1, min(shape[0], CHUNK_BYTES // max(row, 1))), *shape[1:])
-        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.tmp / WEIGHTS /
-                                                                            name)},
+        """A zarr array chunked by layer, and within that by rows of about CHUNK_BYTES."""
+        inner = shape[1:] if stacked else shape
+        row = np.dtype(dtype).itemsize * math.prod(inner[1:])
+        chunks = (*(1,) * stacked, max(1, min(inner[0], CHUNK_BYTES // max(row, 1))), *inner[1:])
+        spec = {"driver": "zarr",
+                "kvstore": {"driver": "file", "path": str(self.tmp / WEIGHTS / name)},
+                # one copying thread: each extra one keeps its own malloc arena of freed chunks
+                "context": {"data_copy_concurrency": {"limit": 1}},
                 "metadata": {"compressor": {"id": "zstd", "level": 1}, "chunks": list(chunks)}}
         return ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype)),
                        shape=shape).result()
@@ -148,7 +158,7 @@ class StreamingWriter:
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-CHUNK_BYTES = 64 << 20  # an unstacked weight is stored in chunks of about this size
+CHUNK_BYTES = 32 << 20  # weights are stored (and written) in chunks of about this size
 
 
 def read_config(path: str | os.PathLike) -> Config:

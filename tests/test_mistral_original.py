@@ -107,3 +107,17 @@ def test_bad_release_folders(tmp_path, capsys):
         from_torch.convert(tmp_path, tmp_path / "out")
     assert from_torch.main([str(tmp_path), str(tmp_path / "out"), "--format", "hf"]) == 1
     assert "is not in the 'hf' format" in capsys.readouterr().err
+
+
+def test_params_json_that_disagrees_with_the_tensors_is_named(tmp_path, capsys):
+    model = hf_model("mistral")
+    params, sd = original_release(model)
+    params["hidden_dim"] *= 2
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    assert from_torch.main([str(tmp_path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"as {tmp_path / 'params.json'} describes it" in err
+    for w in ("w1", "w2", "w3"):
+        assert f"layers.{{i}}.feed_forward.{w}.weight" in err or f"feed_forward.{w}.weight" in err
+    assert not (tmp_path / "out").exists()
