@@ -1,0 +1,493 @@
+"""Megatron-LM GPT-2 checkpoints -> our GPT-2 weights.
+
+SRC is NVIDIA's NGC `.zip` (`release/mp_rank_00/model_optim_rng.pt` inside), one `.pt` file, or a
+checkpoint directory (`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/` or `release/`, each
+holding `mp_rank_XX[_YYY]/model_optim_rng.pt`), or the iteration or rank directory inside one.
+
+Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM") splits the column-parallel weights (fused
+QKV, h -> 4h and its bias, word embeddings, output layer) on dim 0 and the row-parallel ones
+(attention dense, 4h -> h) on dim 1; the rest is replicated. Pipeline stages (`mp_rank_XX_YYY`,
+YYY the stage) hold consecutive slices of the layers, numbered from 0 in each stage.
+`checkpoint_version` orders the fused QKV rows of each shard: 0 = [3, heads, hd], 1.0 =
+[heads, hd, 3], >= 2.0 = [heads, 3, hd]. Each shard holds only its own heads, so its rows are
+regrouped head-first before the shards are joined; that is right for every version.
+
+Megatron pads the vocab (to a multiple of make_vocab_size_divisible_by x TP); with the GPT-2 BPE
+files (`--vocab-file`, `--merge-file`) the padding rows are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert.pickles import load_torch
+from convert.tensors import ConversionError, KeyMap, Plan, TensorSource, to_numpy
+from mistral_jax.configs import ConfigError, GPT2Config
+from mistral_jax.tokenizer import Tokenizer
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILES = ("model_optim_rng.pt", "model_rng.pt")
+RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")  # TP rank, pipeline stage
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+# Each weight's names across Megatron's versions: legacy (`language_model.{transformer|encoder}`,
+# `attention` / `self_attention`, `*_layernorm` / `*_norm`), Megatron-Core (`decoder.`, `linear_*`,
+# layer norms fused into the next linear when built with Transformer Engine) and legacy models
+# built on Transformer Engine's TransformerLayer (`layernorm_qkv`, `layernorm_mlp`). "{e}" is the
+# embedding's prefix, "{b}" the transformer's, "{l}" one layer's and "{o}" the model's.
+SPELLINGS = {
+    "embed": ["{e}word_embeddings.weight"],
+    "pos_embed": ["{e}position_embeddings.weight"],
+    "ln1_scale": ["{l}input_layernorm.weight", "{l}input_norm.weight",
+                  "{l}self_attention.linear_qkv.layer_norm_weight",
+                  "{l}self_attention.layernorm_qkv.layer_norm_weight"],
+    "ln1_bias": ["{l}input_layernorm.bias", "{l}input_norm.bias",
+                 "{l}self_attention.linear_qkv.layer_norm_bias",
+                 "{l}self_attention.layernorm_qkv.layer_norm_bias"],
+    "qkv": ["{l}self_attention.query_key_value.weight", "{l}attention.query_key_value.weight",
+            "{l}self_attention.linear_qkv.weight", "{l}self_attention.layernorm_qkv.weight"],
+    "qkv_bias": ["{l}self_attention.query_key_value.bias", "{l}attention.query_key_value.bias",
+                 "{l}self_attention.linear_qkv.bias", "{l}self_attention.layernorm_qkv.bias"],
+    "o": ["{l}self_attention.dense.weight", "{l}attention.dense.weight",
+          "{l}self_attention.linear_proj.weight", "{l}self_attention.proj.weight"],
+    "o_bias": ["{l}self_attention.dense.bias", "{l}attention.dense.bias",
+               "{l}self_attention.linear_proj.bias", "{l}self_attention.proj.bias"],
+    "ln2_scale": ["{l}post_attention_layernorm.weight", "{l}post_attention_norm.weight",
+                  "{l}pre_mlp_layernorm.weight", "{l}mlp.linear_fc1.layer_norm_weight",
+                  "{l}layernorm_mlp.layer_norm_weight"],
+    "ln2_bias": ["{l}post_attention_layernorm.bias", "{l}post_attention_norm.bias",
+                 "{l}pre_mlp_layernorm.bias", "{l}mlp.linear_fc1.layer_norm_bias",
+                 "{l}layernorm_mlp.layer_norm_bias"],
+    "fc": ["{l}mlp.dense_h_to_4h.weight", "{l}mlp.linear_fc1.weight",
+           "{l}layernorm_mlp.fc1_weight"],
+    "fc_bias": ["{l}mlp.dense_h_to_4h.bias", "{l}mlp.linear_fc1.bias", "{l}layernorm_mlp.fc1_bias"],
+    "proj": ["{l}mlp.dense_4h_to_h.weight", "{l}mlp.linear_fc2.weight",
+             "{l}layernorm_mlp.fc2_weight"],
+    "proj_bias": ["{l}mlp.dense_4h_to_h.bias", "{l}mlp.linear_fc2.bias",
+                  "{l}layernorm_mlp.fc2_bias"],
+    "norm_scale": ["{b}final_layernorm.weight", "{b}final_norm.weight"],
+    "norm_bias": ["{b}final_layernorm.bias", "{b}final_norm.bias"],
+    "lm_head": ["{o}output_layer.weight"],
+}
+COLUMN_PARALLEL = {"embed", "fc", "fc_bias", "lm_head"}  # joined on dim 0
+ROW_PARALLEL = {"o", "proj"}  # joined on dim 1
+QKV = {"qkv", "qkv_bias"}  # regrouped head-first per shard, then joined on dim 0
+
+# Megatron args that a GPT-2 leaves at these values; any other value is a model ours is not.
+GPT2_ARGS = {"swiglu": False, "squared_relu": False, "add_bias_linear": True,
+             "group_query_attention": False, "apply_residual_connection_post_layernorm": False,
+             "position_embedding_type": "learned_absolute", "normalization": "LayerNorm",
+             "apply_layernorm_1p": False, "use_rotary_position_embeddings": False,
+             "num_experts": None}
+# Flags (and --megatron-config keys) for the sizes: Megatron's own argument names.
+SIZES = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+         "ffn_hidden_size", "layernorm_epsilon")
+# Megatron's tanh GELU, in all its spellings (openai_gelu, the fused bias_gelu kernel, and the
+# 2019 code that predates both flags), is 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))):
+# transformers' gelu_fast to the float32 bit. Without either flag Megatron calls F.gelu (erf).
+TANH_GELU, ERF_GELU = "gelu_fast", "gelu"
+GPT2_EOS = "<|endoftext|>"
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--vocab-file", help="Megatron: GPT-2 BPE vocab.json (gives the tokenizer "
+                       "and the real vocab size; the padding rows are dropped)")
+    group.add_argument("--merge-file", help="Megatron: GPT-2 BPE merges.txt")
+    group.add_argument("--megatron-config", help="Megatron: JSON of the sizes below (and "
+                       "openai_gelu / bias_gelu_fusion) for a checkpoint without args")
+    for name in SIZES:
+        group.add_argument("--" + name.replace("_", "-"), type=float if "epsilon" in name else int,
+                           help="Megatron: overrides the checkpoint's args")
+    group.add_argument("--activation", choices=[ERF_GELU, TANH_GELU, "gelu_new"],
+                       help="Megatron: the MLP activation (default: from args; tanh GELU for a "
+                       "checkpoint without args, as Megatron computed it before saving args)")
+
+
+def detect(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".pt" or (path.suffix == ".zip" and zipfile.is_zipfile(path)
+                                        and _layout(_zip_names(path), path) is not None)
+    return path.is_dir() and _layout(_dir_names(path), path) is not None
+
+
+# --- finding the files ------------------------------------------------------------------------
+
+@dataclass
+class Shard:
+    """One model_optim_rng.pt: its model tensors (flattened keys), version and args."""
+
+    where: str
+    tensors: dict[str, torch.Tensor]
+    version: float
+    args: argparse.Namespace | None
+
+
+def _dir_names(root: Path) -> list[str]:
+    if RANK_DIR.match(root.name):  # a rank directory: its iteration holds every rank
+        root = root.parent
+    names = [p.relative_to(root).as_posix() for depth in ("*", "*/*", "*/*/*")
+             for p in root.glob(depth) if p.name in (*FILES, TRACKER)]
+    return sorted(names)
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n for n in zf.namelist() if n.rsplit("/", 1)[-1] in (*FILES, TRACKER)]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConversionError(f"{path}: not a readable zip file ({e})") from None
+
+
+def _layout(names: list[str], where: Path, read=None) -> dict[tuple[int, int], str] | None:
+    """The checkpoint files of one iteration by (TP rank, pipeline stage), from relative names;
+    None when there are none. `read(name)` reads a tracker file when several iterations exist."""
+    iterations: dict[str, dict[tuple[int, int], str]] = {}
+    for name in names:
+        *dirs, file = name.split("/")
+        if file in FILES and dirs and (m := RANK_DIR.match(dirs[-1])):
+            ranks = iterations.setdefault("/".join(dirs[:-1]), {})
+            ranks.setdefault((int(m[1]), int(m[2] or 0)), name)
+    if len(iterations) <= 1 or read is None:
+        return next(iter(iterations.values()), None)
+    for tracker in (n for n in names if n.rsplit("/", 1)[-1] == TRACKER):
+        text = read(tracker).strip()
+        leaf = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() \
+            else None
+        parent = tracker.rpartition("/")[0]
+        chosen = f"{parent}/{leaf}".lstrip("/")
+        if chosen not in iterations:
+            raise ConversionError(f"{where}/{tracker} names {text!r}, but {chosen} holds no "
+                                  f"{FILES[0]}")
+        return iterations[chosen]
+    raise ConversionError(f"{where} holds several checkpoints ({', '.join(sorted(iterations))}) "
+                          f"and no {TRACKER} to choose one; point at the one to convert")
+
+
+def _read_shards(path: Path) -> list[list[Shard]]:
+    """Every shard, as [pipeline stage][TP rank]."""
+    if path.is_file() and path.suffix != ".zip":
+        parent = path.parent
+        if path.name in FILES and RANK_DIR.match(parent.name):  # a file inside a rank directory
+            path = parent
+        else:
+            return [[_shard(path.as_posix(), load_torch(path))]]
+    if path.is_file():
+        with zipfile.ZipFile(path) as zf:
+            files = _layout(_zip_names(path), path, lambda n: zf.read(n).decode())
+    else:
+        root = path.parent if RANK_DIR.match(path.name) else path
+        files = _layout(_dir_names(path), path, lambda n: (root / n).read_text())
+        files = files and {rank: str(root / name) for rank, name in files.items()}
+    if not files:
+        raise ConversionError(f"{path}: no Megatron checkpoint ({' or '.join(FILES)} under "
+                              "mp_rank_XX directories) found")
+    tp = 1 + max(t for t, _ in files)
+    pp = 1 + max(p for _, p in files)
+    absent = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+              for p in range(pp) for t in range(tp) if (t, p) not in files]
+    if absent:
+        raise ConversionError(f"{path}: shards {', '.join(absent)} are absent (found "
+                              f"{len(files)} of {tp} TP x {pp} pipeline)")
+    if path.is_file():
+        return [[_shard(f"{path}/{files[t, p]}", _load_member(path, files[t, p]))
+                 for t in range(tp)] for p in range(pp)]
+    return [[_shard(files[t, p], load_torch(files[t, p])) for t in range(tp)] for p in range(pp)]
+
+
+def _load_member(zip_path: Path, name: str):
+    """A torch file inside a zip: copied out to a temporary file, memory-mapped, and unlinked at
+    once (the mapping outlives the name), so nothing is left on disk."""
+    where = f"{zip_path}/{name}"
+    fd, tmp = tempfile.mkstemp(suffix=".pt")
+    try:
+        with zipfile.ZipFile(zip_path) as zf, zf.open(name) as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        return load_torch(tmp, where=where)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ConversionError(f"{where}: cannot read from the zip ({e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _shard(where: str, ckpt) -> Shard:
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f"{where}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if "model0" in ckpt:
+        raise ConversionError(f"{where}: a virtual-pipeline checkpoint (model0, model1, ...); "
+                              "convert it to one model per stage with Megatron's "
+                              "tools/checkpoint first")
+    model = ckpt["model"] if "model" in ckpt else ckpt  # or a bare state dict
+    tensors = {k: v for k, v in _flatten(model).items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    if not tensors:
+        raise ConversionError(f"{where}: no model tensors (keys: {', '.join(map(str, ckpt))})")
+    return Shard(where, tensors, float(ckpt.get("checkpoint_version", 0)), ckpt.get("args"))
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (tree.items() if isinstance(tree, dict) else ()):
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def _check_shards(stages: list[list[Shard]]) -> None:
+    """Every shard of a checkpoint has the same version, the same keys as its stage's rank 0 and
+    the same shape of every replicated tensor... or the message names the file that differs."""
+    first = stages[0][0]
+    for shard in (s for stage in stages for s in stage):
+        if shard.version != first.version:
+            raise ConversionError(f"{shard.where}: checkpoint_version {shard.version}, but "
+                                  f"{first.where} has {first.version}")
+        for name in SIZES + ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            mine, theirs = (getattr(s.args, name, None) for s in (shard, first))
+            if mine != theirs:
+                raise ConversionError(f"{shard.where}: args.{name} = {mine}, but {first.where} "
+                                      f"has {theirs}: shards of different checkpoints?")
+    for stage in stages:
+        for shard in stage[1:]:
+            keys, ref = set(shard.tensors), set(stage[0].tensors)
+            if keys != ref:
+                diff = sorted(keys ^ ref)
+                raise ConversionError(f"{shard.where}: its tensors differ from {stage[0].where}'s "
+                                      f"({', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''})")
+            for key in keys:
+                a, b = shard.tensors[key].shape, stage[0].tensors[key].shape
+                if a != b:
+                    raise ConversionError(f"{shard.where}: {key} is {tuple(a)}, but "
+                                          f"{tuple(b)} in {stage[0].where}")
+
+
+# --- reading and merging the tensors ----------------------------------------------------------
+
+class MegatronSource(TensorSource):
+    """The tensors of every shard under global names: layers renumbered across pipeline stages,
+    tensor-parallel shards joined as each weight was split."""
+
+    def __init__(self, stages: list[list[Shard]], roles: dict[str, str], heads: int):
+        super().__init__({})
+        self.stages, self.heads, self.tp = stages, heads, len(stages[0])
+        self.version = stages[0][0].version
+        self.roles = [(_pattern(k), role) for k, role in roles.items()]
+        self.where: dict[str, tuple[int, str]] = {}  # global key -> (stage, key in the stage)
+        offset = 0
+        for p, stage in enumerate(stages):
+            local = [int(m[1]) for k in stage[0].tensors if (m := LAYER.search(k))]
+            for key in stage[0].tensors:
+                self.where[_renumber(key, offset)] = (p, key)
+            offset += 1 + max(local, default=-1)
+        self.files_by_key = dict.fromkeys(self.where)  # keys(); no files of our own
+
+    def get(self, key: str) -> np.ndarray:
+        p, local = self.where[key]
+        parts = [to_numpy(shard.tensors[local]) for shard in self.stages[p]]
+        role = next((role for pattern, role in self.roles if pattern.match(key)), None)
+        if role in QKV:
+            parts = [self._heads_first(w, key) for w in parts]
+        if len(parts) == 1 or role not in QKV | COLUMN_PARALLEL | ROW_PARALLEL:
+            return parts[0]
+        return np.concatenate(parts, axis=1 if role in ROW_PARALLEL else 0)
+
+    def _heads_first(self, w: np.ndarray, key: str) -> np.ndarray:
+        """One shard's fused QKV rows as [local heads * 3 * hd] (version 2's order)."""
+        n, rest = self.heads // self.tp, w.shape[1:]
+        try:
+            if self.version < 1:  # [3, n, hd]
+                w = w.reshape(3, n, -1, *rest).swapaxes(0, 1)
+            elif self.version < 2:  # [n, hd, 3]
+                w = w.reshape(n, -1, 3, *rest).swapaxes(1, 2)
+            return w.reshape(-1, *rest)
+        except ValueError:
+            raise ConversionError(f"{key}: {w.shape[0]} rows per shard are not 3 x "
+                                  f"{n} heads x head_dim") from None
+
+    def release(self, key: str) -> None:
+        from convert.tensors import _drop_mapped_pages
+
+        p, local = self.where[key]
+        for shard in self.stages[p]:
+            _drop_mapped_pages(shard.tensors[local])
+
+
+def _renumber(key: str, offset: int) -> str:
+    if not offset:
+        return key
+    return LAYER.sub(lambda m: m[0].replace(m[1], str(int(m[1]) + offset)), key, count=1)
+
+
+def _pattern(key: str) -> re.Pattern:
+    return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+# --- what the tensors mean --------------------------------------------------------------------
+
+def _spelling(keys: list[str], where: str) -> dict[str, str]:
+    """Each role's key (with "{i}" for the layer) as this checkpoint spells it."""
+    embed = next((k for k in keys if k.endswith(".word_embeddings.weight")
+                  or k == "word_embeddings.weight"), None)
+    layer = next((m for k in keys if (m := re.match(r"(.*?)layers\.\d+\.", k))), None)
+    if embed is None or layer is None:
+        raise ConversionError(f"{where}: no word embeddings or no transformer layers: not a "
+                              "Megatron GPT model")
+    e = embed[: -len("word_embeddings.weight")]
+    prefixes = {"e": e, "b": layer[1], "l": layer[1] + "layers.{i}.",
+                "o": e.removesuffix("embedding.")}
+    present = {LAYER.sub(".layers.{i}.", k, count=1).lstrip(".") for k in keys}
+    roles = {}
+    for role, names in SPELLINGS.items():
+        names = [n.format_map(prefixes) for n in names]
+        found = next((n for n in names if n in present), None)
+        if found or role != "lm_head":
+            roles[role] = found or names[0]
+    return roles
+
+
+def keymap(c: GPT2Config, roles: dict[str, str]) -> KeyMap:
+    """Source key -> our weight(s): QKV rows arrive as [heads, 3, hd] (version 2's order)."""
+    d, n, h, v = c.n_embd, c.n_head, c.head_dim, c.vocab_size
+    same = lambda w: w  # noqa: E731
+    ours = {
+        "embed": ("embed", lambda w: w[:v]),  # the vocab padding rows go
+        "pos_embed": ("pos_embed", same),
+        "ln1_scale": ("layers.ln1_scale", same), "ln1_bias": ("layers.ln1_bias", same),
+        "qkv": (("layers.q", "layers.k", "layers.v"),
+                lambda w: tuple(w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1) for j in range(3))),
+        "qkv_bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"),
+                     lambda b: tuple(b.reshape(n, 3, h)[:, j] for j in range(3))),
+        "o": ("layers.o", lambda w: w.T.reshape(n, h, d)),  # [d, n*h] -> [n, h, d]
+        "o_bias": ("layers.o_bias", same),
+        "ln2_scale": ("layers.ln2_scale", same), "ln2_bias": ("layers.ln2_bias", same),
+        "fc": ("layers.fc", lambda w: w.T), "fc_bias": ("layers.fc_bias", same),
+        "proj": ("layers.proj", lambda w: w.T), "proj_bias": ("layers.proj_bias", same),
+        "norm_scale": ("norm_scale", same), "norm_bias": ("norm_bias", same),
+        "lm_head": ("lm_head", lambda w: w[:v].T),
+    }
+    return {key: ours[role] for role, key in roles.items()}
+
+
+def read_config(stages: list[list[Shard]], roles: dict[str, str], where: Path, *,
+                megatron_config=None, activation=None, **flags) -> tuple[dict, list[str]]:
+    """GPT2Config fields from the args, a --megatron-config file, flags and tensor shapes."""
+    first, notes = stages[0][0], []
+    args = dict(vars(first.args)) if first.args is not None else {}
+    for name, default in GPT2_ARGS.items():
+        if args.get(name, default) != default:
+            raise ConversionError(f"{first.where}: args.{name} = {args[name]!r}; a GPT-2 has "
+                                  f"{default!r}, and mistral_jax's GPT-2 cannot represent it")
+    if megatron_config:
+        try:
+            args.update(json.loads(Path(megatron_config).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{megatron_config}: not a readable JSON file ({e})") from None
+    args.update({k: v for k, v in flags.items() if v is not None})
+    tp = len(stages[0])
+    shape = lambda role: tuple(_find(stages, roles[role]).shape)  # noqa: E731
+    inferred = {"num_layers": sum(1 + max((int(m[1]) for k in s[0].tensors
+                                           if (m := LAYER.search(k))), default=-1)
+                                  for s in stages),
+                "hidden_size": shape("embed")[1], "max_position_embeddings": shape("pos_embed")[0],
+                "ffn_hidden_size": shape("fc")[0] * tp}
+    for name, value in inferred.items():
+        if args.get(name) is None:
+            args[name] = value
+    if args.get("num_attention_heads") is None:
+        raise ConversionError(f"{where}: the checkpoint has no args, so the number of attention "
+                              "heads is unknown: pass --num-attention-heads N (or a "
+                              "--megatron-config JSON with num_attention_heads)")
+    if "layernorm_epsilon" not in args:
+        notes.append("no layernorm_epsilon given; using Megatron's default 1e-5")
+    if activation is None:
+        if args.get("openai_gelu") or args.get("bias_gelu_fusion"):
+            activation = TANH_GELU
+        elif "openai_gelu" in args or "bias_gelu_fusion" in args or args.get("onnx_safe"):
+            activation = ERF_GELU
+        else:
+            activation = TANH_GELU
+            notes.append("the checkpoint does not say which GELU it used (no openai_gelu / "
+                         f"bias_gelu_fusion); taking Megatron's tanh GELU ({TANH_GELU}), as the "
+                         "code that wrote such checkpoints had; --activation gelu for erf GELU")
+    fields = dict(n_layer=args["num_layers"], n_embd=args["hidden_size"],
+                  n_head=args["num_attention_heads"], n_positions=args["max_position_embeddings"],
+                  n_inner=args["ffn_hidden_size"])
+    fields = {k: int(v) for k, v in fields.items()}
+    return {**fields, "layer_norm_epsilon": float(args.get("layernorm_epsilon", 1e-5)),
+            "activation_function": activation}, notes
+
+
+def _find(stages: list[list[Shard]], key: str) -> torch.Tensor:
+    pattern = _pattern(key)
+    for stage in stages:
+        for k, t in stage[0].tensors.items():
+            if pattern.match(k):
+                return t
+    raise ConversionError(f"{stages[0][0].where}: no tensor {key}")
+
+
+def _tied(stages: list[list[Shard]], roles: dict[str, str]) -> bool:
+    """Is the LM head the word embedding? A tied model may still hold a synced copy of it on the
+    last pipeline stage (output_layer / word_embeddings_for_head)."""
+    args = stages[0][0].args
+    if args is not None and hasattr(args, "untie_embeddings_and_output_weights"):
+        return not args.untie_embeddings_and_output_weights
+    if "lm_head" not in roles:
+        return True
+    if len(stages) == 1:
+        return False
+    return bool(torch.equal(_find(stages, roles["lm_head"]), _find(stages, roles["embed"])))
+
+
+def plan(path: Path, *, vocab_file=None, merge_file=None, **options) -> Plan:
+    """How the Megatron checkpoint `path` maps onto our GPT-2 weights."""
+    stages = _read_shards(Path(path))
+    _check_shards(stages)
+    keys = [k for stage in stages for k in stage[0].tensors]
+    roles = _spelling(keys, stages[0][0].where)
+    fields, notes = read_config(stages, roles, path, **options)
+    tp = len(stages[0])
+    padded = tuple(_find(stages, roles["embed"]).shape)[0] * tp
+    tokenizer = None
+    if (vocab_file is None) != (merge_file is None):
+        raise ConversionError("--vocab-file and --merge-file go together (GPT-2 BPE)")
+    if vocab_file is not None:
+        try:
+            tokenizer = Tokenizer.from_bpe_files(vocab_file, merge_file)
+        except (ValueError, OSError) as e:
+            raise ConversionError(str(e)) from None
+        if tokenizer.vocab_size > padded:
+            raise ConversionError(f"{vocab_file}: {tokenizer.vocab_size} tokens, but the "
+                                  f"checkpoint's embedding has only {padded} rows")
+    else:
+        notes.append(f"no --vocab-file/--merge-file: keeping Megatron's padded vocab of {padded} "
+                     "rows (ids past the tokenizer's are padding) and no tokenizer")
+    vocab = tokenizer.vocab_size if tokenizer else padded
+    eos = tokenizer.piece_to_id(GPT2_EOS) if tokenizer else None
+    tied = _tied(stages, roles)
+    if tied:
+        roles.pop("lm_head", None)
+    try:
+        config = GPT2Config(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
+                            tie_word_embeddings=tied, **fields)
+    except ConfigError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    if config.n_head % tp:
+        raise ConversionError(f"{path}: {config.n_head} heads do not split over {tp} TP shards")
+    source = MegatronSource(stages, {k: role for role, k in roles.items()}, config.n_head)
+    ignore = [k for k in source.keys() if k.endswith("word_embeddings_for_head.weight")
+              or (tied and k.endswith("output_layer.weight"))]
+    return Plan(config, source, keymap(config, roles), ignore, tokenizer, notes)
