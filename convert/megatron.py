@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from convert.pickles import load_torch
-from convert.tensors import ConversionError, KeyMap, Plan, TensorSource, to_numpy
+from convert.tensors import (
+    ConversionError,
+    KeyMap,
+    Plan,
+    TensorSource,
+    _drop_mapped_pages,
+    to_numpy,
+)
 from mistral_jax.configs import ConfigError, GPT2Config
 from mistral_jax.tokenizer import Tokenizer
 
@@ -190,6 +197,9 @@ def _read_shards(path: Path) -> list[list[Shard]]:
         root = path.parent if RANK_DIR.match(path.name) else path
         files = _layout(_dir_names(path), path, lambda n: (root / n).read_text())
         files = files and {rank: str(root / name) for rank, name in files.items()}
+    if not files and path.is_dir() and next(path.glob("*/*.distcp"), None):
+        raise ConversionError(f"{path}: a torch_dist (distributed) checkpoint; save it in the "
+                              "torch format first (Megatron's --ckpt-convert-format torch)")
     if not files:
         raise ConversionError(f"{path}: no Megatron checkpoint ({' or '.join(FILES)} under "
                               "mp_rank_XX directories) found")
@@ -318,8 +328,6 @@ class MegatronSource(TensorSource):
                                   f"{n} heads x head_dim") from None
 
     def release(self, key: str) -> None:
-        from convert.tensors import _drop_mapped_pages
-
         p, local = self.where[key]
         for shard in self.stages[p]:
             _drop_mapped_pages(shard.tensors[local])
@@ -383,51 +391,64 @@ def keymap(c: GPT2Config, roles: dict[str, str]) -> KeyMap:
 
 def read_config(stages: list[list[Shard]], roles: dict[str, str], where: Path, *,
                 megatron_config=None, activation=None, **flags) -> tuple[dict, list[str]]:
-    """GPT2Config fields from the args, a --megatron-config file, flags and tensor shapes."""
+    """GPT2Config fields from the args, a --megatron-config file, flags and tensor shapes (in
+    rising precedence; shapes only fill what none of the others gives)."""
     first, notes = stages[0][0], []
     args = dict(vars(first.args)) if first.args is not None else {}
-    for name, default in GPT2_ARGS.items():
-        if args.get(name, default) != default:
-            raise ConversionError(f"{first.where}: args.{name} = {args[name]!r}; a GPT-2 has "
-                                  f"{default!r}, and mistral_jax's GPT-2 cannot represent it")
+    args.setdefault("layernorm_epsilon", args.get("norm_epsilon"))  # its newer name
     if megatron_config:
         try:
             args.update(json.loads(Path(megatron_config).read_text()))
         except (OSError, ValueError) as e:
             raise ConversionError(f"{megatron_config}: not a readable JSON file ({e})") from None
     args.update({k: v for k, v in flags.items() if v is not None})
-    tp = len(stages[0])
+    for name, default in GPT2_ARGS.items():
+        if args.get(name, default) != default:
+            raise ConversionError(f"{first.where}: args.{name} = {args[name]!r}; a GPT-2 has "
+                                  f"{default!r}, and mistral_jax's GPT-2 cannot represent it")
     shape = lambda role: tuple(_find(stages, roles[role]).shape)  # noqa: E731
     inferred = {"num_layers": sum(1 + max((int(m[1]) for k in s[0].tensors
                                            if (m := LAYER.search(k))), default=-1)
                                   for s in stages),
                 "hidden_size": shape("embed")[1], "max_position_embeddings": shape("pos_embed")[0],
-                "ffn_hidden_size": shape("fc")[0] * tp}
+                "ffn_hidden_size": shape("fc")[0] * len(stages[0])}
     for name, value in inferred.items():
         if args.get(name) is None:
             args[name] = value
-    if args.get("num_attention_heads") is None:
+    heads = args.get("num_attention_heads")
+    if heads is None:
         raise ConversionError(f"{where}: the checkpoint has no args, so the number of attention "
                               "heads is unknown: pass --num-attention-heads N (or a "
                               "--megatron-config JSON with num_attention_heads)")
-    if "layernorm_epsilon" not in args:
+    if args.get("kv_channels") not in (None, args["hidden_size"] // heads):
+        raise ConversionError(f"{first.where}: args.kv_channels = {args['kv_channels']}, not "
+                              "hidden_size / num_attention_heads as in a GPT-2")
+    if args.get("layernorm_epsilon") is None:
+        args["layernorm_epsilon"] = 1e-5
         notes.append("no layernorm_epsilon given; using Megatron's default 1e-5")
     if activation is None:
-        if args.get("openai_gelu") or args.get("bias_gelu_fusion"):
-            activation = TANH_GELU
-        elif "openai_gelu" in args or "bias_gelu_fusion" in args or args.get("onnx_safe"):
-            activation = ERF_GELU
-        else:
+        activation = _activation(args)
+        if activation is None:
             activation = TANH_GELU
             notes.append("the checkpoint does not say which GELU it used (no openai_gelu / "
-                         f"bias_gelu_fusion); taking Megatron's tanh GELU ({TANH_GELU}), as the "
-                         "code that wrote such checkpoints had; --activation gelu for erf GELU")
-    fields = dict(n_layer=args["num_layers"], n_embd=args["hidden_size"],
-                  n_head=args["num_attention_heads"], n_positions=args["max_position_embeddings"],
-                  n_inner=args["ffn_hidden_size"])
-    fields = {k: int(v) for k, v in fields.items()}
-    return {**fields, "layer_norm_epsilon": float(args.get("layernorm_epsilon", 1e-5)),
+                         f"bias_gelu_fusion); taking Megatron's tanh GELU ({TANH_GELU}), which "
+                         "the code that saved no args used; --activation gelu for erf GELU")
+    return {"n_layer": int(args["num_layers"]), "n_embd": int(args["hidden_size"]),
+            "n_head": int(heads), "n_positions": int(args["max_position_embeddings"]),
+            "n_inner": int(args["ffn_hidden_size"]),
+            "layer_norm_epsilon": float(args["layernorm_epsilon"]),
             "activation_function": activation}, notes
+
+
+def _activation(args: dict) -> str | None:
+    """Megatron's MLP activation as transformers names it; None when args do not say. Either
+    tanh flag gives the tanh GELU (which one wins changed across versions; both compute the
+    same); without them, F.gelu (or onnx_safe's erf form of it)."""
+    if args.get("openai_gelu") or args.get("bias_gelu_fusion"):
+        return TANH_GELU
+    if any(k in args for k in ("openai_gelu", "bias_gelu_fusion", "onnx_safe")):
+        return ERF_GELU
+    return None
 
 
 def _find(stages: list[list[Shard]], key: str) -> torch.Tensor:
@@ -490,4 +511,4 @@ def plan(path: Path, *, vocab_file=None, merge_file=None, **options) -> Plan:
     source = MegatronSource(stages, {k: role for role, k in roles.items()}, config.n_head)
     ignore = [k for k in source.keys() if k.endswith("word_embeddings_for_head.weight")
               or (tied and k.endswith("output_layer.weight"))]
-    return Plan(config, source, keymap(config, roles), ignore, tokenizer, notes)
+    return Plan(config, source, keymap(config, roles), ignore, tokenizer, notes, origin=str(path))

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import types
 import zipfile
 from pathlib import Path
@@ -141,6 +142,14 @@ CORE_NAMES = {  # legacy -> Megatron-Core (Transformer Engine layers: layer norm
     "encoder.layers": "decoder.layers", "word_embeddings_for_head": "output_layer",
 }
 OLD_NAMES = {"encoder.": "transformer.", "self_attention.": "attention."}  # Megatron of 2019-20
+TE_NAMES = {  # legacy Megatron built on Transformer Engine's TransformerLayer
+    "input_layernorm.": "self_attention.layernorm_qkv.layer_norm_",
+    "self_attention.query_key_value.": "self_attention.layernorm_qkv.",
+    "self_attention.dense.": "self_attention.proj.",
+    "post_attention_layernorm.": "layernorm_mlp.layer_norm_",
+    "mlp.dense_h_to_4h.": "layernorm_mlp.fc1_", "mlp.dense_4h_to_h.": "layernorm_mlp.fc2_",
+    "final_layernorm": "final_norm",
+}
 
 
 def rename(w: dict, names: dict) -> dict:
@@ -174,7 +183,7 @@ def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int =
             if names == "core":
                 model = rename(shard, CORE_NAMES)
             else:
-                shard = rename(shard, OLD_NAMES) if names == "old" else shard
+                shard = rename(shard, {"old": OLD_NAMES, "te": TE_NAMES}.get(names, {}))
                 body = {k: v for k, v in shard.items() if not k.startswith("embedding.")}
                 model = {"language_model": {
                     "embedding": {k.split(".")[1]: {"weight": v} for k, v in shard.items()
@@ -242,7 +251,7 @@ def test_full_conversion_of_pipeline_and_tensor_shards_loads(weights, tmp_path):
     assert model.config.tie_word_embeddings and model.config.n_layer == LAYERS
 
 
-def test_ngc_zip_without_args(weights, tmp_path):
+def test_ngc_zip_without_args(weights, tmp_path, monkeypatch):
     """NVIDIA's release: a zip of release/mp_rank_00/model_optim_rng.pt, version 0, 2019 names,
     no args (so the heads come from a flag) and Megatron's tanh GELU of that time."""
     release = save_megatron(tmp_path / "unzipped", weights, 0, args=None, names="old",
@@ -258,18 +267,21 @@ def test_ngc_zip_without_args(weights, tmp_path):
     assert any("tanh GELU" in n for n in plan.notes)
     expected = megatron_forward(weights, 0, tanh_gelu, IDS)
     assert np.abs(logits - expected).max() <= 1e-4
-    before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     out = from_torch.convert(src, tmp_path / "ckpt", num_attention_heads=HEADS)
-    assert set(os.listdir(os.environ.get("TMPDIR", "/tmp"))) <= before  # no extracted file left
+    assert not list((tmp_path / "tmp").iterdir())  # the member was extracted, then removed
     np.testing.assert_allclose(
         np.asarray(mistral_jax.forward(mistral_jax.load(out), IDS)), logits, atol=1e-6)
 
 
 @pytest.mark.parametrize("pp", [1, 2])
-def test_megatron_core_names(weights, pp, tmp_path):
-    """decoder.layers.N.self_attention.linear_qkv (layer norm fused in), linear_proj,
-    mlp.linear_fc1/2; on a pipeline's last stage the tied head's synced copy, output_layer."""
-    src = save_megatron(tmp_path / "src", weights, 3.0, tp=2, pp=pp, names="core")
+@pytest.mark.parametrize("names", ["core", "te"])
+def test_megatron_core_and_transformer_engine_names(weights, names, pp, tmp_path):
+    """Megatron-Core: decoder.layers.N.self_attention.linear_qkv (layer norm fused in),
+    linear_proj, mlp.linear_fc1/2, and on a pipeline's last stage the tied head's synced copy,
+    output_layer. Transformer Engine layers: layernorm_qkv, proj, layernorm_mlp.fc1_weight..."""
+    src = save_megatron(tmp_path / "src", weights, 3.0, tp=2, pp=pp, names=names)
     logits, plan = ours(src)
     assert plan.config.tie_word_embeddings
     assert np.abs(logits - megatron_forward(weights, 3.0, F.gelu, IDS)).max() <= 1e-4
