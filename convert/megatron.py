@@ -102,8 +102,9 @@ GPT2_ARGS = {"swiglu": False, "squared_relu": False, "add_bias_linear": True,
 SIZES = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
          "ffn_hidden_size", "layernorm_epsilon")
 # Megatron's tanh GELU, in all its spellings (openai_gelu, the fused bias_gelu kernel, and the
-# 2019 code that predates both flags), is 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))):
-# transformers' gelu_fast to the float32 bit. Without either flag Megatron calls F.gelu (erf).
+# 2019 code that predates both flags), is 0.5 x (1 + tanh(0.79788456 x (1 + 0.044715 x^2))):
+# transformers' gelu_fast term for term (the constants are equal in float32; gelu_new groups
+# the same terms differently). Without either flag Megatron calls F.gelu, the exact erf GELU.
 TANH_GELU, ERF_GELU = "gelu_fast", "gelu"
 GPT2_EOS = "<|endoftext|>"
 
@@ -170,10 +171,11 @@ def _layout(names: list[str], where: Path, read=None) -> dict[tuple[int, int], s
         return next(iter(iterations.values()), None)
     for tracker in (n for n in names if n.rsplit("/", 1)[-1] == TRACKER):
         text = read(tracker).strip()
-        leaf = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() \
-            else None
-        parent = tracker.rpartition("/")[0]
-        chosen = f"{parent}/{leaf}".lstrip("/")
+        if text != "release" and not text.isdigit():
+            raise ConversionError(f"{where}/{tracker}: {text!r} is neither an iteration nor "
+                                  "'release'")
+        leaf = "release" if text == "release" else f"iter_{int(text):07d}"
+        chosen = f"{tracker.rpartition('/')[0]}/{leaf}".lstrip("/")
         if chosen not in iterations:
             raise ConversionError(f"{where}/{tracker} names {text!r}, but {chosen} holds no "
                                   f"{FILES[0]}")

@@ -333,6 +333,8 @@ def test_vocab_and_merges_trim_the_padded_vocab(weights, tmp_path):
     assert from_torch.main([str(src), str(out), "--no-progress",
                             "--vocab-file", str(tmp_path / "vocab.json"),
                             "--merge-file", str(tmp_path / "merges.txt")]) == 0
+    fails(src, tmp_path / "out2", "--vocab-file", str(tmp_path / "vocab.json"),
+          match="--vocab-file and --merge-file go together")
     model = mistral_jax.load(out)
     assert model.config.vocab_size == vocab == model.tokenizer.vocab_size
     assert model.config.eos_token_id == model.tokenizer.piece_to_id("<|endoftext|>")
@@ -377,6 +379,20 @@ def test_directory_without_a_checkpoint(tmp_path):
     with pytest.raises(ConversionError, match="no Megatron checkpoint"):
         megatron.plan(tmp_path / "empty")
     fails(tmp_path / "empty", tmp_path / "out", match="nor a Megatron-LM checkpoint")
+    (tmp_path / "empty" / "iter_0000100" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ConversionError, match="torch_dist .* --ckpt-convert-format torch"):
+        megatron.plan(tmp_path / "empty")
+
+
+def test_the_tracker_chooses_among_iterations(weights, tmp_path):
+    later = megatron_weights(seed=1)
+    src = save_megatron(tmp_path, weights, 3.0, iteration="iter_0000100")
+    save_megatron(tmp_path, later, 3.0, iteration="iter_0000200")  # the tracker now says 200
+    expected = megatron_forward(later, 3.0, F.gelu, IDS)
+    assert np.abs(ours(src)[0] - expected).max() <= 1e-4
+    (tmp_path / megatron.TRACKER).write_text("300")
+    with pytest.raises(ConversionError, match="names '300', but iter_0000300 holds no"):
+        megatron.plan(src)
 
 
 def test_mismatched_shards(weights, tmp_path):
@@ -390,6 +406,14 @@ def test_mismatched_shards(weights, tmp_path):
     fails(a, tmp_path / "out", match=f"{rank1}: args.tensor_model_parallel_size = 4")
     (c / "iter_0000100" / "mp_rank_02").rename(tmp_path / "gone")
     fails(c, tmp_path / "out", match="shards mp_rank_02 are absent")
+    d = save_megatron(tmp_path / "d", weights, 3.0, tp=2)  # same args, a tensor cut short
+    rank1 = d / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt"
+    ckpt = torch.load(rank1, weights_only=False)
+    bias = ckpt["model"]["language_model"]["encoder"]
+    bias["layers.1.mlp.dense_h_to_4h.bias"] = bias["layers.1.mlp.dense_h_to_4h.bias"][:-1]
+    torch.save(ckpt, rank1)
+    fails(d, tmp_path / "out", match=f"{rank1}: language_model.encoder.layers.1.mlp."
+          r"dense_h_to_4h.bias is \(127,\), but \(128,\) in .*mp_rank_00")
 
 
 def test_missing_tensors_are_all_listed(weights, tmp_path):
