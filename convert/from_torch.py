@@ -2,9 +2,10 @@
 
 SRC is a Hugging Face folder (config.json + model.safetensors | sharded safetensors + index |
 pytorch_model.bin) or Mistral's original release (params.json + consolidated.*.pth |
-consolidated.safetensors) or a Megatron-LM GPT-2 checkpoint (NGC .zip, .pt, or a checkpoint
-directory with tensor-parallel / pipeline shards); its tokenizer (tokenizer.model,
-tokenizer.json or GPT-2's vocab.json + merges.txt; Megatron's --vocab-file/--merge-file) is
+consolidated.safetensors) or a GGUF file (llama.cpp's format, llama / mistral architecture,
+dequantized) or a Megatron-LM GPT-2 checkpoint (NGC .zip, .pt, or a checkpoint directory with
+tensor-parallel / pipeline shards); its tokenizer (tokenizer.model, tokenizer.json or GPT-2's
+vocab.json + merges.txt; a GGUF file's metadata; Megatron's --vocab-file/--merge-file) is
 carried over.
 
 Each format is a module with `detect(path) -> bool` and `plan(path, **options) -> Plan`; a module
@@ -22,13 +23,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from convert import hf, megatron, mistral_original
+from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
 from convert.tensors import ConversionError, convert_tensors
 from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-FORMATS = {"hf": hf, "mistral": mistral_original, "megatron": megatron}
+FORMATS = {"hf": hf, "mistral": mistral_original, "gguf": gguf, "megatron": megatron}
 
 
 def detect(src: Path) -> str:
@@ -38,8 +39,8 @@ def detect(src: Path) -> str:
     raise ConversionError(f"{src} is not a Hugging Face model folder (config.json with "
                           "model.safetensors, a safetensors index or pytorch_model.bin) nor a "
                           "Mistral release (params.json with consolidated.*.pth or "
-                          "consolidated.safetensors) nor a Megatron-LM checkpoint (.zip, .pt, or "
-                          "a directory of mp_rank_XX/model_optim_rng.pt)")
+                          "consolidated.safetensors) nor a GGUF file nor a Megatron-LM checkpoint "
+                          "(.zip, .pt, or a directory of mp_rank_XX/model_optim_rng.pt)")
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
