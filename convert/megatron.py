@@ -106,21 +106,23 @@ SIZES = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embed
 # transformers' gelu_fast term for term (the constants are equal in float32; gelu_new groups
 # the same terms differently). Without either flag Megatron calls F.gelu, the exact erf GELU.
 TANH_GELU, ERF_GELU = "gelu_fast", "gelu"
-GPT2_EOS = "<|endoftext|>"
+GPT2_EOS, GPT2_EOS_ID = "<|endoftext|>", 50256
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--vocab-file", help="Megatron: GPT-2 BPE vocab.json (gives the tokenizer "
-                       "and the real vocab size; the padding rows are dropped)")
-    group.add_argument("--merge-file", help="Megatron: GPT-2 BPE merges.txt")
-    group.add_argument("--megatron-config", help="Megatron: JSON of the sizes below (and "
-                       "openai_gelu / bias_gelu_fusion) for a checkpoint without args")
+    group.add_argument("--vocab-file", metavar="FILE", help="Megatron: GPT-2 BPE vocab.json "
+                       "(gives the tokenizer and the real vocab size; padding rows are dropped)")
+    group.add_argument("--merge-file", metavar="FILE", help="Megatron: GPT-2 BPE merges.txt")
+    group.add_argument("--megatron-config", metavar="FILE", help="Megatron: a JSON of the sizes "
+                       "below (Megatron's names, e.g. num_attention_heads) and openai_gelu / "
+                       "bias_gelu_fusion, for a checkpoint saved without args")
     for name in SIZES:
-        group.add_argument("--" + name.replace("_", "-"), type=float if "epsilon" in name else int,
+        group.add_argument("--" + name.replace("_", "-"), metavar="N",
+                           type=float if "epsilon" in name else int,
                            help="Megatron: overrides the checkpoint's args")
     group.add_argument("--activation", choices=[ERF_GELU, TANH_GELU, "gelu_new"],
-                       help="Megatron: the MLP activation (default: from args; tanh GELU for a "
-                       "checkpoint without args, as Megatron computed it before saving args)")
+                       help="Megatron: the MLP activation (default: from args; the tanh GELU "
+                       f"{TANH_GELU} for a checkpoint without args)")
 
 
 def detect(path: Path) -> bool:
@@ -134,12 +136,13 @@ def detect(path: Path) -> bool:
 
 @dataclass
 class Shard:
-    """One model_optim_rng.pt: its model tensors (flattened keys), version and args."""
+    """One model_optim_rng.pt: its model tensors (flattened keys), version and args (a dict;
+    empty when the checkpoint saved none)."""
 
     where: str
     tensors: dict[str, torch.Tensor]
     version: float
-    args: argparse.Namespace | None
+    args: dict
 
 
 def _dir_names(root: Path) -> list[str]:
@@ -246,7 +249,10 @@ def _shard(where: str, ckpt) -> Shard:
                if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     if not tensors:
         raise ConversionError(f"{where}: no model tensors (keys: {', '.join(map(str, ckpt))})")
-    return Shard(where, tensors, float(ckpt.get("checkpoint_version", 0)), ckpt.get("args"))
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args  # some forks save a dict
+    return Shard(where, tensors, float(ckpt.get("checkpoint_version", 0)),
+                 dict(args) if isinstance(args, dict) else {})
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -268,7 +274,7 @@ def _check_shards(stages: list[list[Shard]]) -> None:
             raise ConversionError(f"{shard.where}: checkpoint_version {shard.version}, but "
                                   f"{first.where} has {first.version}")
         for name in SIZES + ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            mine, theirs = (getattr(s.args, name, None) for s in (shard, first))
+            mine, theirs = shard.args.get(name), first.args.get(name)
             if mine != theirs:
                 raise ConversionError(f"{shard.where}: args.{name} = {mine}, but {first.where} "
                                       f"has {theirs}: shards of different checkpoints?")
@@ -396,7 +402,7 @@ def read_config(stages: list[list[Shard]], roles: dict[str, str], where: Path, *
     """GPT2Config fields from the args, a --megatron-config file, flags and tensor shapes (in
     rising precedence; shapes only fill what none of the others gives)."""
     first, notes = stages[0][0], []
-    args = dict(vars(first.args)) if first.args is not None else {}
+    args = dict(first.args)
     args.setdefault("layernorm_epsilon", args.get("norm_epsilon"))  # its newer name
     if megatron_config:
         try:
@@ -409,14 +415,16 @@ def read_config(stages: list[list[Shard]], roles: dict[str, str], where: Path, *
             raise ConversionError(f"{first.where}: args.{name} = {args[name]!r}; a GPT-2 has "
                                   f"{default!r}, and mistral_jax's GPT-2 cannot represent it")
     shape = lambda role: tuple(_find(stages, roles[role]).shape)  # noqa: E731
-    inferred = {"num_layers": sum(1 + max((int(m[1]) for k in s[0].tensors
+    inferred = {  # what the tensors tell, asked only for what nothing else gave
+        "num_layers": lambda: sum(1 + max((int(m[1]) for k in s[0].tensors
                                            if (m := LAYER.search(k))), default=-1)
                                   for s in stages),
-                "hidden_size": shape("embed")[1], "max_position_embeddings": shape("pos_embed")[0],
-                "ffn_hidden_size": shape("fc")[0] * len(stages[0])}
+        "hidden_size": lambda: shape("embed")[1],
+        "max_position_embeddings": lambda: shape("pos_embed")[0],
+        "ffn_hidden_size": lambda: shape("fc")[0] * len(stages[0])}
     for name, value in inferred.items():
         if args.get(name) is None:
-            args[name] = value
+            args[name] = value()
     heads = args.get("num_attention_heads")
     if heads is None:
         raise ConversionError(f"{where}: the checkpoint has no args, so the number of attention "
@@ -466,8 +474,8 @@ def _tied(stages: list[list[Shard]], roles: dict[str, str]) -> bool:
     """Is the LM head the word embedding? A tied model may still hold a synced copy of it on the
     last pipeline stage (output_layer / word_embeddings_for_head)."""
     args = stages[0][0].args
-    if args is not None and hasattr(args, "untie_embeddings_and_output_weights"):
-        return not args.untie_embeddings_and_output_weights
+    if "untie_embeddings_and_output_weights" in args:
+        return not args["untie_embeddings_and_output_weights"]
     if "lm_head" not in roles:
         return True
     if len(stages) == 1:
@@ -499,7 +507,8 @@ def plan(path: Path, *, vocab_file=None, merge_file=None, **options) -> Plan:
         notes.append(f"no --vocab-file/--merge-file: keeping Megatron's padded vocab of {padded} "
                      "rows (ids past the tokenizer's are padding) and no tokenizer")
     vocab = tokenizer.vocab_size if tokenizer else padded
-    eos = tokenizer.piece_to_id(GPT2_EOS) if tokenizer else None
+    eos = tokenizer.piece_to_id(GPT2_EOS) if tokenizer else GPT2_EOS_ID if padded > GPT2_EOS_ID \
+        else None
     tied = _tied(stages, roles)
     if tied:
         roles.pop("lm_head", None)
