@@ -173,7 +173,7 @@ def megatron_args(tp: int = 1, pp: int = 1, **overrides) -> argparse.Namespace:
 
 def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int = 1,
                   args: argparse.Namespace | None | bool = True, names: str = "legacy",
-                  iteration: str = "iter_0000100") -> Path:
+                  iteration: str = "iter_0000100", legacy_pickle: bool = False) -> Path:
     """Write `w` as Megatron saves it: <root>/<iteration>/mp_rank_XX[_YYY]/model_optim_rng.pt
     and latest_checkpointed_iteration.txt."""
     if args is True:
@@ -203,7 +203,8 @@ def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int =
                 ckpt["checkpoint_version"] = version
             rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             (root / iteration / rank).mkdir(parents=True, exist_ok=True)
-            torch.save(ckpt, root / iteration / rank / "model_optim_rng.pt")
+            torch.save(ckpt, root / iteration / rank / "model_optim_rng.pt",
+                       _use_new_zipfile_serialization=not legacy_pickle)
     (root / megatron.TRACKER).write_text(iteration.removeprefix("iter_").lstrip("0") or "0")
     if iteration == "release":
         (root / megatron.TRACKER).write_text("release")
@@ -251,11 +252,13 @@ def test_full_conversion_of_pipeline_and_tensor_shards_loads(weights, tmp_path):
     assert model.config.tie_word_embeddings and model.config.n_layer == LAYERS
 
 
-def test_ngc_zip_without_args(weights, tmp_path, monkeypatch):
-    """NVIDIA's release: a zip of release/mp_rank_00/model_optim_rng.pt, version 0, 2019 names,
-    no args (so the heads come from a flag) and Megatron's tanh GELU of that time."""
+@pytest.mark.parametrize("legacy_pickle", [True, False], ids=["torch<1.6-pickle", "zip-pickle"])
+def test_ngc_zip_without_args(weights, legacy_pickle, tmp_path, monkeypatch):
+    """NVIDIA's release: a zip of release/mp_rank_00/model_optim_rng.pt (2019: torch's pre-1.6
+    pickle format), version 0, 2019 names, no args (so the heads come from a flag) and
+    Megatron's tanh GELU of that time. The member is extracted, mapped, and removed at once."""
     release = save_megatron(tmp_path / "unzipped", weights, 0, args=None, names="old",
-                            iteration="release")
+                            iteration="release", legacy_pickle=legacy_pickle)
     with zipfile.ZipFile(tmp_path / "megatron_lm_345m_v0.0.zip", "w") as zf:
         for f in sorted(release.rglob("*")):
             if f.is_file():
