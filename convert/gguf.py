@@ -17,6 +17,7 @@ config and the tokenizer; tensors are memory-mapped and dequantized one at a tim
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -76,18 +77,27 @@ class GGUFSource(TensorSource):
 
     def __init__(self, path: Path, reader):
         super().__init__({t.name: path for t in reader.tensors})
-        self.path = path
+        self.path, self.reader = path, reader
         self.tensors = {t.name: t for t in reader.tensors}
 
     def get(self, key: str) -> np.ndarray:
         t = self.tensors[key]
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml's ne, fastest first -> C order
         try:
-            w = _gguf().quants.dequantize(t.data, t.tensor_type)
-            return np.array(w, np.float32).reshape(shape)  # a copy, off the memory map
+            w = np.asarray(_gguf().quants.dequantize(t.data, t.tensor_type), np.float32)
         except (ValueError, NotImplementedError) as e:
             raise ConversionError(f"{self.path}: tensor {key} ({t.tensor_type.name}, shape "
                                   f"{shape}) cannot be dequantized: {e}") from None
+        if np.may_share_memory(w, t.data):  # F32 comes back as a view of the memory map: copy it
+            w = w.copy()
+        return w.reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Hand the pages of `key`'s bytes back to the kernel (read again if touched)."""
+        t, mapped = self.tensors[key], getattr(self.reader.data, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = t.data_offset - t.data_offset % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
 
 
 def _reader_class():
@@ -120,6 +130,7 @@ def read(path: Path):
     try:
         reader = _reader_class()(path)
         meta = {k: f.contents() for k, f in reader.fields.items()}
+        reader.fields.clear()  # a numpy view per token and merge: let them go
     except ConversionError:
         raise
     except Exception as e:  # gguf-py raises ValueError, IndexError, numpy errors alike
@@ -225,7 +236,7 @@ def plan(path: Path, *, sliding_window: int | None = None) -> Plan:
                      "attention, as llama.cpp runs it (--sliding-window 4096 for Mistral-7B's)")
     ignore = ["output.weight"] if config.tie_word_embeddings else []
     return Plan(config, GGUFSource(path, reader), keymap(config), ignore,
-                read_tokenizer(path, meta), notes)
+                read_tokenizer(path, meta), notes, origin=str(path))
 
 
 # --- the tokenizer -----------------------------------------------------------------------------
