@@ -104,10 +104,9 @@ class TensorSource:
             if f.suffix == ".safetensors":
                 self._open[f] = SafetensorsFile(f)
             else:
-                try:
-                    self._open[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-                except Exception as e:
-                    raise ConversionError(f"{f}: cannot read as a torch checkpoint: {e}") from e
+                from convert.pickles import load_torch  # it imports this module
+
+                self._open[f] = load_torch(f)
         return self._open[f]
 
 
@@ -165,14 +164,33 @@ class SafetensorsFile:
 
 def _drop_mapped_pages(t: torch.Tensor) -> None:
     """Tell the kernel the file-backed pages under `t` (from `torch.load(mmap=True)`) are not
-    needed any more; they stay readable (read again from the file if touched)."""
+    needed any more; they stay readable (read again from the file if touched). A tensor that is
+    not in a file mapping (a legacy pickle read into memory) is left alone: there the same call
+    would zero its memory."""
     storage = t.untyped_storage()
     if storage.nbytes() < MADVISE_MIN:
         return
-    page = mmap.PAGESIZE
-    begin = storage.data_ptr() // page * page
-    end = storage.data_ptr() + storage.nbytes()
+    mapping = _file_mapping(storage.data_ptr())
+    if mapping is None:
+        return
+    begin = max(storage.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE, mapping[0])
+    end = min(storage.data_ptr() + storage.nbytes(), mapping[1])
     _libc().madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_DONTNEED)
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """The [start, end) of the mapping of a file that holds `address`, from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end:
+                    return (start, end) if len(fields) >= 6 and fields[5].startswith("/") \
+                        else None
+    except OSError:  # not Linux
+        pass
+    return None
 
 
 MADVISE_MIN = 1 << 20  # small tensors share pages with their neighbours; leave them

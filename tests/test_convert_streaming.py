@@ -169,3 +169,14 @@ def test_progress_bar_is_drawn_on_request(tmp_path, capsys, monkeypatch):
     from_torch.convert(tmp_path / "hf", tmp_path / "out", progress=True)
     n_layers = mistral_jax.load(tmp_path / "out").config.n_layers
     assert drawn == [4 + 12 * n_layers]  # wte, wpe, ln_f x2 and 12 a layer (the head is tied)
+
+
+def test_legacy_torch_pickles_read_into_memory_are_not_released(tmp_path):
+    """A pre-zip torch file cannot be mapped; releasing its tensors must not touch them."""
+    values = {f"t{i}": torch.full((600, 1000), float(i)) for i in range(3)}
+    torch.save(values, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    source = TensorSource.from_files([tmp_path / "old.bin"])
+    for key in ("t0", "t1", "t2"):
+        source.release(key)
+    for key in ("t0", "t1", "t2"):
+        assert np.array_equal(source.get(key), values[key].numpy()), key
