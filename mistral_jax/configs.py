@@ -121,9 +121,10 @@ PRESETS: dict[str, Config] = {
     # Mistral-7B-v0.1: 7.24B parameters.
     "mistral-7b": MistralConfig(),
     # NVIDIA's megatron_lm_345m: 24 layers, 1024 wide, 16 heads; 355M parameters with its tied
-    # embeddings (vocab padded to 50304 by Megatron, cut to GPT-2's 50257 on conversion).
-    "megatron-gpt2-345m": GPT2Config(n_embd=1024, n_layer=24, n_head=16, activation_function="gelu",
-                                     n_positions=1024),
+    # embeddings (vocab padded to 50304 by Megatron, cut to GPT-2's 50257 on conversion) and
+    # Megatron's tanh GELU, which is transformers' gelu_fast term for term.
+    "megatron-gpt2-345m": GPT2Config(n_embd=1024, n_layer=24, n_head=16,
+                                     activation_function="gelu_fast", n_positions=1024),
     # OpenAI GPT-2 small: 124M parameters.
     "gpt2": GPT2Config(),
     # The embedded default fine-tuning run: a 4-layer Mistral, 20.3M parameters with vocab 8000.
