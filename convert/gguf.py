@@ -166,10 +166,10 @@ def read_config(path: Path, meta: dict, tensors: dict, *,
 
     if get("expert_count", 0):
         refuse("expert_count", "a mixture of experts")
-    if get("rope.scaling.type", "none") != "none":
+    if get("rope.scaling.type", "none") not in ("none", "linear"):  # linear by 1.0 is none
         refuse("rope.scaling.type", "RoPE scaling")
     if get("rope.scaling.factor", 1.0) != 1.0:
-        refuse("rope.scaling.factor", "RoPE scaling")
+        refuse("rope.scaling.factor", f"RoPE scaling ({get('rope.scaling.type')})")
     if "rope_freqs.weight" in tensors:
         raise ConversionError(f"{path}: tensor rope_freqs.weight scales RoPE frequencies "
                               "(Llama 3.1 style), which mistral_jax does not implement")
@@ -186,7 +186,7 @@ def read_config(path: Path, meta: dict, tensors: dict, *,
     if vocab is None:
         raise ConversionError(f"{path}: no tokenizer.ggml.tokens, {arch}.vocab_size nor "
                               "token_embd.weight to give the vocabulary size")
-    if sliding_window is None and arch == "mistral":
+    if sliding_window is None and arch == "mistral":  # llama.cpp's llama attends over all
         sliding_window = get("attention.sliding_window")
     special = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     try:
@@ -228,14 +228,13 @@ def plan(path: Path, *, sliding_window: int | None = None) -> Plan:
     notes = []
     types = sorted({t.tensor_type.name for t in reader.tensors} - {"F32"})
     if types:
-        notes.append(f"{path.name}: {'/'.join(types)} tensors dequantized to float32 "
-                     "(pass --dtype to store another)")
+        notes.append(f"{path.name}: {'/'.join(types)} tensors dequantized (stored as float32 "
+                     "unless --dtype says otherwise)")
     name = str(meta.get("general.name", ""))
     if config.sliding_window is None and "mistral" in name.lower():
         notes.append(f"{path.name} ({name}) records no sliding window: converted with full "
                      "attention, as llama.cpp runs it (--sliding-window 4096 for Mistral-7B's)")
-    ignore = ["output.weight"] if config.tie_word_embeddings else []
-    return Plan(config, GGUFSource(path, reader), keymap(config), ignore,
+    return Plan(config, GGUFSource(path, reader), keymap(config), (),
                 read_tokenizer(path, meta), notes, origin=str(path))
 
 
@@ -267,7 +266,11 @@ def read_tokenizer(path: Path, meta: dict) -> Tokenizer | None:
         raise ConversionError(f"{path}: tokenizer.ggml.model is {model!r}; only 'llama' "
                               "(sentencepiece) and 'gpt2' (byte-level BPE) are rebuilt")
     config_bytes = json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8")
-    return Tokenizer(data, kind, f"{path} (GGUF metadata)", config_bytes)
+    try:
+        return Tokenizer(data, kind, f"{path} (GGUF metadata)", config_bytes)
+    except Exception as e:  # sentencepiece and tokenizers raise RuntimeError / bare Exception
+        raise ConversionError(f"{path}: cannot rebuild the tokenizer from tokenizer.ggml.* "
+                              f"({model!r}): {e}") from None
 
 
 def _sentencepiece_model(path: Path, meta: dict, tokens, types, ids) -> bytes:
@@ -288,8 +291,6 @@ def _sentencepiece_model(path: Path, meta: dict, tokens, types, ids) -> bytes:
     spec.model_type = pb.TrainerSpec.BPE
     spec.vocab_size = len(tokens)
     spec.byte_fallback = BYTE in types
-    # Llama's and Mistral's models keep runs of spaces together as one word; GGUF does not say.
-    spec.allow_whitespace_only_pieces = True
     for k, i in ids.items():
         setattr(spec, f"{k}_id", -1 if i is None else i)
         if i is not None:
