@@ -8,6 +8,7 @@
 (c) Bad input: truncated files, other architectures, unsupported tensor types.
 """
 
+import sys
 from pathlib import Path
 
 import gguf
@@ -424,3 +425,11 @@ def test_not_a_gguf_file(tmp_path, capsys):
     fails(capsys, tmp_path / "junk.gguf", tmp_path / "o", "GGUF")
     (tmp_path / "notes.txt").write_text("hello")
     fails(capsys, tmp_path / "notes.txt", tmp_path / "o", "GGUF file")
+
+
+def test_without_the_gguf_package(llama, tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "tiny.gguf", llama, Q.F16)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
+    assert from_torch.detect(path) == "gguf"
+    with pytest.raises(ConversionError, match=r"pip install 'mistral_jax\[gguf\]'"):
+        gguf_format.plan(path)
