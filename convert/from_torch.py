@@ -25,7 +25,7 @@ import numpy as np
 
 from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
-from convert.tensors import ConversionError, convert_tensors
+from convert.tensors import ConversionError
 from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -61,32 +61,36 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
               file=sys.stderr)
     with StreamingWriter(plan.config, out, tokenizer=plan.tokenizer,
                          overwrite=overwrite) as writer:
-        convert_tensors(plan.source, plan.keymap, plan.config, ignore=plan.ignore,
-                        dtype=DTYPES[dtype] if dtype else None, progress=progress,
-                        sink=lambda name, layer, value: writer.put(name, value, layer))
+        plan.convert(dtype=DTYPES[dtype] if dtype else None, progress=progress,
+                     sink=lambda name, layer, value: writer.put(name, value, layer))
     return writer.path
 
 
 def resolve(src: str | Path, revision: str | None = None) -> Path:
-    """`src` itself when it exists, else a Hub repo id's snapshot from huggingface_hub's cache
-    (downloaded first unless HF_HUB_OFFLINE=1)."""
+    """`src` itself when it exists, else a Hub repo id's snapshot (`owner/name`), or one file of
+    it (`owner/name/file.gguf`), from huggingface_hub's cache (downloaded first unless
+    HF_HUB_OFFLINE=1)."""
     if Path(src).exists():
         return Path(src)
-    if not REPO_ID.fullmatch(str(src)):
+    match = REPO_ID.fullmatch(str(src))
+    if match is None:
         raise ConversionError(f"{src} does not exist (and is not a Hub repo id like "
-                              "mistralai/Mistral-7B-v0.1)")
-    from huggingface_hub import constants, snapshot_download
+                              "mistralai/Mistral-7B-v0.1 or owner/name/file.gguf)")
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    skip = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "original/*"]
+    repo, filename = match["repo"], match["file"]
+    skip = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "original/*"]
     try:
+        if filename:
+            return Path(hf_hub_download(repo, filename, revision=revision))
         if not constants.HF_HUB_OFFLINE:  # fetch only one copy of the weights
             from huggingface_hub import list_repo_files
 
-            files = list_repo_files(str(src), revision=revision)
+            files = list_repo_files(repo, revision=revision)
             if any(f.endswith(".safetensors") for f in files):
                 skip += ["*.bin", "*.pth", "*.pt"]
-        return Path(snapshot_download(str(src), revision=revision, ignore_patterns=skip))
+        return Path(snapshot_download(repo, revision=revision, ignore_patterns=skip))
     except LocalEntryNotFoundError:
         raise ConversionError(
             f"{src}: not a path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
@@ -95,7 +99,7 @@ def resolve(src: str | Path, revision: str | None = None) -> Path:
         raise ConversionError(f"{src}: cannot fetch from the Hugging Face Hub: {e}") from None
 
 
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+REPO_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<file>[\w./-]+\.gguf))?")
 
 
 def main(argv=None) -> int:

@@ -120,6 +120,20 @@ def test_hub_repo_id_resolves_from_the_cache_offline(tmp_path, monkeypatch, caps
     assert "no/such/path does not exist" in capsys.readouterr().err
 
 
+def test_a_gguf_file_of_a_hub_repo_resolves_from_the_cache(tmp_path, monkeypatch):
+    from gguf import GGMLQuantizationType
+
+    from tests.test_gguf import write_gguf
+
+    model = hf_model("llama", tie_word_embeddings=True)
+    (tmp_path / "repo").mkdir()
+    write_gguf(tmp_path / "repo" / "tiny-F32.gguf", model, GGMLQuantizationType.F32)
+    _hub_cache(tmp_path, monkeypatch, tmp_path / "repo", repo="acme/tiny-GGUF")
+    assert from_torch.main(["acme/tiny-GGUF/tiny-F32.gguf", str(tmp_path / "out")]) == 0
+    got = np.asarray(mistral_jax.forward(mistral_jax.load(tmp_path / "out"), IDS))
+    assert np.max(np.abs(got - torch_logits(model, IDS))) <= 1e-4
+
+
 def test_truncated_or_corrupt_safetensors_are_named(tmp_path, capsys):
     hf_model("mistral", tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
