@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 import mistral_jax
 from convert import from_torch
 from convert import gguf as gguf_format
+from convert.gguf_tokenizer import read_tokenizer
 from convert.parity import random_hf_model
 from convert.tensors import ConversionError
 from mistral_jax import models
@@ -304,7 +305,7 @@ def test_sentencepiece_vocabulary_encodes_like_sentencepiece(tmp_path):
     w.add_add_bos_token(True)
     w.add_add_space_prefix(True)
     finish(w)
-    tok = gguf_format.read_tokenizer(tmp_path / "sp.gguf",
+    tok = read_tokenizer(tmp_path / "sp.gguf",
                                      gguf_format.read(tmp_path / "sp.gguf")[1])
     assert tok.kind == "sentencepiece" and tok.vocab_size == n
     for text in SP_TEXTS:
@@ -357,7 +358,7 @@ def test_byte_level_vocabulary_encodes_like_the_original(pre, tmp_path):
     w.add_eos_token_id(2)
     w.add_add_bos_token(pre == "llama-bpe")
     finish(w)
-    tok = gguf_format.read_tokenizer(tmp_path / "bpe.gguf",
+    tok = read_tokenizer(tmp_path / "bpe.gguf",
                                      gguf_format.read(tmp_path / "bpe.gguf")[1])
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="bpe.gguf")
     texts = BPE_CORPUS + ["<|im_start|>user\nHi 2024<|im_end|>", "  x  ", "Ünïcödé 99 + 100"]

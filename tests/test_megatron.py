@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mistral_jax
-from convert import from_torch, megatron
+from convert import from_torch, megatron, megatron_files
 from convert.pickles import MegatronEnum, load_torch
 from convert.tensors import ConversionError
 from mistral_jax import models
@@ -205,9 +205,9 @@ def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int =
             (root / iteration / rank).mkdir(parents=True, exist_ok=True)
             torch.save(ckpt, root / iteration / rank / "model_optim_rng.pt",
                        _use_new_zipfile_serialization=not legacy_pickle)
-    (root / megatron.TRACKER).write_text(iteration.removeprefix("iter_").lstrip("0") or "0")
+    (root / megatron_files.TRACKER).write_text(iteration.removeprefix("iter_").lstrip("0") or "0")
     if iteration == "release":
-        (root / megatron.TRACKER).write_text("release")
+        (root / megatron_files.TRACKER).write_text("release")
     return root
 
 
@@ -378,7 +378,7 @@ def test_truncated_file(weights, tmp_path):
 
 def test_directory_without_a_checkpoint(tmp_path):
     (tmp_path / "empty" / "iter_0000100").mkdir(parents=True)
-    (tmp_path / "empty" / megatron.TRACKER).write_text("100")
+    (tmp_path / "empty" / megatron_files.TRACKER).write_text("100")
     with pytest.raises(ConversionError, match="no Megatron checkpoint"):
         megatron.plan(tmp_path / "empty")
     fails(tmp_path / "empty", tmp_path / "out", match="nor a Megatron-LM checkpoint")
@@ -393,7 +393,7 @@ def test_the_tracker_chooses_among_iterations(weights, tmp_path):
     save_megatron(tmp_path, later, 3.0, iteration="iter_0000200")  # the tracker now says 200
     expected = megatron_forward(later, 3.0, F.gelu, IDS)
     assert np.abs(ours(src)[0] - expected).max() <= 1e-4
-    (tmp_path / megatron.TRACKER).write_text("300")
+    (tmp_path / megatron_files.TRACKER).write_text("300")
     with pytest.raises(ConversionError, match="names '300', but iter_0000300 holds no"):
         megatron.plan(src)
 
