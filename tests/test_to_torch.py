@@ -8,6 +8,7 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, to_torch
+from mistral_jax import models
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 12))
@@ -38,3 +39,18 @@ def test_export_of_a_trained_bfloat16_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         to_torch.export(tmp_path / "ckpt16", tmp_path / "back")
     assert to_torch.main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
+
+
+@pytest.mark.parametrize("preset", ["mistral-tiny", "gpt2-tiny"])
+def test_round_trip_ours_to_hf_to_ours_is_exact(preset, tmp_path):
+    params = mistral_jax.init(mistral_jax.preset(preset), seed=7)
+    mistral_jax.save(params, tmp_path / "ckpt")
+    to_torch.export(tmp_path / "ckpt", tmp_path / "hf")
+    assert from_torch.main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
+    again = mistral_jax.load(tmp_path / "again")
+    assert again.config == params.config
+    before = models.flatten(models.weights(params))
+    after = models.flatten(models.weights(again))
+    assert sorted(before) == sorted(after)
+    for name, value in before.items():
+        assert np.array_equal(np.asarray(value), np.asarray(after[name])), name
