@@ -17,6 +17,16 @@ from mistral_jax import cache as kv
 from mistral_jax import layers as L
 from mistral_jax.sharding import RULES, ShardingRules, constrain
 
+# Rematerialisation policies for the scanned layer body (what the backward pass keeps from the
+# forward): "none" keeps everything, "full" keeps only each layer's input and recomputes the rest,
+# "dots" keeps the matmul outputs, "dots_no_batch" keeps only the weight matmuls' outputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # Logical axes of activations: between blocks, and inside the tensor-parallel regions.
 ACT = ("batch", "sequence", "embed")
 GATHERED = ("batch", None, "embed")  # entering a tensor-parallel region: the whole sequence
@@ -43,6 +53,7 @@ class Decoder(nnx.Module):
     tokenizer = None
     vocab_padded: int = 0
     rules: ShardingRules = RULES  # how activations are laid out on a mesh; see sharding.shard
+    remat: str = "none"  # a REMAT_POLICIES name: what the layer body keeps for the backward pass
 
     def constrain(self, x, axes):
         return constrain(x, axes, self.rules)
@@ -80,8 +91,10 @@ class Decoder(nnx.Module):
         return Output(logits, hidden, attentions)
 
     def run(self, input_ids, attention_mask, positions, inputs_embeds=None,
-            output_hidden_states=False, output_attentions=False):
-        """(vocab-padded logits, hidden states or None, attentions or None)."""
+            output_hidden_states=False, output_attentions=False, segment_ids=None):
+        """(vocab-padded logits, hidden states or None, attentions or None).
+
+        `segment_ids` [b, t] (packed documents): a token attends only within its own segment."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -89,7 +102,7 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = L.default_positions(attention_mask)
-        mask = L.attention_mask_bts(attention_mask, self.config.sliding_window)
+        mask = L.attention_mask_bts(attention_mask, self.config.sliding_window, segment_ids)
         x = self.constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
 
         attend = L.attend_with(mask, output_attentions)
@@ -99,6 +112,10 @@ class Decoder(nnx.Module):
             y = self.constrain(y, ACT)
             return y, (y if output_hidden_states else None, probs)
 
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {self.remat!r} is not one of {list(REMAT_POLICIES)}")
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x0 = x
         x, (per_layer, probs) = jax.lax.scan(body, x, self.layers)
         x = self.final_norm(x)
@@ -154,3 +171,9 @@ class Decoder(nnx.Module):
                 labels = jnp.where(attention_mask.astype(bool), labels, L.IGNORE_INDEX)
         logits, _, _ = self.run(input_ids, attention_mask, positions)  # never gathered: see run
         return L.causal_lm_loss(logits, labels)
+
+    def loss_terms(self, input_ids, labels, positions=None, segment_ids=None):
+        """(summed next-token cross-entropy, counted tokens) of packed rows: labels[:, i + 1] is
+        predicted at i, label -100 is not counted. Sums add up across micro-batches and devices."""
+        logits, _, _ = self.run(input_ids, None, positions, segment_ids=segment_ids)
+        return L.cross_entropy(logits[:, :-1], labels[:, 1:])

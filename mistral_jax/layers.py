@@ -93,8 +93,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
-    """Boolean [b, t, s] mask: causal, within the window (0 <= i - j < window, as HF), not padding.
+def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """Boolean [b, t, s] mask: causal, within the window (0 <= i - j < window, as HF), not padding,
+    and, with `segment_ids` [b, t], within the query's own segment (packed documents).
 
     Query and key indices are positions in the (padded) sequence, as in transformers.
     """
@@ -103,7 +105,10 @@ def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None) ->
     allowed = j <= i
     if sliding_window is not None:
         allowed &= i - j < sliding_window
-    return allowed[None] & attention_mask[:, None, :].astype(bool)
+    allowed = allowed[None] & attention_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return allowed
 
 
 # --- attention ---------------------------------------------------------------------------------

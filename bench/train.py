@@ -1,0 +1,136 @@
+"""`python bench/train.py`: one training step (forward, backward, AdamW) of the fixed benchmark
+config (DESIGN.md "Benchmarks": Mistral, vocab 8000, hidden 512, intermediate 1536, 4 layers,
+8 heads, 2 kv heads, head_dim 64, no window, untied; batch 8 x 256; float32), ours on one
+device vs transformers' MistralForCausalLM with torch.optim.AdamW, in the same run with the
+same thread count; medians after warm-up. MFU is GEMM-relative: model FLOPs/s over a jitted
+large float32 matmul's FLOPs/s measured in the same run (train/flops.py counts the FLOPs).
+
+    python bench/train.py [--repeats 5] [--remat none] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mistral_jax  # noqa: E402
+from mistral_jax import configs, models  # noqa: E402
+from train import data as D  # noqa: E402
+from train import flops  # noqa: E402
+from train import step as S  # noqa: E402
+
+CONFIG = configs.preset("mistral-20m")
+BATCH, SEQ, LR = 8, 256, 1e-4
+
+
+def timed(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ours(ids: np.ndarray, remat: str):
+    mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        model = models.init(CONFIG, seed=0, mesh=mesh)
+        model.remat = remat
+        params = models.weights(model)
+        tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
+        shardings = S.state_shardings(params, tx, mesh)
+        state = S.init_state(params, tx, 0, shardings)
+        step = S.make_train_step(model, tx, shardings, dtype=jnp.float32,
+                                 assemble=lambda p, f: p)
+        rows = D.Rows(ids, ids, np.broadcast_to(np.arange(SEQ, dtype=np.int32), ids.shape),
+                      np.zeros_like(ids))
+        batch = D.place(rows, np.arange(BATCH)[None], jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, "data", None)))
+        holder = {"state": state}
+
+        def run():
+            holder["state"], m = step(holder["state"], {}, batch)
+            m["loss"].block_until_ready()
+
+        return run
+
+
+def theirs(ids: np.ndarray):
+    hf = transformers.MistralConfig(
+        vocab_size=CONFIG.vocab_size, hidden_size=CONFIG.hidden_size,
+        intermediate_size=CONFIG.intermediate_size, num_hidden_layers=CONFIG.num_hidden_layers,
+        num_attention_heads=CONFIG.num_attention_heads,
+        num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim,
+        sliding_window=None, tie_word_embeddings=False, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(hf).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95),
+                                  weight_decay=0.1)
+    t_ids = torch.tensor(ids, dtype=torch.long)
+
+    def run():
+        loss = model(input_ids=t_ids, labels=t_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    threads = os.cpu_count() if jax.devices()[0].platform == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (BATCH, SEQ)).astype(np.int32)
+    gemm = flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=args.repeats)
+    step_flops = flops.training_flops_per_token(CONFIG, SEQ) * BATCH * SEQ
+    ours_s = float(np.median(timed(ours(ids, args.remat), args.warmup, args.repeats)))
+    gemm_after = flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=args.repeats)
+    result = {"device": str(jax.devices()[0].device_kind), "threads": threads,
+              "gemm_gflops": gemm / 1e9, "gemm_gflops_after": gemm_after / 1e9,
+              "step_gflop": step_flops / 1e9, "ours_s": ours_s,
+              "ours_tokens_per_s": BATCH * SEQ / ours_s,
+              "ours_mfu": step_flops / ours_s / max(gemm, gemm_after)}
+    if not args.skip_torch:
+        theirs_s = float(np.median(timed(theirs(ids), args.warmup, args.repeats)))
+        result.update(theirs_s=theirs_s, theirs_tokens_per_s=BATCH * SEQ / theirs_s,
+                      theirs_mfu=step_flops / theirs_s / max(gemm, gemm_after),
+                      speedup=theirs_s / ours_s)
+    print(f"{CONFIG.num_params() / 1e6:.1f}M-parameter Mistral, batch {BATCH} x {SEQ}, float32, "
+          f"AdamW, {threads} threads; float32 GEMM {result['gemm_gflops']:.1f} / "
+          f"{result['gemm_gflops_after']:.1f} GFLOP/s (before / after), "
+          f"{result['step_gflop']:.1f} GFLOP per step")
+    print(f"ours:         {result['ours_s']:.3f} s/step  {result['ours_tokens_per_s']:8.1f} tok/s  "
+          f"MFU {100 * result['ours_mfu']:.1f}%")
+    if not args.skip_torch:
+        print(f"transformers: {result['theirs_s']:.3f} s/step  "
+              f"{result['theirs_tokens_per_s']:8.1f} tok/s  MFU {100 * result['theirs_mfu']:.1f}%")
+        print(f"ours / transformers tokens/s: {result['speedup']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""`python -m train.finetune` end to end on a tiny checkpoint: resume gives the same losses as an
+uninterrupted run, so does a run SIGKILLed in the middle of a save, so do 2 processes x 4
+devices; the default run writes what generate loads; bad input fails in one line."""
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mistral_jax
+from mistral_jax import configs
+from mistral_jax.tokenizer import Tokenizer
+from tests.fetch import byte_level_bpe
+from train import default, finetune, report
+from train.checkpoints import RunCheckpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = default.CORPUS.read_text()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny 8-head Mistral checkpoint with a BPE of 300 pieces, and train / eval text."""
+    d = tmp_path_factory.mktemp("finetune")
+    bpe = byte_level_bpe(default.entries(TEXT[:60000]), 300, ["<s>", "</s>"])
+    tokenizer = Tokenizer(bpe.to_str().encode(), "hf", "test-bpe")
+    config = configs.MistralConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, head_dim=4,
+                                   sliding_window=None, max_position_embeddings=128,
+                                   bos_token_id=0, eos_token_id=1)
+    mistral_jax.save(mistral_jax.init(config, seed=0, tokenizer=tokenizer), d / "ckpt")
+    (d / "train.txt").write_text(TEXT[:6000])
+    (d / "eval.jsonl").write_text("\n".join(json.dumps({"prompt": e[:20], "completion": e[20:]})
+                                            for e in default.entries(TEXT[6000:9000])))
+    return d
+
+
+def flags(files, out, *extra):
+    return ["--mesh", "2x4", "--init", str(files / "ckpt"), "--data", str(files / "train.txt"),
+            "--eval-data", str(files / "eval.jsonl"), "--out", str(out), "--steps", "6",
+            "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--warmup", "1",
+            "--save-every", "3", "--eval-every", "3", *extra]
+
+
+def losses(out):
+    """{step: loss} and {step: eval_loss}; a resumed run's rows replace the earlier ones."""
+    rows = report.read_metrics(Path(out))
+    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+            {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
+
+
+def assert_same_losses(got, expected):
+    for g, e in zip(got, expected, strict=True):
+        assert sorted(g) == sorted(e)
+        np.testing.assert_allclose([g[s] for s in sorted(g)], [e[s] for s in sorted(e)],
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files):
+    out = files / "uninterrupted"
+    assert finetune.main(flags(files, out)) == 0
+    return losses(out)
+
+
+def test_uninterrupted_run_learns_and_writes_everything(files, uninterrupted):
+    train, evals = uninterrupted
+    assert sorted(train) == [1, 2, 3, 4, 5, 6] and sorted(evals) == [3, 6]
+    assert train[6] < train[1] and evals[6] < evals[3]
+    out = files / "uninterrupted"
+    row = report.read_metrics(out)[0]
+    assert {"step", "loss", "tokens_per_s", "lr", "mfu"} <= set(row)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert RunCheckpoints(out, 3).latest() == 6
+    model = mistral_jax.load(out / "final")
+    assert model.config.vocab_size == 300 and model.tokenizer is not None
+
+
+def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch):
+    from train import data
+
+    out, calls = files / "interrupted", []
+    real_next = data.Batches.__next__
+
+    def stop_after_three(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(data.Batches, "__next__", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(flags(files, out))
+    monkeypatch.undo()
+    assert sorted(losses(out)[0]) == [1, 2, 3]
+    assert finetune.main(flags(files, out, "--resume")) == 0
+    assert_same_losses(losses(out), uninterrupted)
+
+
+KILL_IN_COMMIT = textwrap.dedent("""
+    import os, signal, sys
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+    commit = async_checkpointer._on_commit_callback
+    def kill_before_committing_step_4(tmp_dir, *args, **kwargs):
+        if tmp_dir.get_final().name == "4":  # every file written, the rename not yet done
+            os.kill(os.getpid(), signal.SIGKILL)
+        return commit(tmp_dir, *args, **kwargs)
+    async_checkpointer._on_commit_callback = kill_before_committing_step_4
+    from train.finetune import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def subprocess_env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets it
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_checkpoint(
+        files, uninterrupted):
+    out = files / "killed"
+    argv = flags(files, out, "--save-every", "2")
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, *argv], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "2" in names and "4" not in names
+    assert any(n.startswith("4.") and "tmp" in n for n in names)  # the half-made save
+    assert RunCheckpoints(out, 3).latest() == 2
+    assert finetune.main(argv + ["--resume"]) == 0
+    assert_same_losses(losses(out), uninterrupted)
+    assert not any("tmp" in p.name for p in (out / "checkpoints").iterdir())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(files, uninterrupted):
+    out = files / "two-processes"
+    common = flags(files, out) + ["--num-processes", "2",
+                                  "--coordinator", f"127.0.0.1:{free_port()}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "train.finetune", *common,
+                               "--process-id", str(i)], env=subprocess_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "using 4 CPU devices" not in outputs[1]  # only process 0 reports
+    assert_same_losses(losses(out), uninterrupted)
+    assert mistral_jax.load(out / "final").config.vocab_size == 300
+
+
+def test_default_run_shortened_trains_and_generate_loads_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert finetune.main(["--mesh", "1x8", "--steps", "3", "--seq-len", "64", "--eval-every",
+                          "3", "--eval-batches", "1", "--out", str(out)]) == 0
+    train, evals = losses(out)
+    assert train[3] < train[1] and 3 in evals
+    generate = importlib.import_module("mistral_jax.generate")  # the module, not the function
+    assert generate.main([str(out / "final"), "LAWYER, n.", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("LAWYER, n.")
+    assert mistral_jax.load(out / "final").config == default.CONFIG
+
+
+def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
+    out = files / "lora"
+    argv = flags(files, out, "--lora-rank", "2", "--lora-targets", "q,v,down", "--merge-lora",
+                 "--steps", "3", "--mesh", "1x8")
+    assert finetune.main(argv) == 0
+    adapters = json.loads((out / "adapters" / "adapter_config.json").read_text())
+    assert adapters["rank"] == 2 and adapters["targets"] == ["q", "v", "down"]
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        saved = c.metadata(out / "checkpoints" / "3" / "state").item_metadata.tree
+    assert sorted(saved["params"]["layers"]) == ["down", "q", "v"]  # only the adapters
+    base, merged = mistral_jax.load(files / "ckpt"), mistral_jax.load(out / "final")
+    assert not np.allclose(merged.layers.q[...], base.layers.q[...])
+    np.testing.assert_array_equal(merged.layers.k[...], base.layers.k[...])
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(files, tmp_path, capsys):
+    model = mistral_jax.load(files / "ckpt")
+    model.norm[...] = model.norm[...].at[0].set(np.nan)
+    mistral_jax.save(model, tmp_path / "nan")
+    argv = flags(files, tmp_path / "out", "--max-bad-steps", "2")
+    argv[argv.index("--init") + 1] = str(tmp_path / "nan")
+    assert finetune.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "step 1: non-finite loss" in err and "step 2: non-finite" in err
+    assert "stopped: 2 steps in a row had a non-finite loss or gradient" in err
+    assert "none was saved" in err and not (tmp_path / "out" / "final").exists()
+
+
+def test_help_explains_every_flag():
+    text = subprocess.run([sys.executable, "-m", "train.finetune", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, env=subprocess_env()).stdout
+    for flag in ("--mesh", "--init", "--data", "--out", "--steps", "--batch-size", "--seq-len",
+                 "--lr", "--warmup", "--grad-accum", "--remat", "--dtype", "--eval-data",
+                 "--eval-every", "--save-every", "--resume", "--seed", "--lora-rank",
+                 "--lora-targets", "--merge-lora", "--coordinator", "--num-processes",
+                 "--process-id"):
+        assert flag in text
+
+
+BAD = [
+    (["--data", "missing.txt"], "missing.txt: no such data file"),
+    (["--data", "empty.txt"], "empty.txt: the file is empty"),
+    (["--data", "bad.jsonl"], r"bad.jsonl:2: expected a string field"),
+    (["--seq-len", "200", "--init", "gpt2"], "--seq-len 200 is longer than the 128 positions"),
+    (["--mesh", "1x3"], "num_attention_heads=8 is not divisible by the model axis 3"),
+    (["--batch-size", "3"], "micro-batch of 3 rows .* data axis of 2"),
+    (["--resume", "--out", "empty-out"], "holds no checkpoint to resume from"),
+    (["--resume", "--seq-len", "16"], "from another run .*seq_len: 32 there, 16 now"),
+    ([], "already holds a run's checkpoints; pass --resume"),
+    (["--lora-rank", "2", "--lora-targets", "q,fc"], "GPT-2|Mistral|mistral weights that LoRA"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_is_one_line_and_overwrites_nothing(files, uninterrupted, tmp_path, extra,
+                                                      message, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
+    if "gpt2" in extra:
+        mistral_jax.save(mistral_jax.init(configs.preset("gpt2-tiny")), tmp_path / "gpt2")
+    argv = flags(files, files / "uninterrupted")
+    for i, arg in enumerate(extra):
+        if i and extra[i - 1] in ("--data", "--init", "--out"):
+            arg = str(tmp_path / arg)
+        argv.append(arg)
+    before = {p: p.stat().st_mtime_ns for p in (files / "uninterrupted").rglob("*")}
+    assert finetune.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+    assert {p: p.stat().st_mtime_ns for p in (files / "uninterrupted").rglob("*")} == before
+    assert not (tmp_path / "empty-out").exists() or not any((tmp_path / "empty-out").iterdir())

@@ -1,0 +1,176 @@
+"""train/step.py and train/lora.py on a tiny sharded Mistral: accumulation equals one big
+batch, one compilation, skipped non-finite steps, remat and bfloat16 keep the numbers, packed
+documents isolated as if alone, and LoRA trains only its adapters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax
+from mistral_jax import configs, models
+from train import data as D
+from train import lora
+from train import step as S
+
+TINY = configs.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                             head_dim=4, sliding_window=None, max_position_embeddings=64)
+IDS = np.random.default_rng(0).integers(1, 64, (4, 16)).astype(np.int32)
+
+
+def batch_of(ids, mesh, grad_accum=1, labels=None, positions=None, segments=None):
+    rows = D.Rows(ids, ids if labels is None else labels,
+                  np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int32)
+                  if positions is None else positions,
+                  np.zeros_like(ids) if segments is None else segments)
+    index = np.arange(len(ids)).reshape(grad_accum, -1)
+    return D.place(rows, index, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "data", None)))
+
+
+def mesh_of(spec):
+    data, model = (int(n) for n in spec.split("x"))
+    return mistral_jax.make_mesh(spec, jax.devices()[: data * model])
+
+
+def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2):
+    mesh = mesh_of(spec)
+    model = models.init(TINY, seed=1, mesh=mesh)
+    model.remat = remat
+    params = models.weights(model)
+    tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
+    shardings = S.state_shardings(params, tx, mesh)
+    state = S.init_state(params, tx, 0, shardings)
+    step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p)
+    return mesh, model, state, step
+
+
+def flat(tree):
+    return {k: np.asarray(v) for k, v in models.flatten(tree).items()}
+
+
+def test_accumulated_micro_batches_equal_one_batch_and_the_step_compiles_once():
+    results = []
+    for k in (1, 2):
+        mesh, _, state, step = setup("2x1")
+        with jax.set_mesh(mesh):
+            losses = []
+            for _ in range(3):
+                state, m = step(state, {}, batch_of(IDS, mesh, grad_accum=k))
+                losses.append(float(m["loss"]))
+        assert step._cache_size() == 1  # three steps, one compilation
+        results.append((losses, flat(state.params)))
+    (l1, p1), (l2, p2) = results
+    np.testing.assert_allclose(l1, l2, atol=1e-6, rtol=0)
+    assert l1[2] < l1[0]
+    for name in p1:  # Adam divides by the gradients' scale: rounding shows a little more
+        np.testing.assert_allclose(p1[name], p2[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_loss_on_a_2x4_mesh_is_the_unsharded_models_causal_lm_loss():
+    mesh, model, state, step = setup("2x4")
+    expected = mistral_jax.loss(model, IDS)
+    with jax.set_mesh(mesh):
+        _, m = step(state, {}, batch_of(IDS, mesh))
+    np.testing.assert_allclose(m["loss"], expected, atol=1e-6, rtol=0)
+    assert int(m["tokens"]) == 4 * 15
+
+
+def test_a_non_finite_step_is_skipped_and_reported():
+    mesh, _, state, step = setup()
+    before = flat(state.params)
+    poisoned = {**state.params, "norm": state.params["norm"].at[0].set(jnp.nan)}
+    state = S.TrainState(poisoned, state.opt_state, state.step, state.key)
+    with jax.set_mesh(mesh):
+        state, m = step(state, {}, batch_of(IDS, mesh))
+    assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+    after = flat(state.params)
+    for name in before:
+        if name != "norm":
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert int(state.step) == 1  # counted, not applied
+    assert int(state.opt_state[1][0].count) == 0
+
+
+def test_weight_decay_skips_norms_and_biases():
+    mask = S.decay_mask(models.weights(models.init(configs.preset("gpt2-tiny"))))
+    flat_mask = models.flatten(mask)
+    assert not flat_mask["layers.ln1_scale"] and not flat_mask["layers.q_bias"]
+    assert not flat_mask["norm_bias"] and not flat_mask["norm_scale"]
+    assert flat_mask["layers.q"] and flat_mask["embed"] and flat_mask["layers.proj"]
+
+
+def one_step(spec="1x1", **kwargs):
+    mesh, _, state, step = setup(spec, **kwargs)
+    with jax.set_mesh(mesh):
+        state, m = step(state, {}, batch_of(IDS, mesh))
+    return float(m["loss"]), float(m["grad_norm"]), flat(state.params)["layers.q"]
+
+
+@pytest.fixture(scope="module")
+def float32_step():
+    return one_step()
+
+
+def test_remat_changes_memory_not_numbers(float32_step):
+    loss, grad_norm, q = float32_step
+    for policy in ("full", "dots_no_batch"):
+        got = one_step(remat=policy)
+        np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=policy)
+        np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=policy)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(float32_step):
+    mesh, _, state, step = setup(dtype=jnp.bfloat16)
+    with jax.set_mesh(mesh):
+        state, m = step(state, {}, batch_of(IDS, mesh))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert abs(float(m["loss"]) - float32_step[0]) < 0.02
+    assert float(m["loss"]) != float32_step[0]  # it did compute in bfloat16
+
+
+def test_isolated_documents_in_one_row_score_as_if_alone():
+    model = models.init(TINY, seed=3)
+    a, b = IDS[0, :7], IDS[1, :9]
+    rows = D.pack([(a, np.ones(7, bool)), (b, np.ones(9, bool))], 16, pad_id=0,
+                  isolate_documents=True)
+    assert rows.ids.tolist() == [np.concatenate([a, b]).tolist()]  # no EOS: ids given as-is
+    loss_terms = jax.jit(lambda m, *args: m.loss_terms(*args))
+    total, count = loss_terms(model, rows.ids, rows.labels, rows.positions, rows.segments)
+    alone = [loss_terms(model, x[None], x[None]) for x in (a, b)]
+    assert int(count) == sum(int(c) for _, c in alone) == 6 + 8
+    np.testing.assert_allclose(total, sum(t for t, _ in alone), rtol=1e-5)
+    crossing, _ = loss_terms(model, rows.ids, rows.labels)  # same labels, not isolated
+    assert abs(float(crossing) - float(total)) > 1e-3
+
+
+def test_lora_trains_only_adapters_and_merges_into_plain_weights():
+    mesh = mesh_of("1x4")
+    model = models.init(TINY, seed=1, mesh=mesh)
+    base = models.weights(model)
+    adapters = lora.init(base, models.logical_axes(model), ["q", "o", "down"], 2, 0, mesh)
+    assert adapters["layers"]["q"]["a"].shape == (2, 32, 2)
+    assert adapters["layers"]["q"]["b"].shape == (2, 2, 8, 4)
+    assert adapters["layers"]["o"]["a"].shape == (2, 8, 4, 2)
+    # the output side of a column-parallel weight splits like it (heads over "model")
+    assert adapters["layers"]["q"]["b"].addressable_shards[0].data.shape == (2, 2, 2, 4)
+    tx = S.optimizer(lr=1e-2, warmup=0, steps=10, weight_decay=0.0, clip=1.0)
+    merge = lambda p, f: lora.merge(f, p, 2.0)
+    shardings = S.state_shardings(adapters, tx, mesh)
+    state = S.init_state(adapters, tx, 0, shardings)
+    step = S.make_train_step(model, tx, shardings, dtype=jnp.float32, assemble=merge)
+    base_before = flat(base)
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            state, m = step(state, base, batch_of(IDS, mesh))
+    assert set(models.flatten(state.params)) == {f"layers.{t}.{ab}" for t in ("q", "o", "down")
+                                                  for ab in "ab"}
+    assert np.abs(np.asarray(state.params["layers"]["q"]["b"])).max() > 0
+    for name, value in flat(base).items():
+        np.testing.assert_array_equal(value, base_before[name], err_msg=name)
+    merged = models.with_weights(model, jax.jit(merge)(state.params, base))
+    a, b = (np.asarray(state.params["layers"]["q"][k]) for k in "ab")
+    expected_q = base_before["layers.q"] + 2.0 * np.einsum("ldr,lrnh->ldnh", a, b)
+    np.testing.assert_allclose(np.asarray(merged.layers.q[...]), expected_q, atol=1e-6)
+    assert float(mistral_jax.loss(merged, IDS)) < float(mistral_jax.loss(model, IDS))

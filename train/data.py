@@ -1,0 +1,222 @@
+"""Training data: text / JSONL files -> tokenized documents -> rows of `seq_len` tokens packed
+with EOS between documents -> seeded, resumable batches placed with their `data`-axis sharding.
+
+A plain text file is one document. A JSONL file holds one object per line with `text`, or with
+`prompt` and `completion` (the loss then counts the completion and its EOS only).
+
+Packing is global and deterministic (the same rows in the same order whatever the number of
+processes); each process then builds only the rows its own devices hold
+(`jax.make_array_from_callback`), so a multi-host run splits the batches, not the data order.
+With `isolate_documents`, a token attends only within its document (segment ids), positions
+restart at each document, and the first token of a document is not predicted from the last.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mistral_jax.layers import IGNORE_INDEX
+from mistral_jax.sharding import DATA
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str = ""  # the whole document when `prompt` is None
+    prompt: str | None = None  # with a prompt, `text` is the completion
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """The documents of a .txt / .jsonl file (by suffix; .json lines too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix not in (".jsonl", ".json"):
+        return [Document(raw)]
+    docs = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            docs.append(_jsonl_document(line, f"{path}:{number}"))
+    return docs
+
+
+def _jsonl_document(line: str, where: str) -> Document:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with \"text\" or \"prompt\" and "
+                        f"\"completion\", got {type(row).__name__}")
+    if "text" in row and isinstance(row["text"], str):
+        return Document(row["text"])
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return Document(row["completion"], prompt=row["prompt"])
+    raise DataError(f"{where}: expected a string field \"text\", or string fields \"prompt\" and "
+                    f"\"completion\"; found fields {sorted(row)}")
+
+
+def tokenize(docs: list[Document], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, counted) per document: the tokenizer's ids then EOS; `counted` marks the tokens
+    the loss predicts (all of them, or a completion and its EOS)."""
+    if tokenizer is None:
+        raise DataError("the checkpoint has no tokenizer, so text cannot be tokenized; add one "
+                        "to the checkpoint directory (tokenizer.model or tokenizer.json)")
+    if tokenizer.eos_id is None:
+        raise DataError(f"the tokenizer {tokenizer.name} has no EOS token to separate documents")
+    out = []
+    for doc in docs:
+        if doc.prompt is None:
+            ids = tokenizer.encode(doc.text) + [tokenizer.eos_id]
+            counted = [True] * len(ids)
+        else:
+            prompt = tokenizer.encode(doc.prompt)
+            completion = tokenizer.encode_text(doc.text) + [tokenizer.eos_id]
+            ids, counted = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+        out.append((np.asarray(ids, np.int32), np.asarray(counted, bool)))
+    return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Packed rows, each [n_rows, seq_len]: the model's inputs and labels."""
+
+    ids: np.ndarray
+    labels: np.ndarray  # IGNORE_INDEX where the token is not predicted
+    positions: np.ndarray
+    segments: np.ndarray  # a document's index; -1 on padding
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.ids.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+
+    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        return {"ids": self.ids[index], "labels": self.labels[index],
+                "positions": self.positions[index], "segments": self.segments[index]}
+
+
+def pack(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int,
+         isolate_documents: bool = False) -> Rows:
+    """Concatenate the documents and cut rows of `seq_len`; the last row is padded."""
+    ids = np.concatenate([d[0] for d in docs])
+    counted = np.concatenate([d[1] for d in docs])
+    segments = np.concatenate([np.full(len(d[0]), i, np.int32) for i, d in enumerate(docs)])
+    n_rows = math.ceil(len(ids) / seq_len)
+    pad = n_rows * seq_len - len(ids)
+    ids = np.concatenate([ids, np.full(pad, pad_id, np.int32)]).reshape(n_rows, seq_len)
+    counted = np.concatenate([counted, np.zeros(pad, bool)]).reshape(n_rows, seq_len)
+    segments = np.concatenate([segments, np.full(pad, -1, np.int32)]).reshape(n_rows, seq_len)
+    labels = np.where(counted, ids, IGNORE_INDEX).astype(np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
+    if isolate_documents:
+        starts = np.ones_like(segments, bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        labels[:, 1:][starts[:, 1:]] = IGNORE_INDEX  # not predicted from another document
+        positions = _positions_within_segments(starts)
+    return Rows(ids, labels, positions, segments)
+
+
+def _positions_within_segments(starts: np.ndarray) -> np.ndarray:
+    """Each token's distance from the start of its segment in the row."""
+    index = np.broadcast_to(np.arange(starts.shape[1]), starts.shape)
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return (index - last_start).astype(np.int32)
+
+
+def check_batch(batch_size: int, grad_accum: int, data_axis: int) -> None:
+    if batch_size % grad_accum:
+        raise DataError(f"--batch-size {batch_size} is not a multiple of --grad-accum "
+                        f"{grad_accum}")
+    micro = batch_size // grad_accum
+    if micro % data_axis:
+        raise DataError(f"a micro-batch of {micro} rows (--batch-size / --grad-accum) does "
+                        f"not split over the mesh's data axis of {data_axis}")
+
+
+class Batches:
+    """Batches of `batch_size` rows ([grad_accum, batch_size / grad_accum, seq_len] each), rows
+    shuffled afresh each epoch from `seed`. `position` (rows handed out so far) is all a
+    checkpoint needs to continue the same sequence."""
+
+    def __init__(self, rows: Rows, *, batch_size: int, grad_accum: int, seed: int,
+                 mesh, shuffle: bool = True, position: int = 0):
+        check_batch(batch_size, grad_accum, dict(mesh.shape)[DATA])
+        self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
+        self.seed, self.shuffle, self.position = seed, shuffle, position
+        self.sharding = NamedSharding(mesh, P(None, DATA, None))
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            n = len(self.rows)
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)
+                            if self.shuffle else np.arange(n)}
+        return self._orders[epoch]
+
+    def row_indices(self, start: int) -> np.ndarray:
+        """[grad_accum, micro] indices into the rows of the batch starting at `start`."""
+        n = len(self.rows)
+        flat = [self.order(p // n)[p % n] for p in range(start, start + self.batch_size)]
+        return np.asarray(flat).reshape(self.grad_accum, -1)
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = place(self.rows, self.row_indices(self.position), self.sharding)
+        self.position += self.batch_size
+        return batch
+
+    def __iter__(self):
+        return self
+
+
+def place(rows: Rows, index: np.ndarray, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """The batch of rows `index` [k, b] as global arrays [k, b, seq], each process building
+    only the slices its devices hold."""
+    shape = (*index.shape, rows.ids.shape[1])
+    cache: dict = {}
+
+    def field(name):
+        def local(slices):
+            key = (slices[0].indices(shape[0]), slices[1].indices(shape[1]))
+            if key not in cache:
+                cache[key] = rows.take(index[slices[0], slices[1]])
+            return cache[key][name]
+        return jax.make_array_from_callback(shape, sharding, local)
+
+    return {name: field(name) for name in ("ids", "labels", "positions", "segments")}
+
+
+def eval_batch(rows: Rows, *, batch_size: int, max_batches: int, mesh) -> dict[str, jax.Array]:
+    """The first `max_batches` * `batch_size` rows, in order, as [micro-batches, batch_size,
+    seq]; missing rows are padding (nothing counted)."""
+    n = min(len(rows), max_batches * batch_size)
+    k = math.ceil(n / batch_size)
+    index = np.arange(k * batch_size)
+    index = np.where(index < n, index, -1)
+    padded = Rows(*(np.concatenate([a, fill]) for a, fill in (
+        (rows.ids, np.zeros((1, rows.ids.shape[1]), np.int32)),
+        (rows.labels, np.full((1, rows.ids.shape[1]), IGNORE_INDEX, np.int32)),
+        (rows.positions, np.zeros((1, rows.ids.shape[1]), np.int32)),
+        (rows.segments, np.full((1, rows.ids.shape[1]), -1, np.int32)))))
+    return place(padded, index.reshape(k, batch_size), NamedSharding(mesh, P(None, DATA, None)))

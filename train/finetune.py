@@ -1,0 +1,172 @@
+"""Fine-tune a checkpoint as a causal language model on a ("data", "model") device mesh.
+
+    python -m train.finetune --mesh 1x8                      # the embedded default run
+    python -m train.finetune --mesh 2x4 --init ckpt/ --data train.jsonl --out run/
+    python -m train.finetune --mesh 2x4 --init ckpt/ --data train.jsonl --out run/ --resume
+
+With no --init and no --data it trains a small Mistral on The Devil's Dictionary (shipped in
+train/corpus) for a few minutes. OUT receives checkpoints/ (Orbax, for --resume), metrics.jsonl,
+loss.png and, at the end, final/ (a checkpoint `python -m mistral_jax.generate` loads).
+On a CPU, a mesh of more devices than there are is made of fake CPU devices (XLA_FLAGS).
+Multi-host: start one process per host with --coordinator, --num-processes and --process-id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work; one line, exit code 2."""
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--mesh", default="1x8", help="device mesh DxT: D-way data parallel x T-way tensor "
+        "(Megatron) parallel, D*T devices; T must divide the attention heads (default 1x8)")
+    add("--init", metavar="CKPT", help="checkpoint directory to start from (convert.from_torch "
+        "writes one); default: a small random Mistral, the embedded default run")
+    add("--data", nargs="+", metavar="FILE", help="training data: .txt files (each one "
+        "document) or .jsonl with {\"text\"} or {\"prompt\", \"completion\"} per line (loss on "
+        "the completion only); default: the shipped corpus")
+    add("--eval-data", nargs="+", metavar="FILE", help="held-out data, same formats; eval loss "
+        "and perplexity every --eval-every steps (default run: held-out dictionary entries)")
+    add("--out", help="output directory (default: a new runs/finetune-DATE-TIME; --resume "
+        "needs it named)")
+    add("--steps", type=positive(int), help="optimizer steps in all (default 1000; default run "
+        "120)")
+    add("--batch-size", type=positive(int), help="rows of --seq-len tokens per optimizer step, "
+        "over all devices (default 8)")
+    add("--seq-len", type=positive(int), help="tokens per row; documents are packed into rows "
+        "with EOS between them (default 256)")
+    add("--lr", type=positive(float), help="peak learning rate of AdamW (default 1e-4; default "
+        "run 3e-3)")
+    add("--warmup", type=int, help="linear warm-up steps before the cosine decay to lr/10 "
+        "(default: a tenth of --steps)")
+    add("--weight-decay", type=float, default=0.1, help="AdamW weight decay, not applied to "
+        "norms and biases (default 0.1)")
+    add("--clip", type=float, default=1.0, help="clip gradients to this global norm; 0 turns "
+        "it off (default 1.0)")
+    add("--grad-accum", type=positive(int), default=1, help="split each batch into this many "
+        "micro-batches whose gradients add up: the same step in less memory (default 1)")
+    add("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
+        help="what the backward pass recomputes instead of storing: none (fastest), full "
+        "(least memory: keeps only each layer's input), dots (keeps matmul outputs), "
+        "dots_no_batch (keeps weight matmul outputs, recomputes attention)")
+    add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype; "
+        "weights and optimizer state stay float32 (default float32)")
+    add("--isolate-documents", action="store_true", help="attention stays within each packed "
+        "document and positions restart at each one (default: rows attend across documents)")
+    add("--eval-every", type=positive(int), help="evaluate every N steps (default 200; default "
+        "run 40)")
+    add("--eval-batches", type=positive(int), default=8, help="at most this many batches of "
+        "eval data (default 8)")
+    add("--save-every", type=positive(int), help="checkpoint every N steps, and at the end "
+        "(default 200; default run 40)")
+    add("--keep", type=positive(int), default=3, help="checkpoints to keep (default 3)")
+    add("--resume", action="store_true", help="continue the run in --out from its latest "
+        "checkpoint: the same losses as if it had not stopped")
+    add("--seed", type=int, default=0, help="seed of the data order, initial weights, LoRA "
+        "(default 0)")
+    add("--log-every", type=positive(int), default=1, help="write a metrics row every N steps "
+        "(default 1)")
+    add("--max-bad-steps", type=positive(int), default=5, help="stop after this many steps in a "
+        "row with a non-finite loss or gradient (each is skipped; default 5)")
+    add("--lora-rank", type=positive(int), help="train LoRA adapters of this rank instead of "
+        "all weights; only the adapters are trained and checkpointed")
+    add("--lora-targets", default="q,v", help="comma-separated weights LoRA adapts: Mistral "
+        "q,k,v,o,gate,up,down; GPT-2 q,k,v,o,fc,proj (default q,v)")
+    add("--lora-alpha", type=positive(float), help="LoRA scale numerator: W + alpha/rank * A B "
+        "(default 2 * rank)")
+    add("--merge-lora", action="store_true", help="with LoRA: write OUT/final as a plain "
+        "checkpoint with the adapters merged into the weights (OUT/adapters is written "
+        "either way)")
+    add("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0, for "
+        "jax.distributed.initialize")
+    add("--num-processes", type=positive(int), default=1, help="multi-host: processes in all")
+    add("--process-id", type=int, default=0, help="multi-host: this process's index")
+    return p
+
+
+GENERIC = dict(steps=1000, batch_size=8, seq_len=256, lr=1e-4, eval_every=200, save_every=200)
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    from train import default
+
+    base = default.FLAGS if args.init is None else GENERIC
+    for name, value in base.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.warmup is None:
+        args.warmup = args.steps // 10
+    if args.lora_alpha is None and args.lora_rank:
+        args.lora_alpha = 2.0 * args.lora_rank
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    if args.out is None and not args.resume and args.num_processes == 1:
+        args.out = time.strftime("runs/finetune-%Y%m%d-%H%M%S", time.gmtime())
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    from mistral_jax.sharding import parse_mesh
+
+    data, model = parse_mesh(args.mesh)
+    if args.merge_lora and not args.lora_rank:
+        raise UsageError("--merge-lora needs --lora-rank")
+    if args.num_processes > 1 and not args.coordinator:
+        raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+    if (data * model) % args.num_processes:
+        raise UsageError(f"--mesh {args.mesh} ({data * model} devices) does not split evenly "
+                         f"over {args.num_processes} processes")
+    if args.out is None:
+        raise UsageError("--resume and multi-process runs need --out (every process must "
+                         "name the same directory)")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from mistral_jax.checkpoint import CheckpointError
+    from mistral_jax.configs import ConfigError
+    from mistral_jax.sharding import ShardingError, parse_mesh
+    from train import devices
+    from train.data import DataError
+    from train.loop import Stopped, run
+    from train.lora import LoraError
+
+    errors = (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError)
+    try:
+        args = with_defaults(args)
+        check(args)
+        data, model = parse_mesh(args.mesh)
+        note = devices.prepare(data * model // args.num_processes)
+        devices.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        run(args, device_note=note)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
