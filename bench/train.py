@@ -104,30 +104,38 @@ def main() -> None:
     threads = os.cpu_count() if jax.devices()[0].platform == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (BATCH, SEQ)).astype(np.int32)
-    gemm = flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=args.repeats)
     step_flops = flops.training_flops_per_token(CONFIG, SEQ) * BATCH * SEQ
-    ours_s = float(np.median(timed(ours(ids, args.remat), args.warmup, args.repeats)))
-    gemm_after = flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=args.repeats)
+    runs = {"ours": ours(ids, args.remat)}
+    if not args.skip_torch:
+        runs["transformers"] = theirs(ids)
+    for run in runs.values():
+        timed(run, args.warmup, 0)
+    # Rounds of (matmul, ours, transformers): on a shared machine the load drifts, so each
+    # round's three figures are taken under the same conditions and the medians compared.
+    gemm, times = [], {name: [] for name in runs}
+    for _ in range(args.repeats):
+        gemm.append(flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=3))
+        for name, run in runs.items():
+            times[name] += timed(run, 0, 1)
     result = {"device": str(jax.devices()[0].device_kind), "threads": threads,
-              "gemm_gflops": gemm / 1e9, "gemm_gflops_after": gemm_after / 1e9,
-              "step_gflop": step_flops / 1e9, "ours_s": ours_s,
-              "ours_tokens_per_s": BATCH * SEQ / ours_s,
-              "ours_mfu": step_flops / ours_s / max(gemm, gemm_after)}
-    if not args.skip_torch:
-        theirs_s = float(np.median(timed(theirs(ids), args.warmup, args.repeats)))
-        result.update(theirs_s=theirs_s, theirs_tokens_per_s=BATCH * SEQ / theirs_s,
-                      theirs_mfu=step_flops / theirs_s / max(gemm, gemm_after),
-                      speedup=theirs_s / ours_s)
+              "gemm_gflops": [g / 1e9 for g in gemm], "step_gflop": step_flops / 1e9,
+              "seconds": times}
+    peak = float(np.median(gemm))
     print(f"{CONFIG.num_params() / 1e6:.1f}M-parameter Mistral, batch {BATCH} x {SEQ}, float32, "
-          f"AdamW, {threads} threads; float32 GEMM {result['gemm_gflops']:.1f} / "
-          f"{result['gemm_gflops_after']:.1f} GFLOP/s (before / after), "
-          f"{result['step_gflop']:.1f} GFLOP per step")
-    print(f"ours:         {result['ours_s']:.3f} s/step  {result['ours_tokens_per_s']:8.1f} tok/s  "
-          f"MFU {100 * result['ours_mfu']:.1f}%")
-    if not args.skip_torch:
-        print(f"transformers: {result['theirs_s']:.3f} s/step  "
-              f"{result['theirs_tokens_per_s']:8.1f} tok/s  MFU {100 * result['theirs_mfu']:.1f}%")
-        print(f"ours / transformers tokens/s: {result['speedup']:.2f}x")
+          f"AdamW, {threads} threads, {result['step_gflop']:.1f} GFLOP per step; float32 GEMM "
+          f"median {peak / 1e9:.1f} GFLOP/s (rounds: "
+          + ", ".join(f"{g / 1e9:.0f}" for g in gemm) + ")")
+    for name, seconds in times.items():
+        s = float(np.median(seconds))
+        mfu = float(np.median([step_flops / t / g for t, g in zip(seconds, gemm, strict=True)]))
+        result[name] = {"s_per_step": s, "tokens_per_s": BATCH * SEQ / s, "mfu": mfu}
+        print(f"{name:>12}: {s:.3f} s/step  {BATCH * SEQ / s:8.1f} tok/s  MFU {100 * mfu:.1f}% "
+              f"(rounds: " + ", ".join(f"{t:.2f}" for t in seconds) + " s)")
+    if "transformers" in times:
+        ratios = [t / o for o, t in zip(times["ours"], times["transformers"], strict=True)]
+        result["speedup"] = float(np.median(ratios))
+        print(f"ours / transformers tokens/s: {result['speedup']:.2f}x (median of per-round "
+              "ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -154,9 +154,9 @@ class Decoder(nnx.Module):
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""
         if self.lm_head is None:  # tied: the embedding table is the output projection
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...])
+            logits = L.project("btd,vd->btv", x, self.embed[...])
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...])
+            logits = L.project("btd,dv->btv", x, self.lm_head[...])
         logits = self.constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
         if self.vocab_padded > self.config.vocab_size:
             real = jnp.arange(self.vocab_padded) < self.config.vocab_size
@@ -176,4 +176,6 @@ class Decoder(nnx.Module):
         """(summed next-token cross-entropy, counted tokens) of packed rows: labels[:, i + 1] is
         predicted at i, label -100 is not counted. Sums add up across micro-batches and devices."""
         logits, _, _ = self.run(input_ids, None, positions, segment_ids=segment_ids)
-        return L.cross_entropy(logits[:, :-1], labels[:, 1:])
+        # shift the labels, not the logits: slicing [b, t, vocab] costs a copy and, backward, a pad
+        last = jnp.full((labels.shape[0], 1), L.IGNORE_INDEX, labels.dtype)
+        return L.cross_entropy(logits, jnp.concatenate([labels[:, 1:], last], axis=1))

@@ -60,19 +60,20 @@ class GPT2(Decoder):
         with jax.named_scope("attention"):
             y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
             y = self.constrain(y, GATHERED)
-            q = jnp.einsum("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
-            k = jnp.einsum("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
-            v = jnp.einsum("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
+            q = L.project("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
+            k = L.project("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
+            v = L.project("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
-            x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
+            x = x + L.project("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
         with jax.named_scope("mlp"):
             y = L.layer_norm(x, w.ln2_scale[...], w.ln2_bias[...], c.layer_norm_epsilon)
             y = self.constrain(y, GATHERED)
-            hidden = L.ACTIVATIONS[c.activation_function](y @ w.fc[...] + w.fc_bias[...])
+            hidden = L.ACTIVATIONS[c.activation_function](
+                L.project("btd,df->btf", y, w.fc[...]) + w.fc_bias[...])
             hidden = self.constrain(hidden, MLP)
-            x = x + hidden @ w.proj[...] + w.proj_bias[...]
+            x = x + L.project("btf,fd->btd", hidden, w.proj[...]) + w.proj_bias[...]
         return x, aux
 
     def final_norm(self, x):

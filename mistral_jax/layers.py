@@ -10,6 +10,7 @@ g query heads per kv head, h head_dim, f mlp, v vocab, l layers.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,38 @@ class ParamMaker:
         else:
             value = (jnp.ones if init == "ones" else jnp.zeros)(shape, self.dtype)
         return nnx.Param(value, axes=axes)
+
+
+# --- projections -------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def project(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` for a weight projection ("btd,dnh->btnh"), whose backward
+    pass keeps the incoming gradient whole before its two matmuls.
+
+    Left to itself, XLA's CPU backend fuses the gradient's producer (the activation's backward)
+    with the transpose the weight-gradient matmul wants, a strided loop several times slower
+    than both matmuls; the barrier leaves the transpose to the matmul. Same numbers either way.
+    """
+    return jnp.einsum(equation, x, w)
+
+
+def _project_fwd(equation, x, w):
+    return jnp.einsum(equation, x, w), (x, w)
+
+
+def _project_bwd(equation, residuals, g):
+    x, w = residuals
+    inputs, out = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    g = jax.lax.optimization_barrier(g)
+    dx = jnp.einsum(f"{out},{w_axes}->{x_axes}", g, w)
+    dw = jnp.einsum(f"{x_axes},{out}->{w_axes}", x, g)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 # --- norms and activations ---------------------------------------------------------------------

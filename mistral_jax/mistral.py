@@ -57,21 +57,22 @@ class Mistral(Decoder):
         c = self.config
         with jax.named_scope("attention"):
             y = self.constrain(L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps), GATHERED)
-            q = L.rope(jnp.einsum("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
-            k = L.rope(jnp.einsum("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
-            v = jnp.einsum("btd,dkh->btkh", y, w.v[...])
+            q = L.rope(L.project("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
+            k = L.rope(L.project("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
+            v = L.project("btd,dkh->btkh", y, w.v[...])
             tp = model_axis_size()
             if tp > k.shape[2]:  # fewer kv heads than devices: each device keeps the one it needs
                 k, v = (jnp.repeat(a, tp // a.shape[2], axis=2) for a in (k, v))
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
-            x = x + jnp.einsum("btnh,nhd->btd", out, w.o[...])
+            x = x + L.project("btnh,nhd->btd", out, w.o[...])
         with jax.named_scope("mlp"):
             y = self.constrain(L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps), GATHERED)
             act = L.ACTIVATIONS[c.hidden_act]
-            hidden = self.constrain(act(y @ w.gate[...]) * (y @ w.up[...]), MLP)
-            x = x + hidden @ w.down[...]
+            gate, up = (L.project("btd,df->btf", y, w_[...]) for w_ in (w.gate, w.up))
+            hidden = self.constrain(act(gate) * up, MLP)
+            x = x + L.project("btf,fd->btd", hidden, w.down[...])
         return x, aux
 
     def final_norm(self, x):
