@@ -99,9 +99,13 @@ def make_train_step(template, tx: optax.GradientTransformation, shardings: Train
             (loss_sum, n), g = grad_fn(state.params, frozen, micro)
             return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
+        if batch["ids"].shape[0] == 1:  # no accumulation: no zeros to add the gradient to
+            (total, count), grads = grad_fn(state.params, frozen,
+                                            jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
         count = jnp.maximum(count, 1)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
