@@ -176,10 +176,13 @@ def test_default_run_shortened_trains_and_generate_loads_its_checkpoint(tmp_path
 
 
 def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
-    out = files / "lora"
+    out = files / "lora"  # with the other options of the step, end to end
     argv = flags(files, out, "--lora-rank", "2", "--lora-targets", "q,v,down", "--merge-lora",
-                 "--steps", "3", "--mesh", "1x8")
+                 "--steps", "3", "--mesh", "1x8", "--isolate-documents", "--dtype", "bfloat16",
+                 "--grad-accum", "2", "--remat", "full")
     assert finetune.main(argv) == 0
+    train, evals = losses(out)
+    assert sorted(train) == [1, 2, 3] and all(np.isfinite(list(train.values())))
     adapters = json.loads((out / "adapters" / "adapter_config.json").read_text())
     assert adapters["rank"] == 2 and adapters["targets"] == ["q", "v", "down"]
     import orbax.checkpoint as ocp
