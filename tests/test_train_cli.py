@@ -172,7 +172,20 @@ def test_default_run_shortened_trains_and_generate_loads_its_checkpoint(tmp_path
     generate = importlib.import_module("mistral_jax.generate")  # the module, not the function
     assert generate.main([str(out / "final"), "LAWYER, n.", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("LAWYER, n.")
-    assert mistral_jax.load(out / "final").config == default.CONFIG
+    trained = mistral_jax.load(out / "final")
+    assert trained.config == default.CONFIG
+    # what fine-tuning wrote exports to a folder transformers loads, with our logits
+    import torch
+    import transformers
+
+    from convert import to_torch
+
+    to_torch.export(out / "final", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = np.asarray([trained.tokenizer.encode("LAWYER, n. One skilled in")])
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(mistral_jax.forward(trained, ids)) - expected).max() <= 1e-4
 
 
 def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
@@ -252,3 +265,15 @@ def test_bad_input_is_one_line_and_overwrites_nothing(files, uninterrupted, tmp_
     assert __import__("re").search(message, err), err
     assert {p: p.stat().st_mtime_ns for p in (files / "uninterrupted").rglob("*")} == before
     assert not (tmp_path / "empty-out").exists() or not any((tmp_path / "empty-out").iterdir())
+
+
+def test_errors_from_the_command_line_are_one_line(tmp_path):
+    """As `python -m train.finetune` (finetune.py runs as __main__): a usage error raised deep in
+    the run is still reported in one line with exit code 2, not as a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "train.finetune", "--resume", "--out",
+                           str(tmp_path / "none")], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: --resume: {tmp_path / 'none'} holds no checkpoint " \
+        "to resume from"
+    assert not (tmp_path / "none").exists()

@@ -17,9 +17,7 @@ import argparse
 import sys
 import time
 
-
-class UsageError(ValueError):
-    """A flag combination that cannot work; one line, exit code 2."""
+from train.errors import UsageError
 
 
 def positive(kind):

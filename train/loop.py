@@ -19,6 +19,7 @@ from train import data as D
 from train import default, devices, export, flops, lora, report
 from train import step as S
 from train.checkpoints import RunCheckpoints, has_checkpoints
+from train.errors import UsageError
 
 RUN_FILE = "run.json"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
@@ -42,8 +43,6 @@ class Plan:
 
 
 def plan(args) -> Plan:
-    from train.finetune import UsageError
-
     out = Path(args.out)
     if args.init is None:
         config, tokenizer = default.CONFIG, default.tokenizer()
@@ -91,8 +90,6 @@ def _documents(args) -> tuple[list[D.Document], list[D.Document]]:
 
 
 def _check_same_run(out: Path, record: dict) -> None:
-    from train.finetune import UsageError
-
     path = out / RUN_FILE
     if not path.is_file():
         raise UsageError(f"--resume: {path} is missing, so the checkpoints cannot be matched "
