@@ -58,25 +58,32 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
 
 def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
     """A chunk's attention over the cache as it was plus the chunk's own keys, as two score
-    blocks under one softmax (no copy of the cache's keys).
+    blocks under one softmax (no copy of the cache's keys). With `k_old` None (the first chunk
+    of a sequence: the cache holds nothing before it) only the chunk's own block is computed.
 
     q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
     k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
     """
     b, c, n, h = q.shape
-    kv_heads = k_old.shape[1]
+    kv_heads = k_new.shape[2]
     q = q.reshape(b, c, kv_heads, n // kv_heads, h)  # [b, c, k, g, h]
     f32 = jnp.float32
-    s_old = jnp.einsum("bckgh,bksh->bkgcs", q, k_old, preferred_element_type=f32)
-    s_new = jnp.einsum("bckgh,btkh->bkgct", q, k_new, preferred_element_type=f32)
-    scores = jnp.concatenate([s_old, s_new], axis=-1) / math.sqrt(h)
-    key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s + c]
+    scores = jnp.einsum("bckgh,btkh->bkgct", q, k_new, preferred_element_type=f32)
+    key_index = new_index
+    if k_old is not None:
+        s_old = jnp.einsum("bckgh,bksh->bkgcs", q, k_old, preferred_element_type=f32)
+        scores = jnp.concatenate([s_old, scores], axis=-1)
+        key_index = jnp.concatenate([old_index, new_index], axis=1)
+    scores = scores / math.sqrt(h)
+    key_index = key_index[:, None, :]  # [b, 1, s + c]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_old.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_new.dtype)
+    if k_old is None:
+        return jnp.einsum("bkgct,btkh->bckgh", probs, v_new).reshape(b, c, n, h)
     slots = k_old.shape[2]
     out = (jnp.einsum("bkgcs,bksh->bckgh", probs[..., :slots], v_old)
            + jnp.einsum("bkgct,btkh->bckgh", probs[..., slots:], v_new))

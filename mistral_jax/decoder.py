@@ -125,10 +125,11 @@ class Decoder(nnx.Module):
         attentions = tuple(probs) if output_attentions else None
         return self.lm_logits(self.constrain(x, GATHERED)), hidden, attentions
 
-    def step(self, input_ids, valid, positions, cache, start):
+    def step(self, input_ids, valid, positions, cache, start, fresh: bool = False):
         """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
         the cache with the chunk written). input_ids/valid/positions: [b, c]; start: the sequence
-        index of the chunk's first token (the same for every row: rows are left-padded)."""
+        index of the chunk's first token (the same for every row: rows are left-padded).
+        `fresh`: the cache holds nothing yet (the first chunk), so it is not read."""
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
@@ -137,7 +138,8 @@ class Decoder(nnx.Module):
             layer, k_old, v_old = layer_and_cache
 
             def attend(q, k, v):
-                out = kv.attend_cached(q, k_old, v_old, cache.index, k, v, new_index, query_index,
+                old = (None, None) if fresh else (k_old, v_old)
+                out = kv.attend_cached(q, *old, cache.index, k, v, new_index, query_index,
                                        self.config.sliding_window)
                 return out, (k, v)
 

@@ -63,10 +63,10 @@ def plan(config, prompt_len: int) -> tuple[int, int]:
     return math.ceil(bucket / chunk) * chunk, chunk
 
 
-@partial(jax.jit, donate_argnums=(1,))
-def _prefill(model, cache, ids, valid, positions, start):
+@partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
+def _prefill(model, cache, ids, valid, positions, start, fresh):
     TRACES["prefill"] += 1
-    return model.step(ids, valid, positions, cache, start)
+    return model.step(ids, valid, positions, cache, start, fresh)
 
 
 @partial(jax.jit, static_argnames=("sampling",), donate_argnums=(1,))
@@ -119,7 +119,7 @@ class Generation:
             for start in range(0, padded, chunk):
                 part = slice(start, start + chunk)
                 logits, cache = _prefill(params, cache, ids[:, part], mask[:, part],
-                                         positions[:, part], jnp.int32(start))
+                                         positions[:, part], jnp.int32(start), fresh=start == 0)
         seen = np.zeros((b, config.vocab_size), bool)
         for row, row_ids, row_mask in zip(seen, ids, mask, strict=True):
             row[row_ids[row_mask.astype(bool)]] = True  # the prompt's tokens, not its padding

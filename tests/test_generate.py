@@ -155,12 +155,12 @@ def test_compilations_are_one_per_bucket(models_):
     _, mine = models_["mistral"]
     jax.clear_caches()
     gen.TRACES.clear()
-    for length in (5, 9, 14, 16):  # one bucket (16)
-        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)
-    assert gen.TRACES == {"prefill": 1, "decode": 1}
-    for length in (20, 31):  # a second bucket (32); the rolling buffer keeps the decode shape
-        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)
-    assert gen.TRACES == {"prefill": 1, "decode": 1}
+    for length in (5, 9, 14, 16):  # one bucket (16), prefilled in window-sized chunks: the
+        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)  # first (the cache
+    assert gen.TRACES == {"prefill": 2, "decode": 1}  # still empty) compiles apart from the rest
+    for length in (20, 31):  # a second bucket (32); the chunks and the rolling buffer keep
+        mistral_jax.generate_tokens(mine, prompt(length), max_new_tokens=10)  # their shapes
+    assert gen.TRACES == {"prefill": 2, "decode": 1}
     _, gpt2 = models_["gpt2"]
     jax.clear_caches()
     gen.TRACES.clear()
