@@ -17,8 +17,8 @@ def equal_threads() -> int:
     return n
 
 
-def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` unmeasured ones."""
+def timed(fn, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` runs of `fn()`, after `warmup` unmeasured ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -26,7 +26,12 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` unmeasured ones."""
+    return float(np.median(timed(fn, warmup, repeats)))
 
 
 def copy_bandwidth(mbytes: int = 256) -> float:

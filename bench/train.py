@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
+from bench.common import timed  # noqa: E402
 from mistral_jax import configs, models  # noqa: E402
 from train import data as D  # noqa: E402
 from train import flops  # noqa: E402
@@ -32,17 +32,6 @@ from train import step as S  # noqa: E402
 
 CONFIG = configs.preset("mistral-20m")
 BATCH, SEQ, LR = 8, 256, 1e-4
-
-
-def timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def ours(ids: np.ndarray, remat: str):

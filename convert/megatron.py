@@ -30,6 +30,7 @@ from convert.tensors import (
     Plan,
     TensorSource,
     _drop_mapped_pages,
+    key_pattern,
     to_numpy,
 )
 from mistral_jax.configs import ConfigError, GPT2Config
@@ -157,7 +158,7 @@ class MegatronSource(TensorSource):
         super().__init__({})
         self.stages, self.heads, self.tp = stages, heads, len(stages[0])
         self.version = stages[0][0].version
-        self.roles = [(_pattern(k), role) for k, role in roles.items()]
+        self.roles = [(key_pattern(k), role) for k, role in roles.items()]
         self.where: dict[str, tuple[int, str]] = {}  # global key -> (stage, key in the stage)
         offset = 0
         for p, stage in enumerate(stages):
@@ -200,10 +201,6 @@ def _renumber(key: str, offset: int) -> str:
     if not offset:
         return key
     return LAYER.sub(lambda m: m[0].replace(m[1], str(int(m[1]) + offset)), key, count=1)
-
-
-def _pattern(key: str) -> re.Pattern:
-    return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
 
 
 # --- what the tensors mean --------------------------------------------------------------------
@@ -317,7 +314,7 @@ def _activation(args: dict) -> str | None:
 
 
 def _find(stages: list[list[Shard]], key: str) -> torch.Tensor:
-    pattern = _pattern(key)
+    pattern = key_pattern(key)
     for stage in stages:
         for k, t in stage[0].tensors.items():
             if pattern.match(k):

@@ -1,8 +1,9 @@
 """Reading torch-side tensors one at a time and mapping them onto our weights through a key map.
 
 A key map is `{torch key (with "{i}" for the layer index): (our name or names, transform)}`.
-`convert_tensors` applies it, stacks per-layer tensors on the `layers` axis, checks every shape
-against the model the config describes, and reports every problem at once.
+`convert_tensors` applies it one tensor at a time, checks every shape against the model the
+config describes, hands each weight (or layer of a stacked weight) to a sink, and reports every
+problem at once.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class TensorSource:
     """Named tensors read lazily, one at a time, from safetensors files or torch pickles.
 
     A safetensors tensor is read from its offset when asked for, so memory holds one tensor at a
-    time. A torch pickle is opened with `mmap=True`; `release(key)` hands a tensor's pages back
-    once it has been converted. Other sources (merged tensor-parallel shards, GGUF files)
+    time. A torch pickle goes through `convert.pickles.load_torch` (memory-mapped when the file
+    is in torch's zip format); `release(key)` hands a mapped tensor's pages back once it has been
+    converted. Other sources (merged tensor-parallel shards, GGUF files)
     subclass this and override `keys` and `get` (and `release` if they hold memory).
     """
 
@@ -228,7 +230,8 @@ class Plan:
                                dtype=dtype, sink=sink, progress=progress, origin=self.origin)
 
 
-def _pattern(key: str) -> re.Pattern:
+def key_pattern(key: str) -> re.Pattern:
+    """A key map's key ("{i}" for the layer index) as a regex that captures the layer."""
     return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
 
 
@@ -246,7 +249,7 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
     expected = {
         k: v.shape for k, v in models.flatten(models.weights(models.abstract(config))).items()
     }
-    patterns = [(_pattern(k), _tuple(names), fn) for k, (names, fn) in keymap.items()]
+    patterns = [(key_pattern(k), _tuple(names), fn) for k, (names, fn) in keymap.items()]
     work = []  # (source key, our names, transform, layer)
     seen: dict[str, set] = {}  # our name -> layers (or {None}) a source tensor was found for
     problems: list[str] = []

@@ -82,12 +82,17 @@ def test_original_release_converts_to_transformers_logits(layout, tmp_path):
     assert np.max(np.abs(got - torch_logits(model, IDS))) <= 1e-4
 
 
+def write_release(folder, params: dict, sd: dict) -> None:
+    """params.json + one consolidated.00.pth in `folder`."""
+    (folder / "params.json").write_text(json.dumps(params))
+    torch.save(sd, folder / "consolidated.00.pth")
+
+
 def test_params_json_without_rope_theta_says_which_default(tmp_path, capsys):
     model = hf_model("mistral")
     params, sd = original_release(model)
     del params["rope_theta"]
-    (tmp_path / "params.json").write_text(json.dumps(params))
-    torch.save(sd, tmp_path / "consolidated.00.pth")
+    write_release(tmp_path, params, sd)
     assert from_torch.main([str(tmp_path), str(tmp_path / "ckpt"), "--format", "mistral"]) == 0
     assert "has no rope_theta; using 10000.0" in capsys.readouterr().err
 
@@ -96,9 +101,8 @@ def test_bad_release_folders(tmp_path, capsys):
     model = hf_model("mistral")
     params, sd = original_release(model)
     del params["hidden_dim"]
-    (tmp_path / "params.json").write_text(json.dumps(params))
     del sd["layers.1.feed_forward.w3.weight"]
-    torch.save(sd, tmp_path / "consolidated.00.pth")
+    write_release(tmp_path, params, sd)
     assert from_torch.main([str(tmp_path), str(tmp_path / "out")]) == 1
     assert "lacks 'hidden_dim'" in capsys.readouterr().err
     params["hidden_dim"] = 64
@@ -113,8 +117,7 @@ def test_params_json_that_disagrees_with_the_tensors_is_named(tmp_path, capsys):
     model = hf_model("mistral")
     params, sd = original_release(model)
     params["hidden_dim"] *= 2
-    (tmp_path / "params.json").write_text(json.dumps(params))
-    torch.save(sd, tmp_path / "consolidated.00.pth")
+    write_release(tmp_path, params, sd)
     assert from_torch.main([str(tmp_path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert f"as {tmp_path / 'params.json'} describes it" in err
