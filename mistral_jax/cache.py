@@ -14,11 +14,12 @@ never wraps around the end of the buffer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from mistral_jax import layers as L
 
 
 @jax.tree_util.register_dataclass
@@ -64,30 +65,26 @@ def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_ind
     q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
     k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
     """
-    b, c, n, h = q.shape
-    kv_heads = k_new.shape[2]
-    q = q.reshape(b, c, kv_heads, n // kv_heads, h)  # [b, c, k, g, h]
+    c = q.shape[1]
+    k_new, v_new = (jnp.swapaxes(a, 1, 2) for a in (k_new, v_new))  # [b, kv, c, h]
+    q = L.group_queries(q, k_new.shape[1])  # [b, kv, g * c, h]
     f32 = jnp.float32
-    scores = jnp.einsum("bckgh,btkh->bkgct", q, k_new, preferred_element_type=f32)
+    scores = jnp.einsum("bkqh,bkth->bkqt", q, k_new, preferred_element_type=f32)
     key_index = new_index
     if k_old is not None:
-        s_old = jnp.einsum("bckgh,bksh->bkgcs", q, k_old, preferred_element_type=f32)
+        s_old = jnp.einsum("bkqh,bksh->bkqs", q, k_old, preferred_element_type=f32)
         scores = jnp.concatenate([s_old, scores], axis=-1)
         key_index = jnp.concatenate([old_index, new_index], axis=1)
-    scores = scores / math.sqrt(h)
     key_index = key_index[:, None, :]  # [b, 1, s + c]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_new.dtype)
-    if k_old is None:
-        return jnp.einsum("bkgct,btkh->bckgh", probs, v_new).reshape(b, c, n, h)
-    slots = k_old.shape[2]
-    out = (jnp.einsum("bkgcs,bksh->bckgh", probs[..., :slots], v_old)
-           + jnp.einsum("bkgct,btkh->bckgh", probs[..., slots:], v_new))
-    return out.reshape(b, c, n, h)
+    probs = L.masked_softmax(scores, mask).astype(v_new.dtype)
+    out = jnp.einsum("bkqt,bkth->bkqh", probs[..., -c:], v_new)
+    if k_old is not None:
+        out += jnp.einsum("bkqs,bksh->bkqh", probs[..., :-c], v_old)
+    return L.ungroup(out, c)
 
 
 def write(cache: KVCache, k, v, new_index, start) -> KVCache:

@@ -147,6 +147,31 @@ def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None,
 # --- attention ---------------------------------------------------------------------------------
 
 
+def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[b, t, n, h] -> [b, k, g * t, h], scaled by 1/sqrt(h): each kv head's queries in one block,
+    so the score matmul writes [b, k, g * t, s] with keys minor, the layout softmax and the
+    value matmul read (left to pick, XLA's CPU backend wrote the scores query-head minor and then
+    transposed the whole score tensor)."""
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+    return (q * (1.0 / math.sqrt(h))).reshape(b, kv_heads, -1, h)
+
+
+def ungroup(out: jax.Array, t: int) -> jax.Array:
+    """The inverse of `group_queries`' layout: [b, k, g * t, h] -> [b, t, n, h]."""
+    b, k, _, h = out.shape
+    return out.reshape(b, k, -1, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, h)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis of float32 scores [b, k, g * t, s] where mask [b, t, s] allows.
+    A row with nothing allowed gets a uniform average, never NaN."""
+    b, k, _, s = scores.shape
+    scores = scores.reshape(b, k, -1, *mask.shape[1:])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).reshape(b, k, -1, s)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               return_weights: bool = False):
     """Grouped-query attention. q: [b, t, n, h], k/v: [b, s, k, h], mask: [b, t, s] bool.
@@ -156,13 +181,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     A query whose keys are all masked (a padding position) gets a uniform average, never NaN.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [b, t, k, g, h]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(h)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
+    k, v = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # [b, k, s, h]
+    scores = jnp.einsum("bkqh,bksh->bkqs", group_queries(q, k.shape[1]), k,
+                        preferred_element_type=jnp.float32)
+    probs = masked_softmax(scores, mask)
+    out = ungroup(jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), v), t)
     return out, (probs.reshape(b, n, t, -1) if return_weights else None)
 
 
