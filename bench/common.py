@@ -42,3 +42,24 @@ def copy_bandwidth(mbytes: int = 256) -> float:
     dst = np.empty_like(src)
     seconds = median_time(lambda: np.copyto(dst, src), repeats=9)
     return 2 * src.nbytes / seconds
+
+
+# Datasheet figures for MFU / MBU on accelerators: (dense bfloat16 FLOP/s, memory bytes/s), by a
+# substring of `jax.devices()[0].device_kind`, most specific first (NVIDIA's H100 / H200 / A100
+# product briefs; SXM parts unless the name says PCIe).
+CHIPS = [
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100", 989e12, 3.35e12),
+    ("H200", 989e12, 4.8e12),
+    ("A100-SXM4-40GB", 312e12, 1.555e12),
+    ("A100", 312e12, 2.039e12),
+]
+
+
+def chip_peaks(device_kind: str) -> tuple[float, float] | None:
+    """(bfloat16 FLOP/s, memory bytes/s) of an accelerator from its datasheet, None if unknown."""
+    for name, flops, bandwidth in CHIPS:
+        if name.lower() in device_kind.lower():
+            return flops, bandwidth
+    return None

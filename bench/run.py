@@ -4,7 +4,8 @@ Each benchmark runs in its own process (so one's threads and memory do not colou
 measures its baseline in the same run: the training step and decoding against transformers +
 torch, MFU against a jitted matmul, MBU against a copy, conversion memory against the largest
 tensor. Writes OUT/results.json, OUT/results.md (the table README carries) and OUT/results.png.
-`--quick` leaves out the conversion benchmark (it writes 13 GB to a temporary directory).
+`--quick` leaves out the conversion benchmark (it writes 13 GB to a temporary directory) and keeps
+its figures from the last full run (OUT/convert.json), marked as such in the table.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def table(raw: dict, flat: dict) -> str:
     lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
     if "convert" in raw:
         c = raw["convert"]
-        lines.append(f"Conversion of a {c['model_bytes'] / 2**30:.2f} GiB checkpoint (largest "
+        lines.append(f"Conversion{' (from the last full run)' if c.get('earlier') else ''} of a "
+                     f"{c['model_bytes'] / 2**30:.2f} GiB checkpoint (largest "
                      f"tensor {c['largest_tensor_bytes'] / 2**30:.3f} GiB): peak RSS "
                      f"{c['safetensors']['peak_bytes'] / 2**30:.2f} GiB from safetensors, "
                      f"{c['bin']['peak_bytes'] / 2**30:.2f} GiB from pytorch_model.bin.")
@@ -131,6 +133,8 @@ def main() -> None:
            "decode": bench("decode.py", args.out / "decode.json")}
     if not args.quick:
         raw["convert"] = bench("convert_rss.py", args.out / "convert.json")
+    elif (args.out / "convert.json").exists():
+        raw["convert"] = {**json.loads((args.out / "convert.json").read_text()), "earlier": True}
     flat = summary(raw)
     (args.out / "results.json").write_text(json.dumps({"summary": flat, **raw}, indent=1) + "\n")
     (args.out / "results.md").write_text(table(raw, flat))

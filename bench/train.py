@@ -6,11 +6,16 @@ same thread count; medians after warm-up. MFU is GEMM-relative: model FLOPs/s ov
 large float32 matmul's FLOPs/s measured in the same run (train/flops.py counts the FLOPs).
 
     python bench/train.py [--repeats 5] [--remat none] [--json out.json]
+
+On a GPU (bench/gpu.sh) the same step runs at a realistic size: `--preset mistral-7b --layers 2
+--batch 4 --seq 2048 --dtype bfloat16 --device cuda` (bfloat16 compute over float32 weights on
+our side, torch.autocast on theirs), and MFU is also given against the chip's datasheet peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +29,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
-from bench.common import timed  # noqa: E402
+from bench.common import chip_peaks, timed  # noqa: E402
 from mistral_jax import configs, models  # noqa: E402
 from train import data as D  # noqa: E402
 from train import flops  # noqa: E402
@@ -34,20 +39,20 @@ CONFIG = configs.preset("mistral-20m")
 BATCH, SEQ, LR = 8, 256, 1e-4
 
 
-def ours(ids: np.ndarray, remat: str):
+def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32):
     mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
+    batch_size, seq = ids.shape
     with jax.set_mesh(mesh):
-        model = models.init(CONFIG, seed=0, mesh=mesh)
+        model = models.init(config, seed=0, mesh=mesh)
         model.remat = remat
         params = models.weights(model)
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)
         state = S.init_state(params, tx, 0, shardings)
-        step = S.make_train_step(model, tx, shardings, dtype=jnp.float32,
-                                 assemble=lambda p, f: p)
-        rows = D.Rows(ids, ids, np.broadcast_to(np.arange(SEQ, dtype=np.int32), ids.shape),
+        step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p)
+        rows = D.Rows(ids, ids, np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape),
                       np.zeros_like(ids))
-        batch = D.place(rows, np.arange(BATCH)[None], jax.sharding.NamedSharding(
+        batch = D.place(rows, np.arange(batch_size)[None], jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(None, "data", None)))
         holder = {"state": state}
 
@@ -58,21 +63,18 @@ def ours(ids: np.ndarray, remat: str):
         return run
 
 
-def theirs(ids: np.ndarray):
-    hf = transformers.MistralConfig(
-        vocab_size=CONFIG.vocab_size, hidden_size=CONFIG.hidden_size,
-        intermediate_size=CONFIG.intermediate_size, num_hidden_layers=CONFIG.num_hidden_layers,
-        num_attention_heads=CONFIG.num_attention_heads,
-        num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim,
-        sliding_window=None, tie_word_embeddings=False, max_position_embeddings=2048)
+def theirs(ids: np.ndarray, config=CONFIG, device: str = "cpu", dtype=torch.float32):
+    hf = transformers.MistralConfig(**configs.to_hf_dict(config))
     torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(hf).float().train()
+    with torch.device(device):
+        model = transformers.MistralForCausalLM(hf).float().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95),
                                   weight_decay=0.1)
-    t_ids = torch.tensor(ids, dtype=torch.long)
+    t_ids = torch.tensor(ids, dtype=torch.long, device=device)
 
     def run():
-        loss = model(input_ids=t_ids, labels=t_ids).loss
+        with torch.autocast(device.split(":")[0], dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=t_ids, labels=t_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -89,40 +91,61 @@ def main() -> None:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--preset", help="a config preset in place of the fixed CPU config")
+    parser.add_argument("--layers", type=int, help="with --preset: this many of its layers")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--seq", type=int, default=SEQ)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype (weights and optimizer stay float32)")
+    parser.add_argument("--device", default="cpu", help="torch device for transformers")
     args = parser.parse_args()
+    config = CONFIG
+    if args.preset:
+        config = configs.preset(args.preset)
+        layers = args.layers or config.num_hidden_layers
+        config = dataclasses.replace(config, num_hidden_layers=layers, sliding_window=None)
     threads = os.cpu_count() if jax.devices()[0].platform == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
-    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (BATCH, SEQ)).astype(np.int32)
-    step_flops = flops.training_flops_per_token(CONFIG, SEQ) * BATCH * SEQ
-    runs = {"ours": ours(ids, args.remat)}
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
+    ids = ids.astype(np.int32)
+    tokens = args.batch * args.seq
+    step_flops = flops.training_flops_per_token(config, args.seq) * tokens
+    runs = {"ours": ours(ids, args.remat, config, getattr(jnp, args.dtype))}
     if not args.skip_torch:
-        runs["transformers"] = theirs(ids)
+        runs["transformers"] = theirs(ids, config, args.device, getattr(torch, args.dtype))
     for run in runs.values():
         timed(run, args.warmup, 0)
     # Rounds of (matmul, ours, transformers): on a shared machine the load drifts, so each
     # round's three figures are taken under the same conditions and the medians compared.
     gemm, times = [], {name: [] for name in runs}
     for _ in range(args.repeats):
-        gemm.append(flops.matmul_flops_per_s(jax.devices()[0], jnp.float32, repeats=3))
+        gemm.append(flops.matmul_flops_per_s(jax.devices()[0], getattr(jnp, args.dtype),
+                                               repeats=3))
         for name, run in runs.items():
             times[name] += timed(run, 0, 1)
     peak = float(np.median(gemm))
     result = {"device": str(jax.devices()[0].device_kind), "threads": threads,
-              "remat": args.remat, "gemm_gflops": peak / 1e9,
+              "config": dataclasses.asdict(config), "batch": args.batch, "seq": args.seq,
+              "dtype": args.dtype, "remat": args.remat, "gemm_gflops": peak / 1e9,
               "gemm_gflops_rounds": [g / 1e9 for g in gemm], "step_gflop": step_flops / 1e9,
               "seconds": times}
-    print(f"{CONFIG.num_params() / 1e6:.1f}M-parameter Mistral, batch {BATCH} x {SEQ}, float32, "
-          f"AdamW, {threads} threads, {result['step_gflop']:.1f} GFLOP per step; float32 GEMM "
-          f"median {peak / 1e9:.1f} GFLOP/s (rounds: "
+    chip = chip_peaks(result["device"])
+    print(f"{config.num_params() / 1e6:.1f}M-parameter Mistral, batch {args.batch} x {args.seq}, "
+          f"{args.dtype}, AdamW, {threads} threads, {result['step_gflop']:.1f} GFLOP per step; "
+          f"{args.dtype} GEMM median {peak / 1e9:.1f} GFLOP/s (rounds: "
           + ", ".join(f"{g / 1e9:.0f}" for g in gemm) + ")")
     for name, seconds in times.items():
         s = float(np.median(seconds))
         mfu = float(np.median([step_flops / t / g for t, g in zip(seconds, gemm, strict=True)]))
         short = "ours" if name == "ours" else "theirs"  # flat keys, as bench/run.py reads them
-        result.update({f"{short}_s": s, f"{short}_tokens_per_s": BATCH * SEQ / s,
+        result.update({f"{short}_s": s, f"{short}_tokens_per_s": tokens / s,
                        f"{short}_mfu": mfu})
-        print(f"{name:>12}: {s:.3f} s/step  {BATCH * SEQ / s:8.1f} tok/s  MFU {100 * mfu:.1f}% "
-              f"(rounds: " + ", ".join(f"{t:.2f}" for t in seconds) + " s)")
+        chip_mfu = ""
+        if chip is not None:  # an accelerator: MFU against its datasheet bfloat16 peak too
+            result[f"{short}_chip_mfu"] = step_flops / s / chip[0]
+            chip_mfu = f", {100 * result[f'{short}_chip_mfu']:.1f}% of the chip's bf16 peak"
+        print(f"{name:>12}: {s:.3f} s/step  {tokens / s:8.1f} tok/s  MFU {100 * mfu:.1f}%"
+              f"{chip_mfu} (rounds: " + ", ".join(f"{t:.2f}" for t in seconds) + " s)")
     if "transformers" in times:
         ratios = [t / o for o, t in zip(times["ours"], times["transformers"], strict=True)]
         result["speedup"] = float(np.median(ratios))
