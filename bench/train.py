@@ -32,19 +32,19 @@ import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, timed  # noqa: E402
 from mistral_jax import configs, models  # noqa: E402
 from train import data as D  # noqa: E402
-from train import flops  # noqa: E402
+from train import finetune, flops  # noqa: E402
 from train import step as S  # noqa: E402
 
 CONFIG = configs.preset("mistral-20m")
 BATCH, SEQ, LR = 8, 256, 1e-4
 
 
-def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32):
+def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1):
     mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     batch_size, seq = ids.shape
     with jax.set_mesh(mesh):
         model = models.init(config, seed=0, mesh=mesh)
-        model.remat = remat
+        model.remat, model.unroll = remat, unroll
         params = models.weights(model)
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)
@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--unroll", type=finetune.unroll_count, default=True,
+                        help="layers per scan iteration, or 'all' (default: all, as "
+                        "`python -m train.finetune --unroll all`)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--preset", help="a config preset in place of the fixed CPU config")
@@ -110,7 +113,7 @@ def main() -> None:
     ids = ids.astype(np.int32)
     tokens = args.batch * args.seq
     step_flops = flops.training_flops_per_token(config, args.seq) * tokens
-    runs = {"ours": ours(ids, args.remat, config, getattr(jnp, args.dtype))}
+    runs = {"ours": ours(ids, args.remat, config, getattr(jnp, args.dtype), args.unroll)}
     if not args.skip_torch:
         runs["transformers"] = theirs(ids, config, args.device, getattr(torch, args.dtype))
     for run in runs.values():
@@ -126,7 +129,8 @@ def main() -> None:
     peak = float(np.median(gemm))
     result = {"device": str(jax.devices()[0].device_kind), "threads": threads,
               "config": dataclasses.asdict(config), "batch": args.batch, "seq": args.seq,
-              "dtype": args.dtype, "remat": args.remat, "gemm_gflops": peak / 1e9,
+              "dtype": args.dtype, "remat": args.remat, "unroll": args.unroll,
+              "gemm_gflops": peak / 1e9,
               "gemm_gflops_rounds": [g / 1e9 for g in gemm], "step_gflop": step_flops / 1e9,
               "seconds": times}
     chip = chip_peaks(result["device"])

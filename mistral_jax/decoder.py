@@ -54,6 +54,7 @@ class Decoder(nnx.Module):
     vocab_padded: int = 0
     rules: ShardingRules = RULES  # how activations are laid out on a mesh; see sharding.shard
     remat: str = "none"  # a REMAT_POLICIES name: what the layer body keeps for the backward pass
+    unroll: int | bool = 1  # layers per iteration of the forward scan (True: no loop at all)
 
     def constrain(self, x, axes):
         return constrain(x, axes, self.rules)
@@ -117,7 +118,7 @@ class Decoder(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x0 = x
-        x, (per_layer, probs) = jax.lax.scan(body, x, self.layers)
+        x, (per_layer, probs) = jax.lax.scan(body, x, self.layers, unroll=self.unroll)
         x = self.final_norm(x)
         hidden = None
         if output_hidden_states:  # transformers' convention: the last entry is after the final norm

@@ -192,7 +192,7 @@ def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
     out = files / "lora"  # with the other options of the step, end to end
     argv = flags(files, out, "--lora-rank", "2", "--lora-targets", "q,v,down", "--merge-lora",
                  "--steps", "3", "--mesh", "1x8", "--isolate-documents", "--dtype", "bfloat16",
-                 "--grad-accum", "2", "--remat", "full")
+                 "--grad-accum", "2", "--remat", "full", "--unroll", "all")
     assert finetune.main(argv) == 0
     train, evals = losses(out)
     assert sorted(train) == [1, 2, 3] and all(np.isfinite(list(train.values())))
@@ -225,8 +225,8 @@ def test_help_explains_every_flag():
     text = subprocess.run([sys.executable, "-m", "train.finetune", "--help"], cwd=ROOT,
                           capture_output=True, text=True, env=subprocess_env()).stdout
     for flag in ("--mesh", "--init", "--data", "--out", "--steps", "--batch-size", "--seq-len",
-                 "--lr", "--warmup", "--grad-accum", "--remat", "--dtype", "--eval-data",
-                 "--eval-every", "--save-every", "--resume", "--seed", "--lora-rank",
+                 "--lr", "--warmup", "--grad-accum", "--remat", "--unroll", "--dtype",
+                 "--eval-data", "--eval-every", "--save-every", "--resume", "--seed", "--lora-rank",
                  "--lora-targets", "--merge-lora", "--coordinator", "--num-processes",
                  "--process-id"):
         assert flag in text

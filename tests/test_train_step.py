@@ -1,6 +1,6 @@
 """train/step.py and train/lora.py on a tiny sharded Mistral: accumulation equals one big
-batch, one compilation, skipped non-finite steps, remat and bfloat16 keep the numbers, packed
-documents isolated as if alone, and LoRA trains only its adapters."""
+batch, one compilation, skipped non-finite steps, remat, unrolled layers and bfloat16 keep the
+numbers, packed documents isolated as if alone, and LoRA trains only its adapters."""
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,10 @@ def mesh_of(spec):
     return mistral_jax.make_mesh(spec, jax.devices()[: data * model])
 
 
-def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2):
+def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
     mesh = mesh_of(spec)
     model = models.init(TINY, seed=1, mesh=mesh)
-    model.remat = remat
+    model.remat, model.unroll = remat, unroll
     params = models.weights(model)
     tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     shardings = S.state_shardings(params, tx, mesh)
@@ -119,6 +119,14 @@ def test_remat_changes_memory_not_numbers(float32_step):
         got = one_step(remat=policy)
         np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=policy)
         np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=policy)
+
+
+def test_unrolled_layers_give_the_same_step(float32_step):
+    loss, grad_norm, q = float32_step
+    for unroll in (True,):  # the 2 layers without a loop
+        got = one_step(unroll=unroll)
+        np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=str(unroll))
+        np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=str(unroll))
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(float32_step):
