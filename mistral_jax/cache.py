@@ -60,30 +60,30 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
 def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
     """A chunk's attention over the cache as it was plus the chunk's own keys, as two score
     blocks under one softmax (no copy of the cache's keys). With `k_old` None (the first chunk
-    of a sequence: the cache holds nothing before it) only the chunk's own block is computed.
+    of a sequence: the cache holds nothing before it) only the chunk's own keys are scored, in
+    causal query blocks (`layers.causal_attention`).
 
     q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
     k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
     """
     c = q.shape[1]
-    k_new, v_new = (jnp.swapaxes(a, 1, 2) for a in (k_new, v_new))  # [b, kv, c, h]
-    q = L.group_queries(q, k_new.shape[1])  # [b, kv, g * c, h]
-    f32 = jnp.float32
-    scores = jnp.einsum("bkqh,bkth->bkqt", q, k_new, preferred_element_type=f32)
-    key_index = new_index
-    if k_old is not None:
-        s_old = jnp.einsum("bkqh,bksh->bkqs", q, k_old, preferred_element_type=f32)
-        scores = jnp.concatenate([s_old, scores], axis=-1)
-        key_index = jnp.concatenate([old_index, new_index], axis=1)
+    key_index = new_index if k_old is None else jnp.concatenate([old_index, new_index], axis=1)
     key_index = key_index[:, None, :]  # [b, 1, s + c]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
+    if k_old is None:
+        return L.causal_attention(q, k_new, v_new, mask)
+    k_new, v_new = (jnp.swapaxes(a, 1, 2) for a in (k_new, v_new))  # [b, kv, c, h]
+    q = L.group_queries(q, k_new.shape[1])  # [b, kv, g * c, h]
+    f32 = jnp.float32
+    scores = jnp.concatenate([jnp.einsum("bkqh,bksh->bkqs", q, k_old, preferred_element_type=f32),
+                              jnp.einsum("bkqh,bkth->bkqt", q, k_new, preferred_element_type=f32)],
+                             axis=-1)
     probs = L.masked_softmax(scores, mask).astype(v_new.dtype)
-    out = jnp.einsum("bkqt,bkth->bkqh", probs[..., -c:], v_new)
-    if k_old is not None:
-        out += jnp.einsum("bkqs,bksh->bkqh", probs[..., :-c], v_old)
+    out = (jnp.einsum("bkqs,bksh->bkqh", probs[..., :-c], v_old)
+           + jnp.einsum("bkqt,bkth->bkqh", probs[..., -c:], v_new))
     return L.ungroup(out, c)
 
 
