@@ -119,13 +119,15 @@ def main() -> None:
     for run in runs.values():
         timed(run, args.warmup, 0)
     # Rounds of (matmul, ours, transformers): on a shared machine the load drifts, so each
-    # round's three figures are taken under the same conditions and the medians compared.
+    # round's three figures are taken under the same conditions and the medians compared. Each
+    # framework takes an untimed step first in its turn: right after the other one's step, a
+    # step of either ran up to 20% slower (caches and page mappings held by the other).
     gemm, times = [], {name: [] for name in runs}
     for _ in range(args.repeats):
         gemm.append(flops.matmul_flops_per_s(jax.devices()[0], getattr(jnp, args.dtype),
                                                repeats=3))
         for name, run in runs.items():
-            times[name] += timed(run, 0, 1)
+            times[name] += timed(run, 1, 1)
     peak = float(np.median(gemm))
     result = {"device": str(jax.devices()[0].device_kind), "threads": threads,
               "config": dataclasses.asdict(config), "batch": args.batch, "seq": args.seq,
