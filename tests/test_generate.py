@@ -63,6 +63,15 @@ def test_greedy_equals_transformers_generate(models_, name, length, new):
                                   expected)
 
 
+def test_long_prompt_prefills_in_causal_query_blocks(models_):
+    # 300 tokens pad to one 512-token chunk: four query blocks of 128, the first all padding
+    theirs, mine = models_["llama"]
+    ids = prompt(300, seed=3)
+    expected = hf_greedy(theirs, ids, 8)
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=8),
+                                  expected)
+
+
 def test_repetition_penalty_equals_transformers(models_):
     theirs, mine = models_["mistral"]
     ids = prompt(6, seed=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mistral_jax
-from mistral_jax.layers import default_positions
+from mistral_jax.layers import MIN_QUERY_BLOCK, default_positions
 from tests.reference import hf_model, ours, torch_logits
 
 ATOL = 1e-4
@@ -98,6 +98,32 @@ def test_inputs_embeds_and_explicit_positions(pair):
         ref = theirs(inputs_embeds=torch.tensor(embeds), position_ids=positions).logits.numpy()
     got = mistral_jax.forward(mine, inputs_embeds=embeds, positions=np.asarray(positions))
     assert np.max(np.abs(np.asarray(got) - ref)) <= ATOL
+
+
+@pytest.mark.parametrize("kind,overrides", [("mistral", {}),
+                                             ("llama", {"max_position_embeddings": 512}),
+                                             ("gpt2", {"n_positions": 512})])
+def test_long_sequences_in_causal_query_blocks_equal_torch(kind, overrides, tmp_path):
+    # 300 tokens: three query blocks of 128 (the last one short), padding on both sides, and
+    # (Mistral) a window of 4 inside every block
+    theirs = hf_model(kind, tmp_path, **overrides)
+    mine = ours(tmp_path)
+    assert MIN_QUERY_BLOCK < 300 // 2
+    ids = random_ids((2, 300), seed=6)
+    mask = np.ones_like(ids)
+    mask[0, :140] = 0  # left padding across the first block boundary
+    mask[1, 290:] = 0
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    ref = torch_logits(theirs, ids, mask, positions)
+    got = np.asarray(mistral_jax.forward(mine, ids, mask))
+    real = mask.astype(bool)
+    assert np.max(np.abs(got[real] - ref[real])) <= ATOL
+    labels = np.where(real, ids, -100)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids).long(), attention_mask=torch.tensor(mask),
+                          position_ids=torch.tensor(positions).long(),
+                          labels=torch.tensor(labels).long()).loss.item()
+    assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])
