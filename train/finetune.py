@@ -31,7 +31,12 @@ def positive(kind):
 
 def unroll_count(text: str) -> int | bool:
     """--unroll: a positive layer count, or 'all' (jax.lax.scan's unroll=True)."""
-    return True if text == "all" else positive(int)(text)
+    if text == "all":
+        return True
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of layers or 'all', "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,10 +74,10 @@ def parser() -> argparse.ArgumentParser:
         help="what the backward pass recomputes instead of storing: none (fastest), full "
         "(least memory: keeps only each layer's input), dots (keeps matmul outputs), "
         "dots_no_batch (keeps weight matmul outputs, recomputes attention)")
-    add("--unroll", type=unroll_count, default=1, help="layers per iteration of the loop over "
-        "layers, or 'all' for none: unrolled layers compile slower and run faster (no "
-        "stacked saved values to fill and copy: 3.5%% a step for the 4-layer default on a CPU) "
-        "(default 1)")
+    add("--unroll", type=unroll_count, default=1, metavar="N|all",
+        help="layers per iteration of the loop over layers, or 'all' for no loop: unrolled "
+        "layers compile slower and run faster (no stacked saved values to fill and copy: 3.5%% "
+        "a step for the 4-layer default on a CPU) (default 1)")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype; "
         "weights and optimizer state stay float32 (default float32)")
     add("--isolate-documents", action="store_true", help="attention stays within each packed "
