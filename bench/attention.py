@@ -1,6 +1,7 @@
 """Attention kernels on one device, bfloat16: `jax.nn.dot_product_attention` with the cuDNN
-implementation against its XLA implementation and against our model's attention
-(`mistral_jax.layers.attention`, an XLA score matrix under a boolean mask), forward and
+implementation against its XLA implementation and against the attention our model trains with
+(`mistral_jax.layers.attend_with`: XLA score matrices under a boolean mask, in causal query
+blocks), forward and
 forward + backward, causal at Mistral-7B's head shape (32 query heads, 8 kv heads, head_dim 128),
 and with Mistral's 4096-token sliding window (cuDNN: `local_window_size`).
 
@@ -28,9 +29,8 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def ours(q, k, v, window):
-    t = q.shape[1]
-    mask = L.attention_mask_bts(jnp.ones((q.shape[0], t), jnp.int32), window)
-    return L.attention(q, k, v, mask)[0]
+    mask = L.attention_mask_bts(jnp.ones(q.shape[:2], jnp.int32), window)
+    return L.attend_with(mask)(q, k, v)[0]
 
 
 def library(implementation: str):
@@ -47,8 +47,10 @@ KERNELS = {"cudnn": library("cudnn"), "xla": library("xla"), "ours": ours}
 def flops(batch: int, t: int, window: int | None, backward: bool) -> float:
     """Matmul FLOPs a causal (windowed) kernel needs: the visible half (band) of the scores."""
     visible = t * (t + 1) / 2 if window is None else sum(min(i + 1, window) for i in range(t))
-    forward = 4 * batch * HEADS * HEAD_DIM * visible
-    return forward * (3.5 if backward else 1.0)  # backward: 5 matmuls of the 2 forward ones' size
+    forward = 4 * batch * HEADS * HEAD_DIM * visible  # scores and values: 2 matmuls
+    # forward + backward as FlashAttention counts it: the backward is 5 matmuls of that size
+    # (the recomputed scores, and the gradients of values, probabilities, queries and keys)
+    return forward * (3.5 if backward else 1.0)
 
 
 def measure(kernel, batch: int, t: int, window: int | None, backward: bool) -> float:
