@@ -1,21 +1,22 @@
-"""`python -m convert.from_torch SRC OUT`: a torch-side checkpoint -> a mistral_jax checkpoint.
+"""Convert a torch-side checkpoint into a mistral_jax checkpoint directory.
 
-SRC is a Hugging Face folder (config.json + model.safetensors | sharded safetensors + index |
-pytorch_model.bin) or Mistral's original release (params.json + consolidated.*.pth |
-consolidated.safetensors) or a GGUF file (llama.cpp's format, llama / mistral architecture,
-dequantized) or a Megatron-LM GPT-2 checkpoint (NGC .zip, .pt, or a checkpoint directory with
-tensor-parallel / pipeline shards); its tokenizer (tokenizer.model, tokenizer.json or GPT-2's
-vocab.json + merges.txt; a GGUF file's metadata; Megatron's --vocab-file/--merge-file) is
-carried over.
+SRC is what you hold: a Hugging Face model folder (config.json with model.safetensors, sharded
+safetensors and their index, or pytorch_model.bin) or a Hub repo id; Mistral's original release
+(params.json with consolidated.*.pth or consolidated.safetensors); a GGUF file (llama / mistral
+architecture, dequantized); or a Megatron-LM GPT-2 checkpoint (the NGC .zip, a .pt, or a
+training run's directory with tensor-parallel / pipeline shards). The format is detected. The
+tokenizer comes along (tokenizer.model, tokenizer.json, GPT-2's vocab.json + merges.txt, a GGUF
+file's metadata, or Megatron's --vocab-file / --merge-file).
 
-Each format is a module with `detect(path) -> bool` and `plan(path, **options) -> Plan`; a module
-with options adds their flags in `add_arguments(parser)`, and the flags the user sets reach its
-`plan` as keyword arguments.
+Tensors are converted one at a time, so memory holds about one tensor, and OUT appears only once
+it is complete.
+
+    python -m convert.from_torch path/to/hf-folder ckpt/
+    python -m convert.from_torch mistralai/Mistral-7B-v0.1 ckpt/ --dtype bfloat16
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -25,10 +26,14 @@ import numpy as np
 
 from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
-from convert.tensors import ConversionError
+from convert.tensors import ConversionError, SafetensorsFile
+from mistral_jax import cli
 from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Each format is a module with `detect(path) -> bool` and `plan(path, **options) -> Plan`; a
+# module with options adds their flags in `add_arguments(parser)`, and the flags the user sets
+# reach its `plan` as keyword arguments.
 FORMATS = {"hf": hf, "mistral": mistral_original, "gguf": gguf, "megatron": megatron}
 
 
@@ -36,6 +41,10 @@ def detect(src: Path) -> str:
     for name, module in FORMATS.items():
         if module.detect(src):
             return name
+    if src.is_file() and src.suffix == ".safetensors":
+        SafetensorsFile(src)  # raises when it is not one
+        raise ConversionError(f"{src} is a bare safetensors file; give the folder that holds it "
+                              "with its config.json (a Hugging Face model folder)")
     raise ConversionError(f"{src} is not a Hugging Face model folder (config.json with "
                           "model.safetensors, a safetensors index or pytorch_model.bin) nor a "
                           "Mistral release (params.json with consolidated.*.pth or "
@@ -69,53 +78,98 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
 def resolve(src: str | Path, revision: str | None = None) -> Path:
     """`src` itself when it exists, else a Hub repo id's snapshot (`owner/name`), or one file of
     it (`owner/name/file.gguf`), from huggingface_hub's cache (downloaded first unless
-    HF_HUB_OFFLINE=1)."""
+    HF_HUB_OFFLINE=1, or when the Hub cannot be reached)."""
     if Path(src).exists():
         return Path(src)
     match = REPO_ID.fullmatch(str(src))
     if match is None:
         raise ConversionError(f"{src} does not exist (and is not a Hub repo id like "
                               "mistralai/Mistral-7B-v0.1 or owner/name/file.gguf)")
-    from huggingface_hub import constants, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants
 
     repo, filename = match["repo"], match["file"]
+    if constants.HF_HUB_OFFLINE:
+        return _from_cache(src, repo, filename, revision, "HF_HUB_OFFLINE=1 is set")
+    if not _hub_reachable(constants.ENDPOINT):
+        return _from_cache(src, repo, filename, revision,
+                           f"cannot reach the Hub ({constants.ENDPOINT})")
+    try:
+        return _download(repo, filename, revision)
+    except Exception as e:  # noqa: BLE001 (the hub client's errors come from several libraries)
+        if not _is_network_error(e):
+            raise
+        return _from_cache(src, repo, filename, revision, f"cannot reach the Hub ({e})")
+
+
+def _download(repo: str, filename: str | None, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
     skip = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "original/*"]
     try:
         if filename:
             return Path(hf_hub_download(repo, filename, revision=revision))
-        if not constants.HF_HUB_OFFLINE:  # fetch only one copy of the weights
-            from huggingface_hub import list_repo_files
-
-            files = list_repo_files(repo, revision=revision)
-            if any(f.endswith(".safetensors") for f in files):
-                skip += ["*.bin", "*.pth", "*.pt"]
+        if any(f.endswith(".safetensors") for f in list_repo_files(repo, revision=revision)):
+            skip += ["*.bin", "*.pth", "*.pt"]  # fetch only one copy of the weights
         return Path(snapshot_download(repo, revision=revision, ignore_patterns=skip))
+    except HfHubHTTPError as e:
+        raise ConversionError(f"{repo}: the Hugging Face Hub says: {str(e).splitlines()[0]}"
+                              ) from None
+
+
+def _from_cache(src, repo: str, filename: str | None, revision: str | None, why: str) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        if filename:
+            return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
+        offline = why.startswith("HF_HUB_OFFLINE")
         raise ConversionError(
-            f"{src}: not a path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            "with HF_HUB_OFFLINE=1 it must be downloaded beforehand") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ConversionError(f"{src}: cannot fetch from the Hugging Face Hub: {e}") from None
+            f"{src}: {why} and it is not in the Hugging Face cache; "
+            + ("unset HF_HUB_OFFLINE to download it" if offline else
+               "set HF_HUB_OFFLINE=1 and download it where there is a network "
+               f"(hf download {repo}), or give a local path")) from None
+
+
+def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the Hub opens within `timeout` s (the Hub client itself
+    retries for about half a minute before it gives up)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_network_error(e: Exception) -> bool:
+    return isinstance(e, OSError | TimeoutError) or type(e).__module__.split(".")[0] in (
+        "httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 REPO_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<file>[\w./-]+\.gguf))?")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="the checkpoint: a folder or file in one of the formats below, "
-                        "or a Hugging Face Hub repo id (resolved through the huggingface_hub "
-                        "cache; HF_HUB_OFFLINE=1 uses the cache only)")
+    parser = cli.parser("python -m convert.from_torch", __doc__)
+    parser.add_argument("src", help="the checkpoint: a folder or file in one of the formats "
+                        "above, or a Hugging Face Hub repo id (through huggingface_hub's cache; "
+                        "HF_HUB_OFFLINE=1 uses the cache only)")
     parser.add_argument("out", help="checkpoint directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="cast weights to this dtype (default: keep the source's)")
+                        help="cast the weights to this dtype (default: keep the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--format", choices=["auto", *FORMATS], default="auto",
-                        help="source format (default: detected from the files)")
+                        help="source format, when detection is not what you want")
     options = {}  # format -> the dests of its flags
     for name, module in FORMATS.items():
         if hasattr(module, "add_arguments"):
@@ -123,6 +177,10 @@ def main(argv=None) -> int:
             module.add_arguments(parser.add_argument_group(f"{name} options"))
             options[name] = {a.dest for a in parser._actions} - before
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:  # before any work
+        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose "
+              "another OUT", file=sys.stderr)
+        return 1
 
     def run():
         src = resolve(args.src, args.revision)

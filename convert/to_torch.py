@@ -1,15 +1,15 @@
-"""`python -m convert.to_torch CKPT OUT`: a mistral_jax checkpoint -> a Hugging Face folder
-(config.json + model.safetensors + tokenizer files) that `AutoModelForCausalLM.from_pretrained`
-loads with the same logits. The inverse of `convert/hf.py`'s key maps, one layer at a time.
+"""Export a mistral_jax checkpoint to a Hugging Face folder (config.json, model.safetensors and
+the tokenizer files) that transformers' `AutoModelForCausalLM.from_pretrained` loads with the
+same logits; or LoRA adapters (train.finetune's OUT/adapters) to a PEFT folder that
+`peft.PeftModel.from_pretrained(base, OUT)` loads onto the exported base.
+
+    python -m convert.to_torch ckpt/ hf-out/
+    python -m convert.to_torch run/adapters peft-out/
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import jax
@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 import mistral_jax
+from convert import peft
 from convert.cli import report
-from mistral_jax import models
-from mistral_jax.configs import GPT2Config, to_hf_dict
+from mistral_jax import cli, files, lora, models
+from mistral_jax.configs import GPT2Config
 
 
 def mistral_tensors(c, w: dict) -> dict[str, np.ndarray]:
@@ -67,10 +68,8 @@ def gpt2_tensors(c: GPT2Config, w: dict) -> dict[str, np.ndarray]:
 
 
 def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the HF folder for checkpoint `ckpt` at `out` (atomically, via a temp sibling)."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another path")
+    """Write the HF folder for checkpoint `ckpt` at `out` (whole or not at all)."""
+    out = files.check_new(out, overwrite)
     params = mistral_jax.load(ckpt)
     config = params.config
     weights = jax.tree.map(np.asarray, models.weights(params))
@@ -80,29 +79,25 @@ def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
                                                                        torch.float32)
     state = {k: torch.tensor(np.ascontiguousarray(v, np.float32)).to(dtype)
              for k, v in tensors.items()}
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
-        hf_config = {**to_hf_dict(config), "dtype": str(dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    with files.atomic_directory(out, overwrite=overwrite) as tmp:
+        files.write_config(tmp, config, params.tokenizer,
+                           dtype=str(dtype).removeprefix("torch."))
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        if params.tokenizer is not None:
-            params.tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.to_torch", description=__doc__)
-    parser.add_argument("ckpt", help="mistral_jax checkpoint directory")
-    parser.add_argument("out", help="Hugging Face folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    args = parser.parse_args(argv)
-    return report(lambda: export(args.ckpt, args.out, overwrite=args.overwrite))
+    p = cli.parser("python -m convert.to_torch", __doc__)
+    p.add_argument("ckpt", help="mistral_jax checkpoint directory, or a LoRA adapters directory")
+    p.add_argument("out", help="Hugging Face (or PEFT) folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:  # before any work
+        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose "
+              "another OUT", file=sys.stderr)
+        return 1
+    write = peft.export if lora.is_adapters(args.ckpt) else export
+    return report(lambda: write(args.ckpt, args.out, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 weights written by Orbax under `weights/` as a nested dict mirroring the model's attributes.
 
 A checkpoint does not record the mesh it was saved from: `load(path, mesh=...)` restores every
-weight straight into the sharding the rules give on that mesh.
+weight straight into the sharding the rules give on that mesh. Every directory is written whole
+or not at all (see `files.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -20,12 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mistral_jax import models, sharding
-from mistral_jax.configs import Config, from_hf_dict, to_hf_dict
+from mistral_jax import files, lora, models, sharding
+from mistral_jax.configs import Config, from_hf_dict
 from mistral_jax.decoder import Decoder
+from mistral_jax.files import WEIGHTS
 from mistral_jax.tokenizer import Tokenizer
-
-WEIGHTS = "weights"
 
 
 class CheckpointError(ValueError):
@@ -33,7 +31,8 @@ class CheckpointError(ValueError):
 
 
 def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically."""
+    """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically.
+    Every process of a multi-process run calls it; each writes the shards it holds."""
     weights = models.weights(model)
     if model.vocab_padded != model.config.vocab_size:  # checkpoints hold the real vocab only
         axes = models.logical_axes(model)
@@ -43,30 +42,12 @@ def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) ->
 
 def write(config: Config, weights: dict, path: str | os.PathLike, *, tokenizer=None,
           overwrite: bool = False) -> Path:
-    """Write a checkpoint from a config and a nested dict of arrays (numpy or jax).
-
-    Everything goes to a temporary sibling directory first, renamed into place at the end, so an
-    interrupted save never leaves a directory that looks like a checkpoint.
-    """
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another path")
+    """Write a checkpoint from a config and a nested dict of arrays (numpy or jax)."""
+    path = files.check_new(path, overwrite)
     check_weights(config, weights, str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(json.dumps(to_hf_dict(config), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / WEIGHTS, weights)
-            ckptr.wait_until_finished()
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with files.atomic_directory(path, overwrite=overwrite) as tmp:
+        files.write_config(tmp, config, tokenizer)
+        files.write_arrays(tmp / WEIGHTS, weights)
     return path
 
 
@@ -76,29 +57,23 @@ class StreamingWriter:
 
     Orbax writes the checkpoint's metadata for the tree of weights (with one-element stand-ins);
     each weight is then created at its full shape as a zarr array, in the layout Orbax reads back
-    with `use_ocdbt=False`, chunked by layer. Like `write`, everything goes to a temporary sibling
-    directory renamed into place at the end; leaving the `with` block by an exception removes it,
-    and a weight (or layer) never written is an error.
+    with `use_ocdbt=False`, chunked by layer. Leaving the `with` block by an exception leaves
+    nothing behind, and a weight (or layer) never written is an error.
     """
 
     def __init__(self, config: Config, path: str | os.PathLike, *, tokenizer=None,
                  overwrite: bool = False):
-        self.config, self.tokenizer = config, tokenizer
-        self.path = Path(path).absolute()
-        if self.path.exists() and not overwrite:
-            raise CheckpointError(
-                f"{self.path} already exists; pass overwrite=True or choose another path")
+        self.config, self.tokenizer, self.overwrite = config, tokenizer, overwrite
+        self.path = files.check_new(path, overwrite)
         self.shapes = {k: tuple(v.shape) for k, v in
                        models.flatten(models.weights(models.abstract(config))).items()}
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self.arrays: dict[str, ts.TensorStore] = {}
         self.written: dict[str, set] = {k: set() for k in self.shapes}
 
     def __enter__(self) -> StreamingWriter:
-        self.tmp.mkdir(parents=True)
-        (self.tmp / "config.json").write_text(json.dumps(to_hf_dict(self.config), indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save(self.tmp)
+        self._directory = files.atomic_directory(self.path, overwrite=self.overwrite)
+        self.tmp = self._directory.__enter__()
+        files.write_config(self.tmp, self.config, self.tokenizer)
         stand_ins = models.unflatten({k: np.zeros((1,) * len(s), np.float32)
                                       for k, s in self.shapes.items()})
         absl = logging.getLogger("absl")  # quiet Orbax's note that there is no OCDBT to merge
@@ -142,76 +117,118 @@ class StreamingWriter:
         return ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(np.dtype(dtype)),
                        shape=shape).result()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                layers = set(range(self.config.n_layers))
-                absent = [k for k, got in self.written.items()
-                          if got != (layers if k.startswith("layers.") else {None})]
-                if absent:
-                    raise CheckpointError(f"{self.path}: never written: " + ", ".join(absent))
-                if self.path.exists():
-                    shutil.rmtree(self.path)
-                self.tmp.rename(self.path)
-        finally:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp, ignore_errors=True)
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            layers = set(range(self.config.n_layers))
+            absent = [k for k, got in self.written.items()
+                      if got != (layers if k.startswith("layers.") else {None})]
+            if absent:
+                error = CheckpointError(f"{self.path}: never written: " + ", ".join(absent))
+                self._directory.__exit__(CheckpointError, error, None)  # removes it
+                raise error
+        return self._directory.__exit__(exc_type, exc, tb)
 
 
 CHUNK_BYTES = 32 << 20  # weights are stored (and written) in chunks of about this size
 
 
 def read_config(path: str | os.PathLike) -> Config:
+    """The config of the checkpoint `path`; a path that is not one gets an error that says
+    what it is and what to do."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_dir():
-        raise CheckpointError(f"{path} is not a mistral_jax checkpoint (needs config.json and "
-                              f"{WEIGHTS}/); convert a torch checkpoint with "
-                              "`python -m convert.from_torch SRC OUT`")
-    return from_hf_dict(json.loads((path / "config.json").read_text()))
+        raise CheckpointError(not_a_checkpoint(path))
+    try:
+        return from_hf_dict(json.loads((path / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
-def load(path: str | os.PathLike, *, mesh=None, dtype=None, sequence_parallel=False) -> Decoder:
+def not_a_checkpoint(path: Path) -> str:
+    """What `path` (which exists) is instead of a checkpoint, and the command that converts."""
+    kind = None
+    if path.is_file() and path.suffix == ".gguf":
+        kind = "a GGUF file"
+    elif path.is_file() and path.suffix in (".zip", ".pt"):
+        kind = "a Megatron-LM checkpoint file"
+    elif path.is_file() and path.suffix == ".safetensors":
+        kind = "a safetensors file (convert the folder that holds it with its config.json)"
+    elif path.is_dir() and (path / "params.json").is_file():
+        kind = "Mistral's original release"
+    elif path.is_dir() and (path / "config.json").is_file() and any(
+            path.glob("*.safetensors*")) or any(path.glob("pytorch_model.bin*")):
+        kind = "a Hugging Face model folder"
+    elif path.is_dir() and ((path / "latest_checkpointed_iteration.txt").is_file()
+                            or any(path.glob("mp_rank_*"))):
+        kind = "a Megatron-LM checkpoint directory"
+    if kind is None:
+        return (f"{path} is not a mistral_jax checkpoint (it needs config.json and {WEIGHTS}/); "
+                "convert a torch checkpoint with `python -m convert.from_torch SRC OUT`")
+    target = path.parent / f"{path.stem if path.is_file() else path.name}-jax"
+    return (f"{path} is {kind}, not a mistral_jax checkpoint; convert it first: "
+            f"python -m convert.from_torch {path} {target}")
+
+
+def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
+         sequence_parallel=False) -> Decoder:
     """The model in `path`, its weights cast to `dtype` (default: as saved).
 
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
-    needs it; `sequence_parallel` as in `sharding.shard`.
+    needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
+    into the weights; `sequence_parallel` as in `sharding.shard`.
     """
-    path = Path(path).absolute()
     config = read_config(path)
-    tokenizer = Tokenizer.from_dir(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(path / WEIGHTS).item_metadata.tree
-        stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
-        check_weights(config, stored, str(path))
-        abstract = models.abstract(config, tokenizer=tokenizer)
-        padded = config.vocab_size
-        if mesh is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, stored)
-        else:
-            padded = sharding.padded_vocab_size(config.vocab_size, mesh.shape[sharding.MODEL])
-            shard_as = sharding.vocab_shardings if padded > config.vocab_size else \
-                sharding.weight_shardings
-            shardings = shard_as(abstract, mesh)
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
-            stored, shardings)
-        tree = ckptr.restore(path / WEIGHTS, target)
-    model = models.with_weights(abstract, tree)
+    try:
+        tokenizer = Tokenizer.from_dir(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: its tokenizer cannot be read: {e}") from None
+    stored = files.stored_shapes(Path(path) / WEIGHTS)
+    check_weights(config, stored, str(path))
+    abstract = models.abstract(config, tokenizer=tokenizer)
+    padded = config.vocab_size
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, stored)
+    else:
+        padded = sharding.padded_vocab_size(config.vocab_size, mesh.shape[sharding.MODEL])
+        shard_as = sharding.vocab_shardings if padded > config.vocab_size else \
+            sharding.weight_shardings
+        shardings = shard_as(abstract, mesh)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+        stored, shardings)
+    model = models.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
     if padded > config.vocab_size:
         model = sharding.shard(model, mesh, donate=True)
+    if adapters is not None:
+        model = lora.apply(model, adapters)
     model.rules = sharding.SEQUENCE_PARALLEL_RULES if sequence_parallel else sharding.RULES
     return model
 
 
 def check_weights(config: Config, tree: dict, where: str) -> None:
-    """Raise one error listing every missing, unexpected or mis-shaped weight for `config`."""
+    """Raise one error for every missing, unexpected or mis-shaped weight for `config`: first a
+    line naming the config fields the weights disagree with, then each tensor on its own line."""
     expected = models.flatten(models.weights(models.abstract(config)))
     got = models.flatten(tree)
     problems = [f"missing {k} {tuple(s.shape)}" for k, s in expected.items() if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"unexpected {k} {tuple(got[k].shape)}" for k in got if k not in expected]
     problems += [f"{k}: shape {tuple(got[k].shape)}, config needs {tuple(s.shape)}"
                  for k, s in expected.items() if k in got and tuple(got[k].shape) != s.shape]
-    if problems:
-        raise CheckpointError(f"{where}: weights do not match its config: " + "; ".join(problems))
+    if not problems:
+        return
+    fields = []
+    for field, (name, axis) in models.model_class(config).SIZES.items():
+        if name in got and name in expected and len(got[name].shape) > axis \
+                and got[name].shape[axis] != expected[name].shape[axis]:
+            fields.append(f"{field} {expected[name].shape[axis]}; the weights have "
+                          f"{got[name].shape[axis]}")
+    if ("lm_head" in got) != ("lm_head" in expected):
+        fields.append(f"tie_word_embeddings {str(config.tie_word_embeddings).lower()}; the "
+                      f"weights {'have' if 'lm_head' in got else 'have no'} lm_head")
+    summary = ("config.json says " + ", and ".join(fields)) if fields else \
+        f"{len(problems)} weight(s) do not match config.json"
+    raise CheckpointError(f"{where}: {summary}\n" + "\n".join(f"  {p}" for p in problems))

@@ -55,6 +55,9 @@ class MistralConfig:
     def n_layers(self) -> int:
         return self.num_hidden_layers
 
+    # RoPE has no table to overrun: positions past max_position_embeddings only warn
+    learned_positions = None
+
     def num_params(self) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
@@ -100,6 +103,7 @@ class GPT2Config:
     intermediate_size = property(lambda self: self.n_inner)
     n_layers = property(lambda self: self.n_layer)
     max_position_embeddings = property(lambda self: self.n_positions)
+    learned_positions = property(lambda self: self.n_positions)  # the table: no position beyond
     sliding_window = None
 
     def num_params(self) -> int:
@@ -183,6 +187,11 @@ def from_hf_dict(d: dict[str, Any]) -> Config:
         if isinstance(kwargs.get(k), list):  # several EOS ids: the first is the one we stop on
             kwargs[k] = kwargs[k][0]
     return cls(**kwargs)
+
+
+def model_type(config: Config) -> str:
+    """"mistral" or "gpt2": the `model_type` of the config.json we write."""
+    return "gpt2" if isinstance(config, GPT2Config) else "mistral"
 
 
 def to_hf_dict(config: Config) -> dict[str, Any]:

@@ -37,6 +37,10 @@ class GPT2Layers(nnx.Module):
 
 
 class GPT2(Decoder):
+    # config field -> (weight, axis) that holds it: how a config is read back off the weights
+    SIZES = {"vocab_size": ("embed", 0), "n_embd": ("embed", 1), "n_positions": ("pos_embed", 0),
+             "n_layer": ("layers.q", 0), "n_head": ("layers.q", 2), "n_inner": ("layers.fc", 2)}
+
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
                  tokenizer=None, vocab_padded: int | None = None):
         c = self.config = config

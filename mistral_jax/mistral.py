@@ -35,6 +35,12 @@ class MistralLayers(nnx.Module):
 
 
 class Mistral(Decoder):
+    # config field -> (weight, axis) that holds it: how a config is read back off the weights
+    SIZES = {"vocab_size": ("embed", 0), "hidden_size": ("embed", 1),
+             "num_hidden_layers": ("layers.q", 0), "num_attention_heads": ("layers.q", 2),
+             "head_dim": ("layers.q", 3), "num_key_value_heads": ("layers.k", 2),
+             "intermediate_size": ("layers.gate", 2)}
+
     def __init__(self, config: MistralConfig, *, rngs: nnx.Rngs | None = None,
                  dtype=jnp.float32, tokenizer=None, vocab_padded: int | None = None):
         c = self.config = config

@@ -34,6 +34,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mistral_jax.notes import note
+
 DATA, MODEL = "data", "model"
 
 
@@ -51,18 +53,25 @@ def parse_mesh(spec: str) -> tuple[int, int]:
 
 
 def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ("data", "model") mesh for "DxT" over `devices` (default: all of them).
+    """The ("data", "model") mesh for "DxT" over `devices` (default: all of them; the first D*T
+    when there are more, with a note).
 
     The axes are `Auto`: XLA propagates shardings from the weights and the few constraints the
     model sets, so the model code needs no per-operation sharding annotations.
     """
     data, model = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
-    if data * model != len(devices):
+    needed, multi = data * model, jax.process_count() > 1
+    if needed > len(devices) or (needed < len(devices) and multi):
         raise ShardingError(
-            f"mesh {spec} needs {data * model} devices but {len(devices)} are given "
-            f"({jax.devices()[0].platform}); pick D and T with D*T = {len(devices)}, or pass "
-            f"devices=jax.devices()[:{data * model}]")
+            f"mesh {spec} needs {needed} devices and {len(devices)} "
+            f"{devices[0].platform} devices are there"
+            + ("; a multi-process mesh takes every process's devices" if multi else
+               f"; pick D and T with D*T <= {len(devices)}"))
+    if needed < len(devices):
+        note(f"mesh {spec} uses the first {needed} of the {len(devices)} "
+             f"{devices[0].platform} devices")
+        devices = devices[:needed]
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
                          devices=devices)
 

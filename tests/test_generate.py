@@ -1,7 +1,8 @@
 """Generation against transformers' generate, against recomputing without a cache, across
 batching, sharding and sampling options, and counted compilations."""
 
-import importlib
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,10 @@ import torch
 import transformers
 
 import mistral_jax
+from mistral_jax import generation as gen
 from mistral_jax import sharding
 from mistral_jax.sampling import Sampling, sample
 from tests.reference import hf_model, ours
-
-gen = importlib.import_module("mistral_jax.generate")  # the module (the package has a function)
 
 # A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
 # so greedy decoding does not settle on one token.
@@ -192,7 +192,7 @@ def test_sharded_model_generates_the_same_tokens(models_, name, spec):
 
 def test_gpt2_refuses_more_positions_than_it_learned(models_):
     _, mine = models_["gpt2"]
-    with pytest.raises(ValueError, match="exceeds GPT-2's 64 learned positions"):
+    with pytest.raises(ValueError, match="=40 needs 70 positions, and this GPT-2 learned 64"):
         mistral_jax.generate_tokens(mine, prompt(30), max_new_tokens=40)
 
 
@@ -246,17 +246,32 @@ def test_chat_messages_use_the_chat_template(text_model):
     assert text == params.tokenizer.decode(expected.tolist())
 
 
-def test_command_line_streams_a_completion(text_model):
+def test_command_line_streams_a_completion(text_model, tmp_path):
+    """As a user runs it: no XLA_FLAGS, so --mesh 1x8 makes its own 8 CPU devices; nothing on
+    stderr but the note about them (no RuntimeWarning about the module)."""
     ckpt, params = text_model
     expected = mistral_jax.generate(params, "Hello", max_new_tokens=6)
-    result = subprocess.run([sys.executable, "-m", "mistral_jax.generate", str(ckpt), "Hello",
-                             "--max-new-tokens", "6"], capture_output=True, text=True,
-                            timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "mistral_jax.generate", str(ckpt), "Hello", "--max-new-tokens",
+           "6"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "Hello" + expected + "\n"
-    bad = subprocess.run([sys.executable, "-m", "mistral_jax.generate", str(ckpt), "x",
-                          "--mesh", "3x3"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "needs 9 devices" in bad.stderr
+    assert result.stdout == "Hello" + expected + "\n" and result.stderr == ""
+    sharded = subprocess.run(cmd + ["--mesh", "1x8", "--verbose"], capture_output=True,
+                             text=True, timeout=300, env=env, cwd=tmp_path)
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == result.stdout
+    notes = sharded.stderr.splitlines()
+    assert notes[0] == "note: --mesh 1x8: 8 CPU devices " \
+        "(--xla_force_host_platform_device_count=8 in XLA_FLAGS)", notes
+    assert re.fullmatch(r"loaded in [\d.]+ s; first token [\d.]+ s after \(compilation "
+                        r"included\); 6 tokens, [\d.]+ tokens/s after the first", notes[1])
+    bad = subprocess.run(cmd[:4] + ["x", "--mesh", "3x3"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert bad.returncode == 1
+    assert bad.stderr == ("error: --mesh 3x3: num_attention_heads=8 is not divisible by the "
+                          "model axis 3; use a mesh whose T divides 8; --mesh 9x1 fits\n")
 
 
 def test_bad_arguments():

@@ -157,11 +157,18 @@ def test_mesh_strings_and_device_counts():
     for bad in ["8", "1x", "axb", "0x8", "1x-2", "2x2x2"]:
         with pytest.raises(sharding.ShardingError, match="is not DxT with positive integers"):
             mistral_jax.make_mesh(bad)
-    with pytest.raises(sharding.ShardingError, match="needs 16 devices but 8 are given"):
+    with pytest.raises(sharding.ShardingError, match="needs 16 devices and 8 cpu devices are "
+                       r"there; pick D and T with D\*T <= 8"):
         mistral_jax.make_mesh("2x8")
-    with pytest.raises(sharding.ShardingError, match="needs 4 devices but 8 are given"):
-        mistral_jax.make_mesh("1x4")
     assert dict(mistral_jax.make_mesh("2x4").shape) == {"data": 2, "model": 4}
+
+
+def test_a_mesh_smaller_than_the_machine_takes_the_first_devices(capsys):
+    mesh = mistral_jax.make_mesh("1x2")
+    assert list(mesh.devices.flat) == jax.devices()[:2]
+    assert capsys.readouterr().err == "note: mesh 1x2 uses the first 2 of the 8 cpu devices\n"
+    model = mistral_jax.shard(mistral_jax.init(configs.preset("mistral-tiny")), mesh)
+    assert model.layers.q[...].sharding.mesh.devices.size == 2
 
 
 def test_head_counts_that_do_not_divide():

@@ -2,9 +2,9 @@
 uninterrupted run, so does a run SIGKILLed in the middle of a save, so do 2 processes x 4
 devices; the default run writes what generate loads; bad input fails in one line."""
 
-import importlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -85,7 +85,9 @@ def test_uninterrupted_run_learns_and_writes_everything(files, uninterrupted):
     assert model.config.vocab_size == 300 and model.tokenizer is not None
 
 
-def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch):
+def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch, capsys):
+    """Ctrl-C after step 3: the run says where its last checkpoint is and the command that
+    resumes it; that command gives the uninterrupted run's losses."""
     from train import data
 
     out, calls = files / "interrupted", []
@@ -98,11 +100,16 @@ def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch
         return real_next(self)
 
     monkeypatch.setattr(data.Batches, "__next__", stop_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main(flags(files, out))
+    assert finetune.main(flags(files, out)) == 130
     monkeypatch.undo()
     assert sorted(losses(out)[0]) == [1, 2, 3]
-    assert finetune.main(flags(files, out, "--resume")) == 0
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-2] == (f"interrupted at step 3; the last checkpoint is step 3 in "
+                        f"{out / 'checkpoints'}; continue with:")
+    resume = shlex.split(said[-1])
+    assert resume[:3] == ["python", "-m", "train.finetune"]
+    assert resume[3:] == flags(files, out, "--resume")
+    assert finetune.main(resume[3:]) == 0
     assert_same_losses(losses(out), uninterrupted)
 
 
@@ -169,7 +176,8 @@ def test_default_run_shortened_trains_and_generate_loads_its_checkpoint(tmp_path
                           "3", "--eval-batches", "1", "--out", str(out)]) == 0
     train, evals = losses(out)
     assert train[3] < train[1] and 3 in evals
-    generate = importlib.import_module("mistral_jax.generate")  # the module, not the function
+    from mistral_jax.cli import generate
+
     assert generate.main([str(out / "final"), "LAWYER, n.", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("LAWYER, n.")
     trained = mistral_jax.load(out / "final")

@@ -26,7 +26,7 @@ class Chars:
 
 def test_documents_are_packed_with_eos_between_and_the_last_row_padded():
     docs = D.tokenize([D.Document("abc"), D.Document("de")], Chars())
-    rows = D.pack(docs, 4, pad_id=9)
+    rows = D.pack(docs, 4, pad_id=9, isolate_documents=False)
     assert rows.ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 9]]
     assert rows.labels.tolist() == [[1, 2, 3, 0], [4, 5, 0, IGNORE]]
     assert rows.positions.tolist() == [[0, 1, 2, 3]] * 2
@@ -42,7 +42,7 @@ def test_prompt_and_completion_count_only_the_completion_and_its_eos():
 
 def test_isolated_documents_restart_positions_and_are_not_predicted_across():
     docs = D.tokenize([D.Document("abc"), D.Document("de"), D.Document("f")], Chars())
-    rows = D.pack(docs, 8, pad_id=9, isolate_documents=True)
+    rows = D.pack(docs, 8, pad_id=9)  # isolated is the default
     # a b c EOS | d e EOS | f ... (then EOS, in the next row)
     assert rows.segments[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
     assert rows.positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, models
+from mistral_jax import configs, lora, models
 from train import data as D
-from train import lora
 from train import step as S
 
 TINY = configs.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,

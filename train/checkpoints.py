@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-DIRECTORY = "checkpoints"
+CHECKPOINTS = "checkpoints"
 
 
 class RunCheckpoints:
@@ -22,7 +22,7 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(Path(out).absolute() / DIRECTORY, options=options)
+        self.manager = ocp.CheckpointManager(Path(out).absolute() / CHECKPOINTS, options=options)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -47,6 +47,13 @@ class RunCheckpoints:
         self.manager.close()
 
 
+def saved_steps(out: Path) -> list[int]:
+    """The steps of the complete checkpoints in OUT/checkpoints, in order."""
+    directory = Path(out) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def has_checkpoints(out: Path) -> bool:
-    directory = Path(out) / DIRECTORY
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    return bool(saved_steps(out))

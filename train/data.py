@@ -7,8 +7,9 @@ A plain text file is one document. A JSONL file holds one object per line with `
 Packing is global and deterministic (the same rows in the same order whatever the number of
 processes); each process then builds only the rows its own devices hold
 (`jax.make_array_from_callback`), so a multi-host run splits the batches, not the data order.
-With `isolate_documents`, a token attends only within its document (segment ids), positions
-restart at each document, and the first token of a document is not predicted from the last.
+With `isolate_documents` (the default), a token attends only within its document (segment ids),
+positions restart at each document, and the first token of a document is not predicted from the
+last; without, a row is one stream of text.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Rows:
 
 
 def pack(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int,
-         isolate_documents: bool = False) -> Rows:
+         isolate_documents: bool = True) -> Rows:
     """Concatenate the documents and cut rows of `seq_len`; the last row is padded."""
     ids = np.concatenate([d[0] for d in docs])
     counted = np.concatenate([d[1] for d in docs])
@@ -136,6 +137,13 @@ def pack(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int
         labels[:, 1:][starts[:, 1:]] = IGNORE_INDEX  # not predicted from another document
         positions = _positions_within_segments(starts)
     return Rows(ids, labels, positions, segments)
+
+
+def describe(rows: Rows, documents: int, what: str) -> str:
+    """"WHAT: N documents, M tokens, R rows of S tokens" (for messages)."""
+    tokens = int((rows.segments >= 0).sum())
+    return (f"{what}: {documents:,} document{'s' * (documents != 1)}, {tokens:,} tokens, "
+            f"{len(rows):,} row{'s' * (len(rows) != 1)} of {rows.ids.shape[1]} tokens")
 
 
 def _positions_within_segments(starts: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ Multi-host: start one process per host with --coordinator, --num-processes and -
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -43,8 +44,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--mesh", default="1x8", help="device mesh DxT: D-way data parallel x T-way tensor "
-        "(Megatron) parallel, D*T devices; T must divide the attention heads (default 1x8)")
+    add("--mesh", default="auto", metavar="DxT|auto", help="device mesh DxT: D-way data "
+        "parallel x T-way tensor (Megatron) parallel over D*T devices; T must divide the "
+        "attention heads. On a CPU, fake CPU devices are made for it. auto: every device (8 "
+        "on a CPU) with the largest T that fits the model, 1x8 for the default run "
+        "(default auto)")
     add("--init", metavar="CKPT", help="checkpoint directory to start from (convert.from_torch "
         "writes one); default: a small random Mistral, the embedded default run")
     add("--data", nargs="+", metavar="FILE", help="training data: .txt files (each one "
@@ -80,8 +84,10 @@ def parser() -> argparse.ArgumentParser:
         "a step for the 4-layer default on a CPU) (default 1)")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype; "
         "weights and optimizer state stay float32 (default float32)")
-    add("--isolate-documents", action="store_true", help="attention stays within each packed "
-        "document and positions restart at each one (default: rows attend across documents)")
+    add("--isolate-documents", action=argparse.BooleanOptionalAction, default=True,
+        help="attention stays within each packed document and positions restart at each one; "
+        "--no-isolate-documents lets a row attend across the documents packed into it "
+        "(default: isolated)")
     add("--eval-every", type=positive(int), help="evaluate every N steps (default 200; default "
         "run 40)")
     add("--eval-batches", type=positive(int), default=8, help="at most this many batches of "
@@ -103,9 +109,9 @@ def parser() -> argparse.ArgumentParser:
         "q,k,v,o,gate,up,down; GPT-2 q,k,v,o,fc,proj (default q,v)")
     add("--lora-alpha", type=positive(float), help="LoRA scale numerator: W + alpha/rank * A B "
         "(default 2 * rank)")
-    add("--merge-lora", action="store_true", help="with LoRA: write OUT/final as a plain "
+    add("--merge-lora", action="store_true", help="with LoRA: also write OUT/final, a plain "
         "checkpoint with the adapters merged into the weights (OUT/adapters is written "
-        "either way)")
+        "either way; python -m train.merge_lora merges them later)")
     add("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0, for "
         "jax.distributed.initialize")
     add("--num-processes", type=positive(int), default=1, help="multi-host: processes in all")
@@ -134,18 +140,18 @@ def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> None:
-    from mistral_jax.sharding import parse_mesh
+    from mistral_jax.devices import parse
 
-    data, model = parse_mesh(args.mesh)
+    shape = parse(args.mesh)
     if args.merge_lora and not args.lora_rank:
         raise UsageError("--merge-lora needs --lora-rank")
     if args.num_processes > 1 and not args.coordinator:
         raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT")
     if not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
-    if (data * model) % args.num_processes:
-        raise UsageError(f"--mesh {args.mesh} ({data * model} devices) does not split evenly "
-                         f"over {args.num_processes} processes")
+    if shape and (shape[0] * shape[1]) % args.num_processes:
+        raise UsageError(f"--mesh {args.mesh} ({shape[0] * shape[1]} devices) does not split "
+                         f"evenly over {args.num_processes} processes")
     if args.out is None:
         raise UsageError("--resume and multi-process runs need --out (every process must "
                          "name the same directory)")
@@ -153,30 +159,59 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
 
 
+def resume_command(argv: list[str], out: str) -> str:
+    """The command line that continues this run: the same flags, --out named, and --resume."""
+    argv = list(argv)
+    if "--out" not in argv and not any(a.startswith("--out=") for a in argv):
+        argv += ["--out", out]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "python -m train.finetune " + " ".join(shlex.quote(a) for a in argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    import logging
+
+    from mistral_jax import devices
     from mistral_jax.checkpoint import CheckpointError
     from mistral_jax.configs import ConfigError
-    from mistral_jax.sharding import ShardingError, parse_mesh
-    from train import devices
+    from mistral_jax.lora import LoraError
+    from mistral_jax.notes import LOGGER
+    from mistral_jax.sharding import ShardingError
     from train.data import DataError
-    from train.loop import Stopped, run
-    from train.lora import LoraError
+    from train.loop import Interrupted, Stopped, run
 
-    errors = (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError)
+    errors = (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError,
+              FileNotFoundError)
     try:
         args = with_defaults(args)
         check(args)
-        data, model = parse_mesh(args.mesh)
-        note = devices.prepare(data * model // args.num_processes)
+        devices.prepare(args.mesh, args.num_processes)  # before JAX starts
         devices.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        run(args, device_note=note)
+        import jax
+
+        if jax.process_index() != 0:  # one process speaks for the run
+            LOGGER.setLevel(logging.ERROR)
+        run(args)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        if e.step is None:
+            print(f"interrupted at step {e.at}: no checkpoint was saved yet", file=sys.stderr)
+        else:
+            print(f"interrupted at step {e.at}; the last checkpoint is step {e.step} in "
+                  f"{e.directory}; continue with:\n  {resume_command(argv, args.out)}",
+                  file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before the first step: nothing was saved", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,7 +4,6 @@ set up on the mesh, and the loop steps, evaluates, logs and checkpoints until --
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +11,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import checkpoint, models, sharding
-from mistral_jax.configs import GPT2Config, to_hf_dict
+from mistral_jax import checkpoint, devices, lora, models
+from mistral_jax.configs import model_type, to_hf_dict
 from mistral_jax.tokenizer import Tokenizer
 from train import data as D
-from train import default, devices, export, flops, lora, report
+from train import default, flops, report
 from train import step as S
-from train.checkpoints import RunCheckpoints, has_checkpoints
+from train.checkpoints import CHECKPOINTS, RunCheckpoints, has_checkpoints, saved_steps
 from train.errors import UsageError
 
-RUN_FILE = "run.json"
+RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
                   "lora_targets", "lora_alpha", "isolate_documents", "dtype")
@@ -31,12 +30,23 @@ class Stopped(RuntimeError):
     """The run stopped on purpose (non-finite steps); the last good checkpoint is intact."""
 
 
+class Interrupted(RuntimeError):
+    """Ctrl-C: the run stopped after its checkpoints were written out; `step` is the latest
+    complete one (None if none was saved)."""
+
+    def __init__(self, at: int, step: int | None, directory: Path):
+        self.at, self.step, self.directory = at, step, directory
+        super().__init__(f"interrupted at step {at}")
+
+
 @dataclass
 class Plan:
     """What a run needs that can be checked before anything is written."""
 
     config: object
     tokenizer: Tokenizer | None
+    mesh: object
+    messages: list[str]  # notes and warnings, said once the plan holds
     rows: D.Rows
     eval_rows: D.Rows | None
     run_record: dict
@@ -49,20 +59,25 @@ def plan(args) -> Plan:
     else:
         config = checkpoint.read_config(args.init)
         tokenizer = Tokenizer.from_dir(args.init)
-    data_axis, model_axis = sharding.parse_mesh(args.mesh)
-    sharding.check_layout(config, model_axis)
-    D.check_batch(args.batch_size, args.grad_accum, data_axis)
-    if isinstance(config, GPT2Config) and args.seq_len > config.n_positions:
-        raise UsageError(f"--seq-len {args.seq_len} is longer than the {config.n_positions} "
-                         "positions this GPT-2 has learned")
+    mesh, mesh_note = devices.mesh_for(args.mesh, config)
+    messages = [f"note: {mesh_note}"] if mesh_note else []
+    D.check_batch(args.batch_size, args.grad_accum, mesh.shape["data"])
+    if config.learned_positions is not None and args.seq_len > config.learned_positions:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the "
+                         f"{config.learned_positions} positions this GPT-2 has learned")
     if args.lora_rank:
-        lora.check_targets(args.lora_targets, to_hf_dict(config)["model_type"])
+        lora.check_targets(args.lora_targets, model_type(config))
     train_docs, eval_docs = _documents(args)
     pad = tokenizer.pad_id if tokenizer and tokenizer.pad_id is not None else \
         (tokenizer.eos_id if tokenizer else 0)
     packed = lambda docs: D.pack(D.tokenize(docs, tokenizer), args.seq_len, pad_id=pad,
                                  isolate_documents=args.isolate_documents)
     rows = packed(train_docs)
+    if len(rows) < args.batch_size:
+        messages.append("warning: " + D.describe(rows, len(train_docs), "the training data")
+                        + f": fewer than one batch of {args.batch_size}, so each batch "
+                        "repeats rows; over {args.steps} steps each row is seen about "
+                        f"{args.steps * args.batch_size / len(rows):.0f} times")
     eval_rows = packed(eval_docs) if eval_docs else None
     record = {"config": to_hf_dict(config), **{k: getattr(args, k) for k in SAME_ON_RESUME}}
     if args.init is not None:
@@ -74,7 +89,7 @@ def plan(args) -> Plan:
     elif has_checkpoints(out):
         raise UsageError(f"{out} already holds a run's checkpoints; pass --resume to continue "
                          "it, or choose another --out")
-    return Plan(config, tokenizer, rows, eval_rows, record)
+    return Plan(config, tokenizer, mesh, messages, rows, eval_rows, record)
 
 
 def _documents(args) -> tuple[list[D.Document], list[D.Document]]:
@@ -102,16 +117,14 @@ def _check_same_run(out: Path, record: dict) -> None:
                          + "; ".join(differ) + "); use the same flags, or another --out")
 
 
-def run(args, device_note: str | None = None) -> None:
+def run(args) -> None:
     p = plan(args)  # every check that can fail on bad input happens before this line returns
     out = Path(args.out)
     primary = jax.process_index() == 0
-    data_size, model_size = sharding.parse_mesh(args.mesh)
-    mesh = sharding.make_mesh(args.mesh, devices.mesh_devices(data_size, model_size))
+    mesh = p.mesh
     progress = report.Progress(args.steps)
-    if primary and device_note and mesh.devices.flat[0].platform == "cpu":
-        progress.message(f"--mesh {args.mesh}: using {data_size * model_size} CPU devices "
-                         f"(set {device_note} before JAX started)")
+    for message in p.messages if primary else ():
+        progress.message(message)
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(p.run_record, indent=2) + "\n")
@@ -133,19 +146,22 @@ def run(args, device_note: str | None = None) -> None:
             if primary:
                 report.truncate_metrics(out, start)
                 progress.message(f"resumed from step {start} in {out / 'checkpoints'}")
+        interrupted = False
         try:
             trainer.loop(batches, checkpoints, progress, out if primary else None)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
-            checkpoints.close()
+            checkpoints.close()  # waits for a save in flight
+        if interrupted:
+            steps = saved_steps(out)
+            raise Interrupted(trainer.steps_done, steps[-1] if steps else None,
+                              out / CHECKPOINTS)
         trainer.finish(out)
         if primary:
             if report.plot_loss(out) is None:
                 progress.message("no loss.png: matplotlib is not installed")
-            final = out / export.FINAL
-            prompt = "LAWYER, n." if args.init is None else "..."
-            progress.message(f"wrote {final}; try: python -m mistral_jax.generate {final} "
-                             f"\"{prompt}\"" if final.exists() else
-                             f"wrote {out / export.ADAPTERS} (--merge-lora writes {final})")
+            progress.message(trainer.next_step(out))
 
 
 class Trainer:
@@ -187,15 +203,14 @@ class Trainer:
         self.flops_per_token = flops.training_flops_per_token(p.config, args.seq_len)
 
     def evaluate(self) -> tuple[float, float]:
-        total, count = self.eval_step(self.state.params, self.frozen, self.eval_data)
-        loss = float(total) / max(int(count), 1)
-        return loss, math.exp(min(loss, 50.0))
+        return S.mean_loss(*self.eval_step(self.state.params, self.frozen, self.eval_data))
 
     def loop(self, batches, checkpoints: RunCheckpoints, progress, out: Path | None) -> None:
         args = self.args
         metrics = report.Metrics(out) if out is not None else None
         tokens = args.batch_size * args.seq_len
         step, bad, last_saved = int(self.state.step), 0, checkpoints.latest()
+        self.steps_done = step
         try:
             while step < args.steps:
                 start = time.perf_counter()
@@ -204,6 +219,7 @@ class Trainer:
                                                           m["grad_norm"]))
                 seconds = time.perf_counter() - start
                 step += 1
+                self.steps_done = step
                 if not finite:
                     bad += 1
                     progress.message(f"step {step}: non-finite loss {loss} or gradient norm "
@@ -241,13 +257,24 @@ class Trainer:
                 metrics.close()
 
     def finish(self, out: Path) -> None:
-        """OUT/final (and OUT/adapters for LoRA)."""
+        """OUT/final (and OUT/adapters for LoRA), each written whole or not at all."""
         args = self.args
         if args.lora_rank:
-            export.write_adapters(self.state.params, out / export.ADAPTERS, rank=args.lora_rank,
-                                  alpha=args.lora_alpha, targets=args.lora_targets,
-                                  base=self.plan.run_record.get("init"))
+            lora.write(self.state.params, out / ADAPTERS, rank=args.lora_rank,
+                       alpha=args.lora_alpha, targets=args.lora_targets,
+                       config=self.plan.config, base=self.plan.run_record.get("init"))
             if not args.merge_lora:
                 return
         weights = jax.jit(self.assemble)(self.state.params, self.frozen)
-        export.write_model(self.template, weights, out / export.FINAL)
+        checkpoint.save(models.with_weights(self.template, weights), out / FINAL,
+                        overwrite=True)
+
+    def next_step(self, out: Path) -> str:
+        """What to run on what the run wrote."""
+        prompt = "LAWYER, n." if self.args.init is None else "..."
+        if (out / FINAL).exists():
+            return (f"wrote {out / FINAL}; try: python -m mistral_jax.generate {out / FINAL} "
+                    f"\"{prompt}\"")
+        return (f"wrote {out / ADAPTERS}; try: python -m mistral_jax.generate {self.args.init} "
+                f"\"{prompt}\" --adapters {out / ADAPTERS} (python -m train.merge_lora "
+                f"{self.args.init} {out / ADAPTERS} OUT writes them merged)")

@@ -9,6 +9,7 @@ compiles once (`TRACES` counts traces, for the tests).
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -75,7 +76,7 @@ def loss_terms(template, weights: dict, batch: dict, isolate_documents: bool):
 
 def make_train_step(template, tx: optax.GradientTransformation, shardings: TrainState, *,
                     dtype, assemble: Callable[[dict, dict], dict],
-                    isolate_documents: bool = False):
+                    isolate_documents: bool = True):
     """`step(state, frozen, batch) -> (state, metrics)`, jitted with the state donated and
     returned in `shardings` (so the next call finds what it compiled for).
 
@@ -122,7 +123,7 @@ def make_train_step(template, tx: optax.GradientTransformation, shardings: Train
     return step
 
 
-def make_eval_step(template, *, dtype, assemble, isolate_documents: bool = False):
+def make_eval_step(template, *, dtype, assemble, isolate_documents: bool = True):
     """`eval_step(params, frozen, batch) -> (summed loss, counted tokens)` over micro-batches."""
 
     @jax.jit
@@ -138,6 +139,12 @@ def make_eval_step(template, *, dtype, assemble, isolate_documents: bool = False
         return jax.lax.scan(one, init, batch)[0]
 
     return eval_step
+
+
+def mean_loss(total, count) -> tuple[float, float]:
+    """(mean token loss, perplexity) from an eval step's (summed loss, counted tokens)."""
+    loss = float(total) / max(int(count), 1)
+    return loss, math.exp(min(loss, 50.0))
 
 
 def state_shardings(params: dict, tx: optax.GradientTransformation, mesh) -> TrainState:

@@ -1,0 +1,107 @@
+"""LoRA adapters -> PEFT's folder (adapter_config.json + adapter_model.safetensors), which
+`peft.PeftModel.from_pretrained(base, OUT)` loads onto the base model `convert.to_torch` exports.
+
+PEFT keeps A as `lora_A.weight` [r, in] and B as `lora_B.weight` [out, r] on the torch module it
+adapts, the module's output growing by (alpha / r) x A^T B^T. GPT-2 fuses q|k|v into one Conv1D
+(`c_attn`), so adapters of q, k and v become one adapter of `c_attn` whose A stacks theirs and
+whose B is block-diagonal, of rank (number of them) x r; `rank_pattern` / `alpha_pattern` scale
+its alpha with it, so alpha / r stays what was trained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from mistral_jax import files, lora
+
+# our weight -> the torch module it lives in ("{i}": the layer)
+MODULES = {
+    "mistral": {"q": "model.layers.{i}.self_attn.q_proj", "k": "model.layers.{i}.self_attn.k_proj",
+                "v": "model.layers.{i}.self_attn.v_proj", "o": "model.layers.{i}.self_attn.o_proj",
+                "gate": "model.layers.{i}.mlp.gate_proj", "up": "model.layers.{i}.mlp.up_proj",
+                "down": "model.layers.{i}.mlp.down_proj"},
+    "gpt2": {"q": "transformer.h.{i}.attn.c_attn", "k": "transformer.h.{i}.attn.c_attn",
+             "v": "transformer.h.{i}.attn.c_attn", "o": "transformer.h.{i}.attn.c_proj",
+             "fc": "transformer.h.{i}.mlp.c_fc", "proj": "transformer.h.{i}.mlp.c_proj"},
+}
+FUSED = ("q", "k", "v")  # GPT-2's c_attn, in its order
+
+
+def _target_module(module: str) -> str:
+    """The suffix PEFT matches a module name by: "q_proj", "attn.c_proj", "c_fc"."""
+    parts = module.split(".")
+    return parts[-1] if parts[-1] not in ("c_proj",) else ".".join(parts[-2:])
+
+
+def peft_tensors(kind: str, arrays: dict, layers: int) -> dict[str, np.ndarray]:
+    """PEFT's state dict from our {"layers": {name: {"a": [L, *in, r], "b": [L, r, *out]}}}."""
+    out: dict[str, np.ndarray] = {}
+    ab = arrays["layers"]
+    for i in range(layers):
+        fused = [n for n in FUSED if n in ab] if kind == "gpt2" else []
+        for name, pair in ab.items():
+            if name in fused:
+                continue
+            a, b = np.asarray(pair["a"][i]), np.asarray(pair["b"][i])
+            r = a.shape[-1]
+            key = "base_model.model." + MODULES[kind][name].format(i=i)
+            out[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+            out[key + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        if fused:
+            a_parts = [np.asarray(ab[n]["a"][i]) for n in fused]  # [d, r] each
+            r, d = a_parts[0].shape[-1], a_parts[0].shape[0]
+            block = np.zeros((3 * d, r * len(fused)), np.float32)
+            for p, name in enumerate(fused):
+                j = FUSED.index(name)
+                block[j * d:(j + 1) * d, p * r:(p + 1) * r] = np.asarray(
+                    ab[name]["b"][i]).reshape(r, d).T
+            key = "base_model.model." + MODULES[kind]["q"].format(i=i)
+            out[key + ".lora_A.weight"] = np.ascontiguousarray(
+                np.concatenate([a.T for a in a_parts]))
+            out[key + ".lora_B.weight"] = block
+    return out
+
+
+def peft_config(kind: str, info: dict) -> dict:
+    """adapter_config.json for PEFT's LoraConfig."""
+    targets = info["targets"]
+    modules = sorted({_target_module(MODULES[kind][t]) for t in targets})
+    fused = [t for t in FUSED if t in targets] if kind == "gpt2" else []
+    rank_pattern, alpha_pattern = {}, {}
+    if len(fused) > 1:
+        rank_pattern["c_attn"] = info["rank"] * len(fused)
+        alpha_pattern["c_attn"] = info["alpha"] * len(fused)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info["rank"],
+            "lora_alpha": info["alpha"], "target_modules": modules, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": kind == "gpt2",  # GPT-2's Conv1D is [in, out]
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "base_model_name_or_path": info.get("base"), "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+            "use_dora": False}
+
+
+def export(adapters: str | os.PathLike, out: str | os.PathLike, *,
+           overwrite: bool = False) -> Path:
+    """Write the PEFT folder `out` for our adapters directory `adapters`."""
+    out = files.check_new(out, overwrite)
+    info = lora.read_info(adapters)
+    kind = info.get("model_type", "mistral")
+    unknown = [t for t in info["targets"] if t not in MODULES[kind]]
+    if unknown:
+        raise lora.LoraError(f"{adapters}: targets {unknown} have no {kind} module in PEFT")
+    stored = files.stored_shapes(Path(adapters) / files.WEIGHTS)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    arrays = files.read_arrays(Path(adapters) / files.WEIGHTS, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), stored))
+    layers = next(iter(arrays["layers"].values()))["a"].shape[0]
+    tensors = peft_tensors(kind, arrays, layers)
+    with files.atomic_directory(out, overwrite=overwrite) as tmp:
+        files.write_json(tmp / "adapter_config.json", peft_config(kind, info))
+        save_file({k: v.astype(np.float32) for k, v in tensors.items()},
+                  tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out

@@ -1,0 +1,48 @@
+"""What the command lines share: a help formatter that shows defaults, the --mesh / --dtype
+flags, and the rule that bad input ends in one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default after its help (when it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+
+
+def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--mesh", default=default, metavar="DxT|auto",
+                   help="device mesh: D-way data x T-way tensor parallel over D*T devices (T "
+                   "must divide the attention heads); on a CPU, fake CPU devices are made for "
+                   "it; auto: every device, the largest T that fits the model"
+                   + ("" if default else "; default: one device"))
+
+
+def add_dtype(p: argparse.ArgumentParser, what: str = "compute") -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help=f"cast the weights to this dtype ({what} in it; default: as saved)")
+
+
+def run(body: Callable[[], int | None], errors: tuple = (ValueError, OSError),
+        code: int = 1) -> int:
+    """`body()`'s exit code (0 for None); an expected error is one line on stderr and `code`."""
+    try:
+        return body() or 0
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return code

@@ -1,0 +1,87 @@
+"""Stream a completion of PROMPT from the checkpoint CKPT to stdout.
+
+    python -m mistral_jax.generate ckpt/ "My favourite condiment is" --max-new-tokens 40
+    python -m mistral_jax.generate ckpt/ "Hello!" --chat --mesh 1x8 --verbose
+    python -m mistral_jax.generate base/ "LAWYER, n." --adapters run/adapters
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mistral_jax import cli, devices
+
+
+def arguments():
+    p = cli.parser("python -m mistral_jax.generate", __doc__)
+    p.add_argument("ckpt", help="checkpoint directory (convert.from_torch or train.finetune "
+                   "writes one)")
+    p.add_argument("prompt", help="text to complete (with --chat: the user's message)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is "
+                   "greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of "
+                   "tokens holding this probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL's penalty on "
+                   "tokens already in the text (> 1 discourages them)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="end at this "
+                   "text, not printed (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message "
+                   "through the checkpoint's chat template")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system "
+                   "message first")
+    p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
+                   "(train.finetune's OUT/adapters) to apply to the checkpoint")
+    cli.add_mesh(p)
+    cli.add_dtype(p)
+    p.add_argument("--verbose", action="store_true", help="report load time, time to first "
+                   "token and tokens/s on stderr")
+    return p
+
+
+def main(argv=None) -> int:
+    args = arguments().parse_args(argv)
+    devices.prepare(args.mesh)  # before JAX starts
+    return cli.run(lambda: generate(args))
+
+
+def generate(args) -> None:
+    import mistral_jax
+    from mistral_jax.checkpoint import read_config
+    from mistral_jax.generation import generate as complete
+    from mistral_jax.notes import note
+
+    start = time.perf_counter()
+    mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
+    if chosen:
+        note(chosen)
+    params = mistral_jax.load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters)
+    loaded = time.perf_counter()
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                  repetition_penalty=args.repetition_penalty, stream=True)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages = [*system, {"role": "user", "content": args.prompt}]
+        pieces = complete(params, messages=messages, **kwargs)
+    else:
+        if args.system:
+            raise ValueError("--system goes with --chat")
+        pieces = complete(params, args.prompt, **kwargs)
+        print(args.prompt, end="", flush=True)
+    first = None
+    for piece in pieces:
+        first = first or time.perf_counter()
+        print(piece, end="", flush=True)
+    print()
+    if args.verbose:
+        end = time.perf_counter()
+        first = first or end
+        n = pieces.tokens
+        rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
+        print(f"loaded in {loaded - start:.2f} s; first token {first - loaded:.2f} s after "
+              f"(compilation included); {n} tokens, {rate:.1f} tokens/s after the first",
+              file=sys.stderr)

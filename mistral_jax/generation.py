@@ -1,0 +1,292 @@
+"""Text generation: bucketed, chunked prefill into a KV cache, then a decode loop inside jit.
+
+Prompts are left-padded to a length bucket (powers of two from 16), so each bucket compiles the
+prefill once; prefill runs in chunks no longer than the sliding window, so a long prompt never
+builds a T x T score matrix. The decode loop is a `lax.while_loop` over a donated state and
+compiles once per (batch, cache size); the host only steps in between segments, to look for stop
+strings or to stream text. The command line is `python -m mistral_jax.generate`
+(mistral_jax/cli/generate.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mistral_jax import sharding
+from mistral_jax.apply import check_ids, check_positions, on_mesh_of
+from mistral_jax.cache import KVCache
+from mistral_jax.sampling import Sampling, sample
+
+MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
+TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class State:
+    """Everything the decode loop carries from one token to the next."""
+
+    cache: KVCache
+    logits: jax.Array  # [b, vocab] of the last token fed
+    position: jax.Array  # [b] RoPE / learned position of the next token
+    index: jax.Array  # [] sequence index of the next token (rows are left-aligned)
+    done: jax.Array  # [b] bool: the row has produced EOS or hit a stop string
+    seen: jax.Array  # [b, vocab] bool: tokens in the row so far (repetition penalty)
+    key: jax.Array
+    out: jax.Array  # [b, capacity] generated tokens
+    n: jax.Array  # [] how many tokens have been generated
+
+
+def plan(config, prompt_len: int) -> tuple[int, int]:
+    """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
+    so no chunk wraps around the rolling buffer."""
+    bucket = max(16, 1 << max(prompt_len - 1, 0).bit_length())
+    chunk = min(bucket, MAX_CHUNK)
+    window = config.sliding_window
+    if window is not None:
+        chunk = min(chunk, window)
+        while window % chunk:
+            chunk -= 1
+    return math.ceil(bucket / chunk) * chunk, chunk
+
+
+@partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
+def _prefill(model, cache, ids, valid, positions, start, fresh):
+    TRACES["prefill"] += 1
+    return model.step(ids, valid, positions, cache, start, fresh)
+
+
+@partial(jax.jit, static_argnames=("sampling",), donate_argnums=(1,))
+def _decode(model, state: State, limit, eos, sampling: Sampling) -> State:
+    TRACES["decode"] += 1
+    rows = jnp.arange(state.out.shape[0])
+
+    def body(s: State) -> State:
+        key, sub = jax.random.split(s.key)
+        token = jnp.where(s.done, eos, sample(s.logits, sub, s.seen, sampling))
+        out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.n))
+        logits, cache = model.step(token[:, None], jnp.ones_like(token[:, None]),
+                                   s.position[:, None], s.cache, s.index)
+        return State(cache, logits[:, : model.config.vocab_size], s.position + 1, s.index + 1,
+                     s.done | (token == eos), s.seen.at[rows, token].set(True), key, out, s.n + 1)
+
+    return jax.lax.while_loop(lambda s: (s.n < limit) & ~jnp.all(s.done), body, state)
+
+
+class Generation:
+    """One batch being generated: prefill at construction, then `advance` in segments."""
+
+    def __init__(self, params, input_ids, attention_mask, max_new_tokens: int,
+                 sampling: Sampling, seed: int):
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        config = params.config
+        self.params, self.sampling, self.max_new = params, sampling, max_new_tokens
+        self.eos = -1 if config.eos_token_id is None else config.eos_token_id
+        lengths = mask.sum(axis=1)
+        if ids.shape[0] == 0 or lengths.min() == 0:
+            raise ValueError("every prompt needs at least one token (an empty prompt has nothing "
+                             "to continue; start it with the BOS token)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        check_positions(config, int(lengths.max()) + max_new_tokens,
+                        f"a prompt of {lengths.max()} tokens + max_new_tokens={max_new_tokens}")
+        ids, mask = left_align(ids, mask)
+        padded, chunk = plan(config, ids.shape[1])
+        b, pad = ids.shape[0], padded - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (pad, 0)))
+        mask = np.pad(mask, ((0, 0), (pad, 0)))
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        capacity = max(16, 1 << (max_new_tokens - 1).bit_length())
+        self.mesh = sharding.mesh_of(params)
+        with on_mesh_of(params):
+            cache = new_cache(params, b, padded + capacity, self.mesh)
+            for start in range(0, padded, chunk):
+                part = slice(start, start + chunk)
+                logits, cache = _prefill(params, cache, ids[:, part], mask[:, part],
+                                         positions[:, part], jnp.int32(start), fresh=start == 0)
+        seen = np.zeros((b, config.vocab_size), bool)
+        for row, row_ids, row_mask in zip(seen, ids, mask, strict=True):
+            row[row_ids[row_mask.astype(bool)]] = True  # the prompt's tokens, not its padding
+        self.state = State(cache, logits[:, : config.vocab_size], jnp.asarray(lengths, jnp.int32),
+                           jnp.int32(padded), jnp.zeros(b, bool), jnp.asarray(seen),
+                           jax.random.key(seed), jnp.full((b, capacity), self.eos, jnp.int32),
+                           jnp.int32(0))
+
+    def advance(self, steps: int) -> None:
+        """Generate up to `steps` more tokens (fewer once every row is done or at the limit)."""
+        limit = jnp.int32(min(int(self.state.n) + steps, self.max_new))
+        with on_mesh_of(self.params):
+            self.state = _decode(self.params, self.state, limit, jnp.int32(self.eos),
+                                 self.sampling)
+
+    def stop_rows(self, rows: np.ndarray) -> None:
+        self.state.done = self.state.done | jnp.asarray(rows)
+
+    @property
+    def finished(self) -> bool:
+        return int(self.state.n) >= self.max_new or bool(jnp.all(self.state.done))
+
+    def tokens(self) -> np.ndarray:
+        """[b, max_new_tokens] generated ids; after EOS (or an early stop), EOS."""
+        out = np.array(self.state.out)[:, : self.max_new]
+        out[:, int(self.state.n):] = self.eos
+        return out
+
+
+def left_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move each row's tokens to the right end (right padding becomes left padding)."""
+    order = np.argsort(mask, axis=1, kind="stable")  # padding (0) first, tokens keep their order
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(mask, order, axis=1)
+
+
+def new_cache(params, batch: int, length: int, mesh) -> KVCache:
+    config = params.config
+    tp = sharding.model_axis_size(mesh) if mesh is not None else 1
+    kv_heads = max(config.num_key_value_heads, tp)  # kv heads repeated per device, as in the model
+    cache = KVCache.create(config, batch, length, params.dtype, kv_heads)
+    if mesh is None:
+        return cache
+    data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
+    model = sharding.MODEL if kv_heads % tp == 0 else None
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    kv_spec = P(None, data, model, None, None)
+    return KVCache(put(cache.k, kv_spec), put(cache.v, kv_spec), put(cache.index, P(data, None)))
+
+
+# --- the public functions ----------------------------------------------------------------------
+
+
+def generate_tokens(params, input_ids, attention_mask=None, *, max_new_tokens: int = 64,
+                    temperature: float = 0.0, top_k=None, top_p=None, repetition_penalty=None,
+                    seed: int = 0) -> np.ndarray:
+    """New token ids [b, max_new_tokens] for a batch of prompts (padding marked by
+    `attention_mask`); after a row's EOS, EOS."""
+    input_ids = check_ids(input_ids, params.config.vocab_size)
+    run = Generation(params, input_ids, attention_mask, max_new_tokens,
+                     Sampling(temperature, top_k, top_p, repetition_penalty), seed)
+    run.advance(max_new_tokens)
+    return run.tokens()
+
+
+def generate(params, prompt: str | list[str] | None = None, *, messages=None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
+             repetition_penalty=None, stop: str | list[str] | None = None, seed: int = 0,
+             stream: bool = False):
+    """Complete `prompt` (a str -> str, a list -> list, batched) or chat `messages` (one
+    conversation, a list of {"role", "content"} -> str, or a list of them -> list, batched).
+
+    Generation ends at EOS, at `max_new_tokens`, or at the first of the `stop` strings (which is
+    not included in the text). `stream=True` returns an iterator of text pieces instead.
+    """
+    tokenizer = params.tokenizer
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer: pass token ids to generate_tokens, or "
+                         "add tokenizer.model / tokenizer.json to the checkpoint directory")
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass a prompt or messages, not both")
+    if messages is not None:
+        from mistral_jax.chat import encode_chat
+
+        single = not messages or not isinstance(messages[0], list | tuple)
+        rows = [encode_chat(tokenizer, m) for m in ([messages] if single else messages)]
+    else:
+        single = isinstance(prompt, str)
+        rows = [tokenizer.encode(p) for p in ([prompt] if single else prompt)]
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if "" in stops:
+        raise ValueError("stop strings must not be empty")
+    if not rows:
+        raise ValueError("prompt is an empty list: give at least one prompt")
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    run = Generation(params, ids, mask, max_new_tokens, sampling, seed)
+    if stream:
+        if not single:
+            raise ValueError("stream=True takes one prompt, not a list")
+        return Stream(run, tokenizer, stops, rows[0])
+    texts = [""] * len(rows)
+    while not run.finished:
+        run.advance(16 if stops else max_new_tokens)
+        texts = [_text(tokenizer, p, row, run.eos)
+                 for p, row in zip(rows, run.tokens(), strict=True)]
+        hit = np.array([any(s in t for s in stops) for t in texts])
+        run.stop_rows(hit)
+    texts = [_cut(t, stops) for t in texts]
+    return texts[0] if single else texts
+
+
+CONTEXT = 4  # prompt tokens decoded before the new ones, so the first keeps its leading space
+
+
+def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
+    """The text of the new tokens (up to EOS) as it reads after the prompt."""
+    row = row.tolist()
+    new = row[: row.index(eos)] if eos in row else row
+    before = tokenizer.decode(prompt[-CONTEXT:])
+    both = tokenizer.decode(prompt[-CONTEXT:] + new)
+    return both[len(before):] if both.startswith(before) else tokenizer.decode(new)
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    ends = [text.index(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+class Stream:
+    """The iterator `generate(..., stream=True)` returns: text pieces as soon as they are
+    complete; `tokens` counts the tokens generated so far."""
+
+    def __init__(self, run: Generation, tokenizer, stops: list[str], prompt: list[int]):
+        self.run = run
+        self._pieces = _stream(run, tokenizer, stops, prompt)
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.run.state.n)
+
+
+def _stream(run: Generation, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
+    from mistral_jax.detokenize import StreamDecoder
+
+    decoder, text, sent = StreamDecoder(tokenizer), "", 0
+    for token in prompt[-CONTEXT:]:  # context only: its text is not sent
+        decoder.push(token)
+    while not run.finished:
+        run.advance(1)
+        token = int(run.state.out[0, int(run.state.n) - 1])
+        if token == run.eos:
+            break
+        text += decoder.push(token)
+        # hold back what could still turn into a stop string
+        safe = len(_cut(text, stops))
+        if safe < len(text):
+            yield text[sent:safe]
+            return
+        hold = max((len(s) - 1 for s in stops), default=0)
+        if len(text) - hold > sent:
+            yield text[sent: len(text) - hold]
+            sent = len(text) - hold
+    text += decoder.flush()
+    if len(_cut(text, stops)) > sent:
+        yield _cut(text, stops)[sent:]
