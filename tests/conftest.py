@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (set before JAX starts) and float32 matmuls at full precision."""
+"""Test set-up: 8 fake CPU devices, set before JAX starts. Matmul precision stays JAX's default,
+what users get: the parity tests hold at it on a CPU."""
 
 import os
 
@@ -7,7 +8,3 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")

