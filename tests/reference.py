@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,28 @@ def hf_model(kind: str, path: Path | None = None, *, seed: int = 0, dtype=torch.
     model = random_hf_model(kind, seed=seed, **overrides).to(dtype)
     if path is not None:
         model.save_pretrained(path, safe_serialization=safe_serialization)
+    return model
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def text_model(path: Path, *, vocab_size: int = 512, **overrides):
+    """A tiny random transformers Mistral with a real byte-level BPE (trained on the shipped
+    corpus, <s> / </s> as BOS / EOS) and a chat template, saved as an HF folder at `path`."""
+    from tests.fetch import byte_level_bpe
+    from train import default
+
+    bpe = byte_level_bpe(default.entries(default.CORPUS.read_text()[:80000]), vocab_size,
+                         ["<s>", "</s>"])
+    kwargs = dict(vocab_size=bpe.get_vocab_size(), hidden_size=64, num_attention_heads=8,
+                  num_key_value_heads=2, sliding_window=16, max_position_embeddings=256,
+                  bos_token_id=0, eos_token_id=1, initializer_range=0.1)
+    model = hf_model("mistral", path, **{**kwargs, **overrides})
+    (path / "tokenizer.json").write_text(bpe.to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
     return model
 
 

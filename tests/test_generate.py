@@ -100,6 +100,18 @@ def test_long_prompt_prefills_in_window_chunks(models_):
                                   hf_greedy(theirs, ids, 6))
 
 
+def test_the_rolling_cache_holds_a_window_however_long_the_sequence(models_):
+    """README: memory O(window). Prompts of 40 and 200 tokens, 30 new tokens each: the cache
+    has the window's 4 slots and the same bytes (a full cache would need 256 slots)."""
+    _, mine = models_["mistral"]
+    held = []
+    for length in (40, 200):
+        run = gen.Generation(mine, prompt(length, seed=length), None, 30, Sampling(), 0)
+        run.advance(30)
+        held.append((run.state.cache.slots, run.state.cache.nbytes()))
+    assert held[0] == held[1] and held[0][0] == mine.config.sliding_window == 4
+
+
 @pytest.mark.parametrize("name", ["mistral", "gpt2"])
 def test_left_padded_batch_equals_prompts_one_by_one(models_, name):
     _, mine = models_[name]

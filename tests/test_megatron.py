@@ -475,6 +475,25 @@ def test_malicious_pickle_is_refused_and_never_runs(weights, container, tmp_path
     assert marker.exists()
 
 
+@pytest.mark.parametrize("layout", ["hf-pytorch_model.bin", "mistral-consolidated.00.pth"])
+def test_pickles_of_the_other_formats_are_refused_too(layout, tmp_path):
+    """README's promise for every torch pickle, not only Megatron's: an HF folder's
+    pytorch_model.bin and a Mistral release's consolidated.00.pth that ask to run code."""
+    marker, src = tmp_path / "ran", tmp_path / "src"
+    src.mkdir()
+    bad = {"model.embed_tokens.weight": torch.zeros(2), "extra": Payload(marker)}
+    if layout.startswith("hf"):
+        (src / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+        torch.save(bad, src / "pytorch_model.bin")
+    else:
+        (src / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2,
+                                                     "n_kv_heads": 1, "vocab_size": 8,
+                                                     "norm_eps": 1e-5, "hidden_dim": 16}))
+        torch.save(bad, src / "consolidated.00.pth")
+    fails(src, tmp_path / "out", match=f"refused to load.*{os.system.__module__}.system")
+    assert not marker.exists()
+
+
 def test_megatron_enums_and_rng_state_load(tmp_path, monkeypatch):
     """args may hold Megatron enums (ModelType...): read into a stand-in, megatron not imported."""
     import enum

@@ -59,10 +59,10 @@ def losses(out):
 
 
 def assert_same_losses(got, expected):
+    """Bit for bit, as README says: the float32 losses themselves, not within a tolerance."""
     for g, e in zip(got, expected, strict=True):
         assert sorted(g) == sorted(e)
-        np.testing.assert_allclose([g[s] for s in sorted(g)], [e[s] for s in sorted(e)],
-                                   atol=1e-6, rtol=0)
+        assert [g[s] for s in sorted(g)] == [e[s] for s in sorted(e)]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,17 @@ def test_uninterrupted_run_learns_and_writes_everything(files, uninterrupted):
     assert RunCheckpoints(out, 3).latest() == 6
     model = mistral_jax.load(out / "final")
     assert model.config.vocab_size == 300 and model.tokenizer is not None
+
+
+def test_eval_gives_the_numbers_the_run_printed(files, uninterrupted, capsys):
+    from train import eval as eval_cli
+
+    out = files / "uninterrupted"
+    assert eval_cli.main([str(out / "final"), "--data", str(files / "eval.jsonl"), "--seq-len",
+                          "32", "--batch-size", "8", "--mesh", "2x4"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"loss {uninterrupted[1][6]:.4f}, perplexity "
+                              f"{np.exp(uninterrupted[1][6]):.2f}, "), printed
 
 
 def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch, capsys):
@@ -165,7 +176,8 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(files, uninter
              for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "using 4 CPU devices" not in outputs[1]  # only process 0 reports
+    assert "note: --mesh 2x4: 8 CPU devices" in outputs[0]
+    assert "note:" not in outputs[1]  # only process 0 speaks for the run
     assert_same_losses(losses(out), uninterrupted)
     assert mistral_jax.load(out / "final").config.vocab_size == 300
 
@@ -214,6 +226,10 @@ def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
     base, merged = mistral_jax.load(files / "ckpt"), mistral_jax.load(out / "final")
     assert not np.allclose(merged.layers.q[...], base.layers.q[...])
     np.testing.assert_array_equal(merged.layers.k[...], base.layers.k[...])
+    adapted = mistral_jax.load(files / "ckpt", adapters=out / "adapters")  # what --merge-lora did
+    for name in ("q", "v", "down"):
+        np.testing.assert_allclose(getattr(adapted.layers, name)[...],
+                                   getattr(merged.layers, name)[...], atol=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(files, tmp_path, capsys):

@@ -76,7 +76,8 @@ def plan(args) -> Plan:
     if len(rows) < args.batch_size:
         messages.append("warning: " + D.describe(rows, len(train_docs), "the training data")
                         + f": fewer than one batch of {args.batch_size}, so each batch "
-                        "repeats rows; over {args.steps} steps each row is seen about "
+                        f"repeats rows; over {args.steps} step{'s' * (args.steps != 1)} each "
+                        "row is seen about "
                         f"{args.steps * args.batch_size / len(rows):.0f} times")
     eval_rows = packed(eval_docs) if eval_docs else None
     record = {"config": to_hf_dict(config), **{k: getattr(args, k) for k in SAME_ON_RESUME}}
