@@ -106,6 +106,7 @@ def check(hf_folder: Path, ckpt: Path | None) -> dict:
 
 
 def demo(tolerance: Tolerance) -> bool:
+    transformers.utils.logging.disable_progress_bar()
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for kind in TINY:

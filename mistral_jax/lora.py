@@ -127,15 +127,18 @@ def read_info(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise LoraError(f"{path} does not exist (an adapters directory was expected)")
     if not is_adapters(path):
-        peft = (path / CONFIG_FILE).is_file() and (path / "adapter_model.safetensors").is_file()
-        raise LoraError(f"{path} is " + ("a PEFT adapter folder; " if peft else "not ")
-                        + "an adapters directory of train.finetune --lora-rank (it needs "
-                        f"{CONFIG_FILE} and {files.WEIGHTS}/)")
+        peft = (path / "adapter_model.safetensors").is_file()
+        what = "a PEFT adapter folder, not" if peft else "not"
+        raise LoraError(f"{path} is {what} an adapters directory as train.finetune --lora-rank "
+                        f"writes them ({CONFIG_FILE} and {files.WEIGHTS}/)")
     try:
         info = json.loads((path / CONFIG_FILE).read_text())
-        info["rank"], info["alpha"], info["targets"]  # noqa: B018 (the keys must be there)
-    except (ValueError, KeyError, TypeError) as e:
-        raise LoraError(f"{path / CONFIG_FILE}: not an adapters config ({e})") from None
+    except ValueError as e:
+        raise LoraError(f"{path / CONFIG_FILE}: not JSON ({e})") from None
+    missing = [k for k in ("rank", "alpha", "targets") if k not in info] \
+        if isinstance(info, dict) else ["a JSON object"]
+    if missing:
+        raise LoraError(f"{path / CONFIG_FILE}: not an adapters config (no {', '.join(missing)})")
     return info
 
 

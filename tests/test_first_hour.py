@@ -356,3 +356,11 @@ def test_eval_gives_transformers_loss_on_the_same_tokens(text_ckpt, tmp_path, ca
     assert tokens == count
     assert abs(loss - total / count) < 1e-4
     assert abs(ppl - np.exp(total / count)) / ppl < 1e-3
+
+
+def test_lora_without_a_base_checkpoint_is_refused(tmp_path, capsys):
+    assert finetune.main(["--lora-rank", "4", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("error: --lora-rank needs --init CKPT: adapters adapt a "
+                                       "checkpoint (the default run starts from random weights "
+                                       "that are not saved)\n")
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ import mistral_jax
 from mistral_jax import configs
 from mistral_jax.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
+from tests.reference import hf_model
 from train import default, finetune, report
 from train.checkpoints import RunCheckpoints
 
@@ -267,6 +268,8 @@ BAD = [
     (["--resume", "--seq-len", "16"], "from another run .*seq_len: 32 there, 16 now"),
     ([], "already holds a run's checkpoints; pass --resume"),
     (["--lora-rank", "2", "--lora-targets", "q,fc"], "GPT-2|Mistral|mistral weights that LoRA"),
+    (["--mesh", "1x8", "--init", "hf-folder"], "hf-folder is a Hugging Face model folder, not a "
+     "mistral_jax checkpoint; convert it first: python -m convert.from_torch"),
 ]
 
 
@@ -277,6 +280,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(files, uninterrupted, tmp_
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
     if "gpt2" in extra:
         mistral_jax.save(mistral_jax.init(configs.preset("gpt2-tiny")), tmp_path / "gpt2")
+    if "hf-folder" in extra:
+        hf_model("llama", tmp_path / "hf-folder")
     argv = flags(files, files / "uninterrupted")
     for i, arg in enumerate(extra):
         if i and extra[i - 1] in ("--data", "--init", "--out"):

@@ -114,7 +114,7 @@ def float32_step():
 
 def test_remat_changes_memory_not_numbers(float32_step):
     loss, grad_norm, q = float32_step
-    for policy in ("full", "dots_no_batch"):
+    for policy in ("full", "dots", "dots_no_batch"):
         got = one_step(remat=policy)
         np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=policy)
         np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=policy)

@@ -145,6 +145,9 @@ def check(args: argparse.Namespace) -> None:
     shape = parse(args.mesh)
     if args.merge_lora and not args.lora_rank:
         raise UsageError("--merge-lora needs --lora-rank")
+    if args.lora_rank and args.init is None:
+        raise UsageError("--lora-rank needs --init CKPT: adapters adapt a checkpoint (the "
+                         "default run starts from random weights that are not saved)")
     if args.num_processes > 1 and not args.coordinator:
         raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT")
     if not 0 <= args.process_id < args.num_processes:
