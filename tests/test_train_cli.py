@@ -282,6 +282,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(files, uninterrupted, tmp_
         mistral_jax.save(mistral_jax.init(configs.preset("gpt2-tiny")), tmp_path / "gpt2")
     if "hf-folder" in extra:
         hf_model("llama", tmp_path / "hf-folder")
+        capsys.readouterr()  # transformers' progress bar
     argv = flags(files, files / "uninterrupted")
     for i, arg in enumerate(extra):
         if i and extra[i - 1] in ("--data", "--init", "--out"):
