@@ -170,6 +170,7 @@ class Trainer:
 
     def __init__(self, args, p: Plan, mesh, dtype, peak: float):
         self.args, self.plan, self.mesh, self.peak = args, p, mesh, peak
+        self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
         if args.init is None:
             model = models.init(p.config, seed=args.seed, tokenizer=p.tokenizer, mesh=mesh)
         else:
