@@ -1,7 +1,6 @@
-"""Attention kernels on one device, bfloat16: `jax.nn.dot_product_attention` with the cuDNN
-implementation against its XLA implementation and against the attention our model trains with
-(`mistral_jax.layers.attend_with`: XLA score matrices under a boolean mask, in causal query
-blocks), forward and
+"""Attention kernels on one device, bfloat16: each of our implementations (`mistral_jax.attention`:
+"blockwise" flash attention in JAX, "xla" materialized scores, "cudnn" and "splash" where the
+backend has them) against `jax.nn.dot_product_attention`'s XLA implementation, forward and
 forward + backward, causal at Mistral-7B's head shape (32 query heads, 8 kv heads, head_dim 128),
 and with Mistral's 4096-token sliding window (cuDNN: `local_window_size`).
 
@@ -23,14 +22,17 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import chip_peaks, median_time  # noqa: E402
-from mistral_jax import layers as L  # noqa: E402
+from mistral_jax import attention as A  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
-def ours(q, k, v, window):
-    mask = L.attention_mask_bts(jnp.ones(q.shape[:2], jnp.int32), window)
-    return L.attend_with(mask)(q, k, v)[0]
+def ours(implementation: str):
+    def attend(q, k, v, window):
+        masking = A.Masking(jnp.ones(q.shape[:2], bool), None, window)
+        return A.attend_with(implementation, masking, dtype=q.dtype, left_padded=False)(
+            q, k, v)[0]
+    return attend
 
 
 def library(implementation: str):
@@ -41,7 +43,8 @@ def library(implementation: str):
     return attend
 
 
-KERNELS = {"cudnn": library("cudnn"), "xla": library("xla"), "ours": ours}
+KERNELS = {"cudnn": ours("cudnn"), "splash": ours("splash"), "blockwise": ours("blockwise"),
+           "ours-xla": ours("xla"), "jax-xla": library("xla")}
 
 
 def flops(batch: int, t: int, window: int | None, backward: bool) -> float:

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 
 import mistral_jax  # noqa: E402
 from mistral_jax import configs, models, sharding  # noqa: E402
+from mistral_jax.attention import Masking  # noqa: E402
 from mistral_jax.decoder import ACT
-from mistral_jax.layers import attend_with  # noqa: E402
 
 CONFIGS = {
     "mistral (8 heads, 2 kv heads)": configs.MistralConfig(
@@ -32,7 +32,6 @@ def main():
     b, t = 8, 64
     ids = np.zeros((b, t), np.int32)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = jnp.ones((b, t, t), bool)
     print(f"{'model':32} {'mesh':5} {'seq-par':7} {'what':12} collectives")
     for name, config in CONFIGS.items():
         model = models.init(config)
@@ -43,8 +42,10 @@ def main():
                 m = mistral_jax.shard(model, mesh, sequence_parallel=sp)
                 layer = jax.tree.map(lambda x: x[0], m.layers)
                 with jax.set_mesh(m.embed[...].sharding.mesh):
-                    block = jax.jit(lambda w, x, m=m: m.constrain(
-                        m.block(w, x, positions, attend_with(mask))[0], ACT))
+                    attend = m.attend_with(Masking(jnp.ones((b, t), bool), None,
+                                                   config.sliding_window))
+                    block = jax.jit(lambda w, x, m=m, attend=attend: m.constrain(
+                        m.block(w, x, positions, attend)[0], ACT))
                     x = jax.device_put(jnp.ones((b, t, config.hidden_size)), m.rules.spec(ACT))
                     layer_hlo = block.lower(layer, x).compile().as_text()
                     step = jax.jit(jax.value_and_grad(lambda m, i: m.loss(i)))

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -39,12 +40,13 @@ CONFIG = configs.preset("mistral-20m")
 BATCH, SEQ, LR = 8, 256, 1e-4
 
 
-def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1):
+def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1,
+         attention: str = "auto"):
     mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     batch_size, seq = ids.shape
     with jax.set_mesh(mesh):
         model = models.init(config, seed=0, mesh=mesh)
-        model.remat, model.unroll = remat, unroll
+        model.remat, model.unroll, model.attention = remat, unroll, attention
         params = models.weights(model)
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)
@@ -101,20 +103,30 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (weights and optimizer stay float32)")
     parser.add_argument("--device", default="cpu", help="torch device for transformers")
+    parser.add_argument("--window", type=int, default=None, help="a sliding window (Mistral's)")
+    parser.add_argument("--attention", default="auto", help="our attention implementation")
+    parser.add_argument("--only", choices=["ours", "transformers"], help="time one side only "
+                        "(its peak RSS is then its own: bench/long.py runs each in a process)")
     args = parser.parse_args()
     config = CONFIG
     if args.preset:
         config = configs.preset(args.preset)
         layers = args.layers or config.num_hidden_layers
         config = dataclasses.replace(config, num_hidden_layers=layers, sliding_window=None)
+    config = dataclasses.replace(config, sliding_window=args.window,
+                                 max_position_embeddings=max(config.max_position_embeddings,
+                                                             args.seq))
     threads = os.cpu_count() if jax.devices()[0].platform == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     ids = ids.astype(np.int32)
     tokens = args.batch * args.seq
     step_flops = flops.training_flops_per_token(config, args.seq) * tokens
-    runs = {"ours": ours(ids, args.remat, config, getattr(jnp, args.dtype), args.unroll)}
-    if not args.skip_torch:
+    runs = {}
+    if args.only != "transformers":
+        runs["ours"] = ours(ids, args.remat, config, getattr(jnp, args.dtype), args.unroll,
+                            args.attention)
+    if not args.skip_torch and args.only != "ours":
         runs["transformers"] = theirs(ids, config, args.device, getattr(torch, args.dtype))
     for run in runs.values():
         timed(run, args.warmup, 0)
@@ -134,7 +146,8 @@ def main() -> None:
               "dtype": args.dtype, "remat": args.remat, "unroll": args.unroll,
               "gemm_gflops": peak / 1e9,
               "gemm_gflops_rounds": [g / 1e9 for g in gemm], "step_gflop": step_flops / 1e9,
-              "seconds": times}
+              "seconds": times, "window": args.window, "attention": args.attention,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     chip = chip_peaks(result["device"])
     print(f"{config.num_params() / 1e6:.1f}M-parameter Mistral, batch {args.batch} x {args.seq}, "
           f"{args.dtype}, AdamW, {threads} threads, {result['step_gflop']:.1f} GFLOP per step; "
@@ -152,7 +165,8 @@ def main() -> None:
             chip_mfu = f", {100 * result[f'{short}_chip_mfu']:.1f}% of the chip's bf16 peak"
         print(f"{name:>12}: {s:.3f} s/step  {tokens / s:8.1f} tok/s  MFU {100 * mfu:.1f}%"
               f"{chip_mfu} (rounds: " + ", ".join(f"{t:.2f}" for t in seconds) + " s)")
-    if "transformers" in times:
+    print(f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if len(times) == 2:
         ratios = [t / o for o, t in zip(times["ours"], times["transformers"], strict=True)]
         result["speedup"] = float(np.median(ratios))
         print(f"ours / transformers tokens/s: {result['speedup']:.2f}x (median of per-round "

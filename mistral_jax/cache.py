@@ -59,22 +59,18 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
 
 def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
     """A chunk's attention over the cache as it was plus the chunk's own keys, as two score
-    blocks under one softmax (no copy of the cache's keys). With `k_old` None (the first chunk
-    of a sequence: the cache holds nothing before it) only the chunk's own keys are scored, in
-    causal query blocks (`layers.causal_attention`).
+    blocks under one softmax (no copy of the cache's keys). (The first chunk of a sequence,
+    whose cache holds nothing yet, attends to itself alone: `Decoder.step`.)
 
     q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
     k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
     """
     c = q.shape[1]
-    key_index = new_index if k_old is None else jnp.concatenate([old_index, new_index], axis=1)
-    key_index = key_index[:, None, :]  # [b, 1, s + c]
+    key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s + c]
     i = query_index[None, :, None]  # [1, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
-    if k_old is None:
-        return L.causal_attention(q, k_new, v_new, mask)
     k_new, v_new = (jnp.swapaxes(a, 1, 2) for a in (k_new, v_new))  # [b, kv, c, h]
     q = L.group_queries(q, k_new.shape[1])  # [b, kv, g * c, h]
     f32 = jnp.float32

@@ -172,13 +172,14 @@ def not_a_checkpoint(path: Path) -> str:
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
-         sequence_parallel=False) -> Decoder:
+         sequence_parallel=False, attention: str = "auto") -> Decoder:
     """The model in `path`, its weights cast to `dtype` (default: as saved).
 
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
     needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
-    into the weights; `sequence_parallel` as in `sharding.shard`.
+    into the weights; `sequence_parallel` as in `sharding.shard`; `attention` picks the
+    implementation (`attention.IMPLEMENTATIONS`; also settable later as `model.attention`).
     """
     config = read_config(path)
     try:
@@ -206,7 +207,16 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     if adapters is not None:
         model = lora.apply(model, adapters)
     model.rules = sharding.SEQUENCE_PARALLEL_RULES if sequence_parallel else sharding.RULES
+    model.attention = check_attention(attention)
     return model
+
+
+def check_attention(name: str) -> str:
+    from mistral_jax.attention import IMPLEMENTATIONS
+
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    return name
 
 
 def check_weights(config: Config, tree: dict, where: str) -> None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mistral_jax import attention as A
 from mistral_jax import cache as kv
 from mistral_jax import layers as L
 from mistral_jax.sharding import RULES, ShardingRules, constrain
@@ -55,6 +56,8 @@ class Decoder(nnx.Module):
     rules: ShardingRules = RULES  # how activations are laid out on a mesh; see sharding.shard
     remat: str = "none"  # a REMAT_POLICIES name: what the layer body keeps for the backward pass
     unroll: int | bool = 1  # layers per iteration of the forward scan (True: no loop at all)
+    attention: str = "auto"  # an attention.IMPLEMENTATIONS name
+    attention_blocks: tuple[int, int] | None = None  # (queries, keys); None: the backend's
 
     def constrain(self, x, axes):
         return constrain(x, axes, self.rules)
@@ -99,14 +102,15 @@ class Decoder(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        may_be_left_padded = None if attention_mask is not None else False  # (for cuDNN)
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = L.default_positions(attention_mask)
-        mask = L.attention_mask_bts(attention_mask, self.config.sliding_window, segment_ids)
+        masking = A.Masking(attention_mask.astype(bool), segment_ids, self.config.sliding_window)
         x = self.constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
-
-        attend = L.attend_with(mask, output_attentions)
+        attend = self.attend_with(masking, weights=output_attentions,
+                                  left_padded=may_be_left_padded)
 
         def body(x, layer):
             y, probs = self.block(layer, x, positions, attend)
@@ -134,14 +138,18 @@ class Decoder(nnx.Module):
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        first = self.attend_with(A.Masking(new_index >= 0, None, self.config.sliding_window),
+                                 left_padded=True) if fresh else None
 
         def body(x, layer_and_cache):
             layer, k_old, v_old = layer_and_cache
 
             def attend(q, k, v):
-                old = (None, None) if fresh else (k_old, v_old)
-                out = kv.attend_cached(q, *old, cache.index, k, v, new_index, query_index,
-                                       self.config.sliding_window)
+                if fresh:  # the chunk attends to itself alone: as in training
+                    out = first(q, k, v)[0]
+                else:
+                    out = kv.attend_cached(q, k_old, v_old, cache.index, k, v, new_index,
+                                           query_index, self.config.sliding_window)
                 return out, (k, v)
 
             x, (k, v) = self.block(layer, x, positions, attend)
@@ -153,6 +161,12 @@ class Decoder(nnx.Module):
         x = self.final_norm(x[:, -1:])
         logits = self.lm_logits(self.constrain(x, GATHERED))[:, 0]
         return logits, kv.write(cache, k, v, new_index, start)
+
+    def attend_with(self, masking, *, weights: bool = False, left_padded: bool | None = None):
+        """This model's `attend(q, k, v)` under `masking` (see `attention.attend_with`)."""
+        return A.attend_with(self.attention, masking, weights=weights,
+                             blocks=self.attention_blocks, dtype=self.dtype,
+                             left_padded=left_padded)
 
     def lm_logits(self, x):
         """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""

@@ -205,14 +205,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
         for lo in range(0, t, size)], axis=1)
 
 
-def attend_with(mask: jax.Array, return_weights: bool = False):
-    """The `attend(q, k, v)` a decoder block takes, for attention under a fixed causal [b, t, t]
-    mask: in query blocks (`causal_attention`), or whole when the probabilities are asked for."""
-    if return_weights:
-        return lambda q, k, v: attention(q, k, v, mask, return_weights=True)
-    return lambda q, k, v: (causal_attention(q, k, v, mask), None)
-
-
 # --- loss --------------------------------------------------------------------------------------
 
 IGNORE_INDEX = -100

@@ -126,14 +126,23 @@ def test_long_sequences_in_causal_query_blocks_equal_torch(kind, overrides, tmp_
     assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected) <= 1e-5
 
 
+def top1_agreement(got: np.ndarray, ref: np.ndarray, resolution: float = 0.01) -> float:
+    """Share of positions where our argmax is the reference's, leaving out those where the
+    reference's top two are closer than `resolution` (bfloat16 carries 8 bits: near 1 a logit
+    moves by 0.004 when rounded, so such a position is a tie either way)."""
+    top2 = np.sort(ref, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] >= resolution
+    return float(np.mean((got.argmax(-1) == ref.argmax(-1))[decided]))
+
+
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])
 def test_bfloat16_top1_agrees_with_torch(kind, tmp_path):
     theirs = hf_model(kind, tmp_path)
     mine = ours(tmp_path, dtype=jnp.bfloat16)
     assert mine.embed[...].dtype == jnp.bfloat16
     ids = random_ids((8, 64), seed=5)
-    ref = torch_logits(theirs, ids).argmax(-1)
-    ref_bf16 = torch_logits(theirs.to(torch.bfloat16), ids).argmax(-1)
-    got = np.asarray(mistral_jax.forward(mine, ids)).argmax(-1)
-    assert np.mean(got == ref) >= 0.99
-    assert np.mean(got == ref_bf16) >= 0.99
+    ref = torch_logits(theirs, ids)
+    ref_bf16 = torch_logits(theirs.to(torch.bfloat16), ids)
+    got = np.asarray(mistral_jax.forward(mine, ids))
+    assert top1_agreement(got, ref) >= 0.99
+    assert top1_agreement(got, ref_bf16) >= 0.99

@@ -10,8 +10,8 @@ import pytest
 
 import mistral_jax
 from mistral_jax import configs, models, sharding
+from mistral_jax.attention import Masking
 from mistral_jax.decoder import ACT
-from mistral_jax.layers import attend_with
 
 MESHES = ["1x1", "1x2", "1x4", "1x8", "2x4", "8x1"]
 # 8 query heads so every mesh divides them; 2 kv heads so 1x4 and 1x8 replicate kv heads;
@@ -113,9 +113,10 @@ def test_one_layer_forward_has_two_all_reduces_and_gathers_no_weight(config, spe
     layer = jax.tree.map(lambda x: x[0], m.layers)  # one layer's weights, still sharded
     x = jnp.ones((8, 12, 64))
     positions = jnp.broadcast_to(jnp.arange(12), (8, 12))
-    mask = jnp.ones((8, 12, 12), bool)
+    masking = Masking(jnp.ones((8, 12), bool), None, config.sliding_window)
     with jax.set_mesh(m.embed[...].sharding.mesh):
-        f = jax.jit(lambda w, x: m.constrain(m.block(w, x, positions, attend_with(mask))[0], ACT))
+        attend = m.attend_with(masking)
+        f = jax.jit(lambda w, x: m.constrain(m.block(w, x, positions, attend)[0], ACT))
         hlo = f.lower(layer, x).compile().as_text()
     assert collectives(hlo) == {"all-reduce": 2, "all-gather": 0, "reduce-scatter": 0,
                                 "all-to-all": 0, "collective-permute": 0}
@@ -214,10 +215,11 @@ def test_sequence_parallel_layer_trades_all_reduces_for_reduce_scatter_and_all_g
     m = mistral_jax.shard(perturbed(config), mesh("1x8"), sequence_parallel=True)
     layer = jax.tree.map(lambda x: x[0], m.layers)
     positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
-    mask = jnp.ones((4, 16, 16), bool)
+    masking = Masking(jnp.ones((4, 16), bool), None, config.sliding_window)
     with jax.set_mesh(m.embed[...].sharding.mesh):
         x = jax.device_put(jnp.ones((4, 16, 64)), jax.sharding.PartitionSpec(None, "model"))
-        f = jax.jit(lambda w, x: m.constrain(m.block(w, x, positions, attend_with(mask))[0], ACT))
+        attend = m.attend_with(masking)
+        f = jax.jit(lambda w, x: m.constrain(m.block(w, x, positions, attend)[0], ACT))
         hlo = f.lower(layer, x).compile().as_text()
     counts = collectives(hlo)
     # two all-gathers of the activations on the sequence, entering attention and the MLP

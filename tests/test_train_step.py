@@ -63,8 +63,10 @@ def test_accumulated_micro_batches_equal_one_batch_and_the_step_compiles_once():
     (l1, p1), (l2, p2) = results
     np.testing.assert_allclose(l1, l2, atol=1e-6, rtol=0)
     assert l1[2] < l1[0]
-    for name in p1:  # Adam divides by the gradients' scale: rounding shows a little more
-        np.testing.assert_allclose(p1[name], p2[name], atol=1e-5, rtol=0, err_msg=name)
+    # Adam divides by the gradients' scale, so a rounding difference in a tiny gradient moves
+    # its weight by a share of a whole step (lr 1e-2): 3e-5 is 0.3% of one step
+    for name in p1:
+        np.testing.assert_allclose(p1[name], p2[name], atol=3e-5, rtol=0, err_msg=name)
 
 
 def test_loss_on_a_2x4_mesh_is_the_unsharded_models_causal_lm_loss():

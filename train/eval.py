@@ -30,6 +30,7 @@ def arguments():
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype")
     cli.add_mesh(p)
+    cli.add_attention(p)
     return p
 
 
@@ -63,7 +64,8 @@ def evaluate(args) -> tuple[float, float, int]:
     mesh, chosen = devices.mesh_for(args.mesh, config)
     if chosen:
         note(chosen)
-    model = mistral_jax.load(args.ckpt, mesh=mesh, adapters=args.adapters)
+    model = mistral_jax.load(args.ckpt, mesh=mesh, adapters=args.adapters,
+                             attention=args.attention)
     if mesh is None:  # the batch still needs a mesh to be placed on: the model's one device
         mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     docs = [d for f in args.data for d in D.read_documents(f)]

@@ -180,6 +180,7 @@ class Trainer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), weights))
         self.template.remat = args.remat
         self.template.unroll = args.unroll
+        self.template.attention = args.attention
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
             params = lora.init(weights, models.logical_axes(model), args.lora_targets,

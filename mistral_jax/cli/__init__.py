@@ -34,6 +34,15 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    + ("" if default else "; default: one device"))
 
 
+def add_attention(p: argparse.ArgumentParser) -> None:
+    from mistral_jax.attention import IMPLEMENTATIONS
+
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                   help="attention implementation: blockwise (flash attention in JAX, memory "
+                   "O(t)), xla (materialized scores), cudnn (NVIDIA GPUs), splash (TPUs), auto "
+                   "(the backend's fused kernel where it serves the case, else blockwise)")
+
+
 def add_dtype(p: argparse.ArgumentParser, what: str = "compute") -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help=f"cast the weights to this dtype ({what} in it; default: as saved)")

@@ -37,6 +37,7 @@ def arguments():
                    "(train.finetune's OUT/adapters) to apply to the checkpoint")
     cli.add_mesh(p)
     cli.add_dtype(p)
+    cli.add_attention(p)
     p.add_argument("--verbose", action="store_true", help="report load time, time to first "
                    "token and tokens/s on stderr")
     return p
@@ -58,7 +59,8 @@ def generate(args) -> None:
     mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
     if chosen:
         note(chosen)
-    params = mistral_jax.load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters)
+    params = mistral_jax.load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
+                              attention=args.attention)
     loaded = time.perf_counter()
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
