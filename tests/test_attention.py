@@ -1,0 +1,238 @@
+"""mistral_jax/attention.py: the blockwise kernel against the materialized path (outputs and
+gradients, every masking case), splash in interpret mode, the dispatch, memory O(t) and work
+O(t * window); then whole models against transformers' eager attention at 1024-4096 tokens:
+logits and every weight's gradient, windows of 64, 500 and 4096, left padding, packed documents
+against each document alone, bfloat16, and greedy generation past the window."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mistral_jax
+from convert.to_torch import mistral_tensors
+from mistral_jax import attention as A
+from mistral_jax import layers as L
+from mistral_jax import models
+from tests.reference import hf_model, ours, torch_logits
+from tests.test_parity import top1_agreement
+
+RNG = np.random.default_rng(0)
+
+
+def qkv(b, t, n, kv, h, dtype=jnp.float32):
+    return tuple(jnp.asarray(RNG.normal(size=(b, t, heads, h)), dtype)
+                 for heads in (n, kv, kv))
+
+
+def documents(b, t, cuts):
+    seg = np.zeros((b, t), np.int32)
+    for i, c in enumerate(cuts):
+        seg[:, c:] = i + 1
+    return jnp.asarray(seg)
+
+
+KERNEL_CASES = {  # (b, t, n, kv, h, window, left padding of row 0, document cuts, blocks)
+    "causal-gqa": (2, 300, 4, 2, 16, None, 0, None, (64, 32)),
+    "window-not-power-of-2": (2, 300, 4, 2, 16, 50, 0, None, (64, 64)),
+    "window-smaller-than-a-block": (1, 257, 4, 1, 8, 7, 0, None, (32, 32)),
+    "left-padded-mqa": (2, 200, 4, 1, 16, 40, 70, None, (32, 64)),
+    "packed-documents": (2, 256, 8, 2, 16, None, 0, (80, 200), (64, 64)),
+    "everything": (2, 300, 4, 4, 8, 64, 5, (100, 101, 250), (64, 32)),
+    "one-block": (1, 100, 4, 2, 16, None, 0, None, (256, 256)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
+    b, t, n, kv, h, window, pad, cuts, (bq, bk) = KERNEL_CASES[case]
+    q, k, v = qkv(b, t, n, kv, h)
+    valid = np.ones((b, t), bool)
+    valid[0, :pad] = False
+    masking = A.Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
+    real = jnp.asarray(valid)[:, :, None, None]  # padding queries: garbage by contract
+    dense = lambda q, k, v: L.attention(q, k, v, masking.dense())[0]
+    flash = lambda q, k, v: A.blockwise(q, k, v, masking, bq, bk)
+    np.testing.assert_allclose(flash(q, k, v) * real, dense(q, k, v) * real, atol=2e-6)
+    assert np.isfinite(np.asarray(flash(q, k, v))).all()
+    weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32) * real
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+             for f in (dense, flash)]
+    for expected, got in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-6 * float(jnp.abs(expected).max()))
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
+    q, k, v = qkv(1, 200, 4, 2, 16)
+    masking = A.Masking(jnp.ones((1, 200), bool), None, 64)
+    full = A.blockwise(q, k, v, masking, 64, 64)
+    half = A.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, 64, 64)
+    assert half.dtype == jnp.bfloat16
+    assert float(jnp.abs(half.astype(jnp.float32) - full).max()) < 0.05
+
+
+def test_splash_in_interpret_mode_equals_blockwise():
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention",
+                        reason="this jax has no Pallas splash attention")
+    from mistral_jax.splash import splash_attention
+
+    q, k, v = qkv(2, 200, 4, 2, 64)
+    valid = np.ones((2, 200), bool)
+    valid[1, :30] = False
+    masking = A.Masking(jnp.asarray(valid), documents(2, 200, (120,)), 50)
+    real = jnp.asarray(valid)[:, :, None, None]
+    np.testing.assert_allclose(splash_attention(q, k, v, masking) * real,
+                               A.blockwise(q, k, v, masking, 64, 64) * real, atol=2e-6)
+    g = [jax.grad(lambda q, f=f: jnp.sum(f(q) * real))(q) for f in (
+        lambda q: splash_attention(q, k, v, masking), lambda q: A.blockwise(q, k, v, masking))]
+    np.testing.assert_allclose(g[0], g[1], atol=2e-6)
+
+
+def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
+    plain = A.Masking(jnp.ones((1, 8), bool), None, None)
+    packed = A.Masking(jnp.ones((1, 8), bool), jnp.zeros((1, 8), jnp.int32), 4096)
+    bf16 = jnp.bfloat16
+    choose = A.choose
+    assert choose("auto", platform="cpu", dtype=bf16, masking=plain) == "blockwise"
+    assert choose("auto", platform="gpu", dtype=bf16, masking=plain, left_padded=False) == \
+        "cudnn"
+    # cuDNN takes no packed documents, no float32, no left padding: blockwise instead
+    assert choose("auto", platform="gpu", dtype=bf16, masking=packed, left_padded=False) == \
+        "blockwise"
+    assert choose("auto", platform="gpu", dtype=jnp.float32, masking=plain,
+                  left_padded=False) == "blockwise"
+    assert choose("auto", platform="gpu", dtype=bf16, masking=plain) == "blockwise"
+    assert choose("auto", platform="tpu", dtype=bf16, masking=packed) == "splash"
+    assert choose("auto", platform="cpu", dtype=bf16, masking=plain, weights=True) == "xla"
+    assert choose("xla", platform="gpu", dtype=bf16, masking=plain) == "xla"
+    with pytest.raises(A.AttentionError, match="attention='cudnn' needs an NVIDIA GPU; this "
+                       "is cpu; attention='blockwise' runs everywhere"):
+        choose("cudnn", platform="cpu", dtype=bf16, masking=plain)
+    with pytest.raises(A.AttentionError, match="takes no packed documents"):
+        choose("cudnn", platform="gpu", dtype=bf16, masking=packed, left_padded=False)
+    with pytest.raises(A.AttentionError, match="needs a TPU"):
+        choose("splash", platform="gpu", dtype=bf16, masking=plain)
+    with pytest.raises(A.AttentionError, match="does not return the attention weights"):
+        choose("blockwise", platform="cpu", dtype=bf16, masking=plain, weights=True)
+    with pytest.raises(A.AttentionError, match="is not one of auto, xla, blockwise"):
+        choose("flash", platform="cpu", dtype=bf16, masking=plain)
+
+
+def compiled(t: int, window):
+    q, k, v = qkv(1, t, 4, 2, 16)
+    masking = A.Masking(jnp.ones((1, t), bool), None, window)
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.blockwise(q, k, v, masking, 256, 256)),
+                         argnums=(0, 1, 2)))
+    return f.lower(q, k, v).compile()
+
+
+def test_memory_is_linear_in_the_sequence_and_no_t_by_t_array_exists():
+    small, big = compiled(2048, None), compiled(4096, None)
+    for t, c in ((2048, small), (4096, big)):
+        sizes = [np.prod([int(d) for d in dims.split(",") if d])
+                 for dims in re.findall(r"[fsup]\d+\[([\d,]*)\]", c.as_text())]
+        assert max(sizes) < t * t / 8, max(sizes)  # the largest: a few blocks' scores
+    ratio = big.memory_analysis().temp_size_in_bytes / small.memory_analysis().temp_size_in_bytes
+    assert ratio < 2.2, ratio  # twice the tokens, about twice the memory (O(t^2) would be 4)
+
+
+def test_a_query_block_visits_only_the_key_blocks_its_window_reaches():
+    blocks = A._Blocks(t=4096, block_q=256, block_k=256, window=500)
+    spans = [tuple(int(x) for x in blocks.key_range(i)) for i in range(16)]
+    assert spans[0] == (0, 1) and spans[1] == (0, 2) and spans[15] == (13, 16)
+    assert max(hi - lo for lo, hi in spans) == 3  # O(window / block), whatever t is
+    causal = A._Blocks(t=4096, block_q=256, block_k=256, window=None)
+    assert [tuple(int(x) for x in causal.key_range(i)) for i in (0, 15)] == [(0, 1), (0, 16)]
+
+
+# --- whole models against transformers' eager attention --------------------------------------
+
+LONG = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, num_hidden_layers=2,
+            max_position_embeddings=8192, initializer_range=0.05)
+
+
+def grads_of_every_weight(theirs, mine, ids, mask=None):
+    """(transformers' gradients of the mean causal-LM loss, ours in transformers' names)."""
+    theirs.zero_grad()
+    labels = ids if mask is None else np.where(mask.astype(bool), ids, -100)
+    kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+    theirs(torch.tensor(ids).long(), labels=torch.tensor(labels).long(), **kwargs).loss.backward()
+    expected = {k: p.grad.numpy() for k, p in theirs.named_parameters()}
+    g = jax.grad(mistral_jax.loss)(mine, ids, None if mask is None else jnp.asarray(mask))
+    got = mistral_tensors(mine.config, jax.tree.map(np.asarray, models.weights(g)))
+    return expected, got
+
+
+@pytest.mark.parametrize("t,window", [(1024, 64), (2048, 500), (4096, 4096)])
+def test_long_sequences_equal_transformers_logits_and_gradients(t, window, tmp_path):
+    theirs = hf_model("mistral", tmp_path, sliding_window=window, **LONG)
+    mine = ours(tmp_path)
+    assert mine.attention == "auto"  # blockwise on a CPU
+    ids = RNG.integers(0, 96, (1, t))
+    np.testing.assert_allclose(np.asarray(mistral_jax.forward(mine, ids)),
+                               torch_logits(theirs, ids), atol=1e-4)
+    expected, got = grads_of_every_weight(theirs, mine, ids)
+    assert sorted(got) == sorted(expected)
+    for name, e in expected.items():
+        err = np.abs(got[name] - e).max() / np.abs(e).max()
+        assert err <= 1e-4, f"{name}: {err:.2e}"
+
+
+def test_left_padding_at_length_equals_transformers(tmp_path):
+    theirs = hf_model("mistral", tmp_path, sliding_window=500, **LONG)
+    mine = ours(tmp_path)
+    ids = RNG.integers(0, 96, (2, 1536))
+    mask = np.ones_like(ids)
+    mask[0, :300] = 0
+    positions = np.asarray(L.default_positions(jnp.asarray(mask)))
+    real = mask.astype(bool)
+    got = np.asarray(mistral_jax.forward(mine, ids, mask))
+    np.testing.assert_allclose(got[real], torch_logits(theirs, ids, mask, positions)[real],
+                               atol=1e-4)
+    alone = np.asarray(mistral_jax.forward(mine, ids[:1, 300:]))
+    np.testing.assert_allclose(got[0, 300:], alone[0], atol=1e-4)
+
+
+def test_packed_documents_equal_each_document_alone(tmp_path):
+    """Three documents in one row of 1200 tokens, positions restarting: each one's logits and
+    loss are what transformers gives it alone."""
+    theirs = hf_model("mistral", tmp_path, sliding_window=64, **LONG)
+    mine = ours(tmp_path)
+    lengths = (350, 500, 350)
+    docs = [RNG.integers(0, 96, (1, n)) for n in lengths]
+    ids = np.concatenate(docs, axis=1)
+    segments = np.concatenate([np.full((1, n), i) for i, n in enumerate(lengths)], axis=1)
+    positions = np.concatenate([np.arange(n) for n in lengths])[None]
+    logits, _, _ = jax.jit(lambda m, i, p, s: m.run(i, None, p, segment_ids=s))(
+        mine, ids, positions, segments)
+    start = 0
+    for doc in docs:
+        n = doc.shape[1]
+        np.testing.assert_allclose(np.asarray(logits)[0, start:start + n],
+                                   torch_logits(theirs, doc)[0], atol=1e-4)
+        start += n
+
+
+def test_bfloat16_at_length_agrees_with_transformers_top1(tmp_path):
+    theirs = hf_model("mistral", tmp_path, sliding_window=500, **LONG)
+    mine = ours(tmp_path, dtype=jnp.bfloat16)
+    ids = RNG.integers(0, 96, (1, 2048))
+    ref = torch_logits(theirs, ids)
+    assert top1_agreement(np.asarray(mistral_jax.forward(mine, ids)), ref) >= 0.99
+
+
+def test_greedy_generation_past_the_window_equals_transformers(tmp_path):
+    theirs = hf_model("mistral", tmp_path, sliding_window=64, **{**LONG, "initializer_range": 0.1})
+    mine = ours(tmp_path)
+    ids = RNG.integers(3, 96, (1, 700))  # eleven windows of prompt: prefilled in window chunks
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor(ids), attention_mask=torch.ones((1, 700)).long(),
+                                   max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[:, 700:].numpy()
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=12),
+                                  expected)
