@@ -28,6 +28,10 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The loss runs over chunks of this many tokens beyond it (see Decoder.summed_loss): at 8192
+# tokens and a vocabulary of 8000, the float32 logits alone are 262 MB a copy.
+LOSS_CHUNK = 2048
+
 # Logical axes of activations: between blocks, and inside the tensor-parallel regions.
 ACT = ("batch", "sequence", "embed")
 GATHERED = ("batch", None, "embed")  # entering a tensor-parallel region: the whole sequence
@@ -99,6 +103,15 @@ class Decoder(nnx.Module):
         """(vocab-padded logits, hidden states or None, attentions or None).
 
         `segment_ids` [b, t] (packed documents): a token attends only within its own segment."""
+        x, hidden, attentions = self.features(input_ids, attention_mask, positions,
+                                              inputs_embeds, output_hidden_states,
+                                              output_attentions, segment_ids)
+        return self.lm_logits(x), hidden, attentions
+
+    def features(self, input_ids, attention_mask, positions, inputs_embeds=None,
+                 output_hidden_states=False, output_attentions=False, segment_ids=None):
+        """`run` before the LM head: (the final norm's output [b, t, d], hidden states or None,
+        attentions or None)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -120,7 +133,10 @@ class Decoder(nnx.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not one of {list(REMAT_POLICIES)}")
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            # a scan keeps XLA from merging the recomputation back into the forward pass;
+            # unrolled layers do not, so there the barrier stays (or remat saves nothing)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat],
+                                  prevent_cse=self.unroll is True or self.unroll > 1)
         x0 = x
         x, (per_layer, probs) = jax.lax.scan(body, x, self.layers, unroll=self.unroll)
         x = self.final_norm(x)
@@ -128,7 +144,7 @@ class Decoder(nnx.Module):
         if output_hidden_states:  # transformers' convention: the last entry is after the final norm
             hidden = (x0, *(per_layer[i] for i in range(per_layer.shape[0] - 1)), x)
         attentions = tuple(probs) if output_attentions else None
-        return self.lm_logits(self.constrain(x, GATHERED)), hidden, attentions
+        return self.constrain(x, GATHERED), hidden, attentions
 
     def step(self, input_ids, valid, positions, cache, start, fresh: bool = False):
         """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
@@ -186,13 +202,37 @@ class Decoder(nnx.Module):
             labels = input_ids
             if attention_mask is not None:
                 labels = jnp.where(attention_mask.astype(bool), labels, L.IGNORE_INDEX)
-        logits, _, _ = self.run(input_ids, attention_mask, positions)  # never gathered: see run
-        return L.causal_lm_loss(logits, labels)
+        x, _, _ = self.features(input_ids, attention_mask, positions)
+        total, count = self.summed_loss(x[:, :-1], labels[:, 1:])
+        return total / jnp.maximum(count, 1)
 
     def loss_terms(self, input_ids, labels, positions=None, segment_ids=None):
         """(summed next-token cross-entropy, counted tokens) of packed rows: labels[:, i + 1] is
         predicted at i, label -100 is not counted. Sums add up across micro-batches and devices."""
-        logits, _, _ = self.run(input_ids, None, positions, segment_ids=segment_ids)
-        # shift the labels, not the logits: slicing [b, t, vocab] costs a copy and, backward, a pad
+        x, _, _ = self.features(input_ids, None, positions, segment_ids=segment_ids)
+        # shift the labels, not the features: slicing [b, t, d] costs a copy and, backward, a pad
         last = jnp.full((labels.shape[0], 1), L.IGNORE_INDEX, labels.dtype)
-        return L.cross_entropy(logits, jnp.concatenate([labels[:, 1:], last], axis=1))
+        return self.summed_loss(x, jnp.concatenate([labels[:, 1:], last], axis=1))
+
+    def summed_loss(self, x, labels):
+        """(summed cross-entropy of the LM head's logits of x [b, t, d] against labels [b, t],
+        counted tokens), on vocab-sharded logits. Past LOSS_CHUNK tokens the sequence goes
+        through in chunks whose logits are recomputed for the backward pass, so memory holds
+        one chunk's [b, chunk, vocab] logits, not the whole sequence's."""
+        t = x.shape[1]
+        if t <= LOSS_CHUNK:
+            return L.cross_entropy(self.lm_logits(x), labels)
+        n = -(-t // LOSS_CHUNK)
+        pad = n * LOSS_CHUNK - t
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=L.IGNORE_INDEX)
+        chunks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, LOSS_CHUNK, *a.shape[2:]), 1, 0)
+
+        @jax.checkpoint
+        def chunk(carry, xl):
+            total, count = L.cross_entropy(self.lm_logits(self.constrain(xl[0], GATHERED)),
+                                           xl[1])
+            return (carry[0] + total, carry[1] + count), None
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        return jax.lax.scan(chunk, init, (chunks(x), chunks(labels)))[0]

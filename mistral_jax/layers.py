@@ -221,9 +221,3 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     one_hot = jax.nn.one_hot(jnp.where(valid, labels, 0), logits.shape[-1], dtype=logits.dtype)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * one_hot, axis=-1)
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
-
-
-def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy as in transformers: logits[:, i] predict labels[:, i+1]."""
-    total, count = cross_entropy(logits[:, :-1], labels[:, 1:])
-    return total / jnp.maximum(count, 1)

@@ -57,7 +57,7 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
     masking = A.Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
     real = jnp.asarray(valid)[:, :, None, None]  # padding queries: garbage by contract
     dense = lambda q, k, v: L.attention(q, k, v, masking.dense())[0]
-    flash = lambda q, k, v: A.blockwise(q, k, v, masking, bq, bk)
+    flash = lambda q, k, v: A.blockwise(q, k, v, masking, (bq, bk))
     np.testing.assert_allclose(flash(q, k, v) * real, dense(q, k, v) * real, atol=2e-6)
     assert np.isfinite(np.asarray(flash(q, k, v))).all()
     weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32) * real
@@ -70,8 +70,8 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
 def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
     q, k, v = qkv(1, 200, 4, 2, 16)
     masking = A.Masking(jnp.ones((1, 200), bool), None, 64)
-    full = A.blockwise(q, k, v, masking, 64, 64)
-    half = A.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, 64, 64)
+    full = A.blockwise(q, k, v, masking, (64, 64))
+    half = A.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, (64, 64))
     assert half.dtype == jnp.bfloat16
     assert float(jnp.abs(half.astype(jnp.float32) - full).max()) < 0.05
 
@@ -87,7 +87,7 @@ def test_splash_in_interpret_mode_equals_blockwise():
     masking = A.Masking(jnp.asarray(valid), documents(2, 200, (120,)), 50)
     real = jnp.asarray(valid)[:, :, None, None]
     np.testing.assert_allclose(splash_attention(q, k, v, masking) * real,
-                               A.blockwise(q, k, v, masking, 64, 64) * real, atol=2e-6)
+                               A.blockwise(q, k, v, masking, (64, 64)) * real, atol=2e-6)
     g = [jax.grad(lambda q, f=f: jnp.sum(f(q) * real))(q) for f in (
         lambda q: splash_attention(q, k, v, masking), lambda q: A.blockwise(q, k, v, masking))]
     np.testing.assert_allclose(g[0], g[1], atol=2e-6)
@@ -126,7 +126,7 @@ def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
 def compiled(t: int, window):
     q, k, v = qkv(1, t, 4, 2, 16)
     masking = A.Masking(jnp.ones((1, t), bool), None, window)
-    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.blockwise(q, k, v, masking, 256, 256)),
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.blockwise(q, k, v, masking, (256, 256))),
                          argnums=(0, 1, 2)))
     return f.lower(q, k, v).compile()
 
