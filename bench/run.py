@@ -33,6 +33,17 @@ TARGETS = [
     ("prefill 512 tokens, ours / transformers (GPT-2 124M)", ("gpt2", "prefill"), 1.2, "min"),
     ("conversion peak RSS (safetensors) / (1.5 x largest tensor + 1 GiB)",
      ("convert", "safetensors"), 1.0, "max"),
+    # issue 13: attention at real lengths (bench/long.py, batch 1, each side in its process)
+    ("train step 8k tokens, no window, ours / transformers", ("long", "8k"), 1.2, "min"),
+    ("train step 8k tokens, no window, peak RSS ours / transformers", ("long", "8k_rss"), 1.0,
+     "max"),
+    ("train step 8k tokens, window 512, ours / transformers", ("long", "8k_w512"), 3.0, "min"),
+    ("train step 32k tokens, window 512 (--remat dots), peak RSS GiB", ("long", "32k_rss_gib"),
+     8.0, "max"),
+    ("peak RSS slope 8k->16k over 2k->8k (1 = linear)", ("long", "rss_slope_ratio"), 1.25,
+     "max"),
+    ("prefill 16k tokens, window 1k, ours / transformers", ("long", "prefill"), 3.0, "min"),
+    ("train step 256 tokens, blockwise / materialized attention", ("long", "short"), 1.0, "min"),
 ]
 
 
@@ -56,13 +67,29 @@ def summary(raw: dict) -> dict:
         c = raw["convert"]
         out["convert"] = {k: c[k]["peak_bytes"] / c[k]["target_bytes"] for k in ("safetensors",
                                                                                    "bin")}
+    if "long" in raw:
+        out["long"] = long_summary(raw["long"])
     return out
+
+
+def long_summary(r: dict) -> dict:
+    rows = {(row["seq"], row["window"]): row for row in r["train"]}
+    flat = {"8k": rows[8192, None]["speedup"], "8k_rss": rows[8192, None].get("rss_ratio"),
+            "8k_w512": rows[8192, 512]["speedup"], "short": r["short"]["speedup"],
+            "prefill": r["prefill"]["speedup"]}
+    if "train_32k" in r and "error" not in r["train_32k"]:
+        flat["32k_rss_gib"] = r["train_32k"]["peak_rss_bytes"] / 2**30
+    if "rss_slope_ratio" in r:
+        flat["rss_slope_ratio"] = r["rss_slope_ratio"]
+    return {k: v for k, v in flat.items() if v is not None}
 
 
 def table(raw: dict, flat: dict) -> str:
     rows = ["| benchmark | measured | target | |", "|---|---|---|---|"]
     for what, (section, key), target, kind in TARGETS:
         if section not in flat:
+            continue
+        if key not in flat[section]:  # not measured in this run (--quick), or it failed
             continue
         value = flat[section][key]
         met = value >= target if kind == "min" else value <= target
@@ -88,6 +115,8 @@ def table(raw: dict, flat: dict) -> str:
                          + " / ".join(f"{r['ms_per_token']:.1f}" for r in w)
                          + f"; rolling cache {w[0]['cache_bytes'] / 2**20:.1f} MiB.")
     lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
+    if "long" in raw:
+        lines.append(long_table(raw["long"]))
     if "convert" in raw:
         c = raw["convert"]
         lines.append(f"Conversion{' (from the last full run)' if c.get('earlier') else ''} of a "
@@ -98,6 +127,32 @@ def table(raw: dict, flat: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_table(r: dict) -> str:
+    """The train step at each length: seconds and peak RSS of both, the ratios."""
+    gib = lambda side: f"{side['peak_rss_bytes'] / 2**30:.2f} GiB"
+    cell = lambda side: side["error"] if "error" in side else \
+        f"{side['seconds']:.2f} s, {gib(side)}"
+    rows = ["", "| train step, batch 1 | window | ours | transformers | speed | RSS |",
+            "|---|---|---|---|---|---|"]
+    for row in r["train"]:
+        speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+        rss = f"{row['rss_ratio']:.2f}" if "rss_ratio" in row else "-"
+        rows.append(f"| {row['seq']} tokens | {row['window'] or 'none'} | {cell(row['ours'])} | "
+                    f"{cell(row['transformers'])} | {speed} | {rss} |")
+    if "train_32k" in r:
+        rows.append(f"| 32768 tokens (--remat dots) | 512 | {cell(r['train_32k'])} | | | |")
+    p = r["prefill"]
+    rows += ["", f"Prefill of {p['tokens']} tokens, window {p['window']}: ours "
+             f"{cell(p['ours'])}, transformers {cell(p['transformers'])}."]
+    s = r["short"]
+    rows.append(f"256-token step (batch 8): blockwise {s['blockwise']['seconds']:.3f} s, "
+                f"materialized {s['xla']['seconds']:.3f} s.")
+    if "rss_slopes_bytes_per_1k_tokens" in r:
+        rows.append("Our peak RSS per 1k more tokens, 2k->8k / 8k->16k: " + " / ".join(
+            f"{b / 2**20:.0f} MiB" for b in r["rss_slopes_bytes_per_1k_tokens"]) + ".")
+    return "\n".join(rows)
+
+
 def chart(flat: dict, path: Path) -> None:
     import matplotlib
 
@@ -106,7 +161,7 @@ def chart(flat: dict, path: Path) -> None:
 
     names, values, targets = [], [], []
     for what, (section, key), target, kind in TARGETS:
-        if section in flat and kind == "min":
+        if section in flat and key in flat[section] and kind == "min":
             names.append(what.replace(", ours / transformers", "").replace(" (", "\n("))
             values.append(flat[section][key])
             targets.append(target)
@@ -131,6 +186,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     raw = {"train": bench("train.py", args.out / "train.json"),
            "decode": bench("decode.py", args.out / "decode.json")}
+    raw["long"] = bench("long.py", args.out / "long.json", *(["--quick"] if args.quick else []))
     if not args.quick:
         raw["convert"] = bench("convert_rss.py", args.out / "convert.json")
     elif (args.out / "convert.json").exists():
