@@ -148,8 +148,10 @@ def long_table(r: dict) -> str:
     rows.append(f"256-token step (batch 8): blockwise {s['blockwise']['seconds']:.3f} s, "
                 f"materialized {s['xla']['seconds']:.3f} s.")
     if "rss_slopes_bytes_per_1k_tokens" in r:
-        rows.append("Our peak RSS per 1k more tokens, 2k->8k / 8k->16k: " + " / ".join(
-            f"{b / 2**20:.0f} MiB" for b in r["rss_slopes_bytes_per_1k_tokens"]) + ".")
+        steps = list(zip(r["lengths"], r["lengths"][1:], strict=False))
+        rows.append("Our peak RSS per 1k more tokens (no window), " + ", ".join(
+            f"{a // 1024}k->{b // 1024}k {slope / 2**20:.0f} MiB" for (a, b), slope in zip(
+                steps, r["rss_slopes_bytes_per_1k_tokens"], strict=True)) + ".")
     return "\n".join(rows)
 
 

@@ -51,7 +51,9 @@ def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)
         state = S.init_state(params, tx, 0, shardings)
-        step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p)
+        # one random stream of tokens, as transformers sees it: no documents to keep apart
+        step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p,
+                                 isolate_documents=False)
         rows = D.Rows(ids, ids, np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape),
                       np.zeros_like(ids))
         batch = D.place(rows, np.arange(batch_size)[None], jax.sharding.NamedSharding(
