@@ -24,6 +24,8 @@ import pytest
 import torch
 import transformers
 
+import mistral_jax
+from mistral_jax import models
 from tests.reference import text_model
 from train import default
 
@@ -134,6 +136,10 @@ def test_the_main_job_trains_and_generate_loads_what_it_wrote(followed):
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert loss[3] < loss[1]
     assert (run_dir / "final" / "weights").is_dir() and not list(run_dir.glob(".final*"))
+    import mistral_jax
+    from train import default as default_run
+
+    assert mistral_jax.load(run_dir / "final").config == default_run.CONFIG
     assert result(followed, "python -m mistral_jax.generate runs/").stdout.startswith(
         "LAWYER, n.")
     assert "[FAIL" not in result(followed, "python -m convert.parity --demo").stdout
@@ -173,7 +179,14 @@ def test_fine_tuning_resumes_evaluates_and_exports(followed):
     assert "resumed from step 3" in resumed.stderr
     evaluated = result(followed, "python -m train.eval run/final --data val.jsonl").stdout
     assert re.fullmatch(r"loss [\d.]+, perplexity [\d.]+, [\d,]+ tokens\n", evaluated)
-    assert transformers.AutoConfig.from_pretrained(cwd / "hf-run").model_type == "mistral"
+    # what fine-tuning wrote exports to a folder transformers loads, with our logits
+    trained = mistral_jax.load(cwd / "run" / "final")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(cwd / "hf-run").eval()
+    ids = np.asarray([trained.tokenizer.encode("LAWYER, n. One skilled in")])
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(mistral_jax.forward(trained, ids)), expected,
+                               atol=1e-4)
 
 
 def test_lora_adapters_go_everywhere(followed):
@@ -186,9 +199,6 @@ def test_lora_adapters_go_everywhere(followed):
     adapted = result(followed, "python -m mistral_jax.generate ckpt/ My favourite condiment "
                      "is --adapters").stdout
     assert adapted.startswith("My favourite condiment is")
-    import mistral_jax
-    from mistral_jax import models
-
     merged = models.flatten(models.weights(mistral_jax.load(cwd / "merged")))
     loaded = models.flatten(models.weights(namespace["params"]))  # load(adapters=) in README
     for name, value in merged.items():

@@ -183,32 +183,6 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(files, uninter
     assert mistral_jax.load(out / "final").config.vocab_size == 300
 
 
-def test_default_run_shortened_trains_and_generate_loads_its_checkpoint(tmp_path, capsys):
-    out = tmp_path / "default"
-    assert finetune.main(["--mesh", "1x8", "--steps", "3", "--seq-len", "64", "--eval-every",
-                          "3", "--eval-batches", "1", "--out", str(out)]) == 0
-    train, evals = losses(out)
-    assert train[3] < train[1] and 3 in evals
-    from mistral_jax.cli import generate
-
-    assert generate.main([str(out / "final"), "LAWYER, n.", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("LAWYER, n.")
-    trained = mistral_jax.load(out / "final")
-    assert trained.config == default.CONFIG
-    # what fine-tuning wrote exports to a folder transformers loads, with our logits
-    import torch
-    import transformers
-
-    from convert import to_torch
-
-    to_torch.export(out / "final", tmp_path / "hf")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = np.asarray([trained.tokenizer.encode("LAWYER, n. One skilled in")])
-    with torch.no_grad():
-        expected = theirs(torch.tensor(ids)).logits.numpy()
-    assert np.abs(np.asarray(mistral_jax.forward(trained, ids)) - expected).max() <= 1e-4
-
-
 def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
     out = files / "lora"  # with the other options of the step, end to end
     argv = flags(files, out, "--lora-rank", "2", "--lora-targets", "q,v,down", "--merge-lora",
