@@ -55,12 +55,11 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
     valid = np.ones((b, t), bool)
     valid[0, :pad] = False
     masking = A.Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
-    real = jnp.asarray(valid)[:, :, None, None]  # padding queries: garbage by contract
+    # every query, padding too: one that sees no key averages all values in both
     dense = lambda q, k, v: L.attention(q, k, v, masking.dense())[0]
     flash = lambda q, k, v: A.blockwise(q, k, v, masking, (bq, bk))
-    np.testing.assert_allclose(flash(q, k, v) * real, dense(q, k, v) * real, atol=2e-6)
-    assert np.isfinite(np.asarray(flash(q, k, v))).all()
-    weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32) * real
+    np.testing.assert_allclose(flash(q, k, v), dense(q, k, v), atol=2e-6)
+    weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32)
     grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
              for f in (dense, flash)]
     for expected, got in zip(*grads, strict=True):
@@ -94,11 +93,18 @@ def test_splash_in_interpret_mode_equals_blockwise():
 
 
 def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
-    plain = A.Masking(jnp.ones((1, 8), bool), None, None)
-    packed = A.Masking(jnp.ones((1, 8), bool), jnp.zeros((1, 8), jnp.int32), 4096)
+    plain = A.Masking(jnp.ones((1, 1024), bool), None, None)
+    packed = A.Masking(jnp.ones((1, 1024), bool), jnp.zeros((1, 1024), jnp.int32), 4096)
     bf16 = jnp.bfloat16
     choose = A.choose
     assert choose("auto", platform="cpu", dtype=bf16, masking=plain) == "blockwise"
+    # a sequence in one query block (512 on a CPU, 128 on a GPU): the materialized scores
+    short = A.Masking(jnp.ones((1, 512), bool), None, None)
+    assert choose("auto", platform="cpu", dtype=bf16, masking=short) == "xla"
+    assert choose("auto", platform="cpu", dtype=bf16, masking=short, blocks=(256, 256)) == \
+        "blockwise"
+    assert choose("auto", platform="gpu", dtype=jnp.float32, masking=short) == "blockwise"
+    assert choose("blockwise", platform="cpu", dtype=bf16, masking=short) == "blockwise"
     assert choose("auto", platform="gpu", dtype=bf16, masking=plain, left_padded=False) == \
         "cudnn"
     # cuDNN takes no packed documents, no float32, no left padding: blockwise instead
@@ -196,6 +202,13 @@ def test_left_padding_at_length_equals_transformers(tmp_path):
                                atol=1e-4)
     alone = np.asarray(mistral_jax.forward(mine, ids[:1, 300:]))
     np.testing.assert_allclose(got[0, 300:], alone[0], atol=1e-4)
+    # the loss counts the first real token, predicted from the last padding position, as
+    # transformers' does: that position's attention (it sees no key) must be theirs too
+    labels = np.where(real, ids, -100)
+    with torch.no_grad():
+        expected = theirs(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          position_ids=torch.tensor(positions), labels=torch.tensor(labels)).loss
+    assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected.item()) <= 1e-5
 
 
 def test_packed_documents_equal_each_document_alone(tmp_path):
