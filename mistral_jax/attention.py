@@ -38,6 +38,10 @@ from mistral_jax import layers as L
 from mistral_jax.sharding import DATA, MODEL
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+HELP = ("attention implementation: blockwise (flash attention in JAX: memory O(t), work "
+        "O(t x window)), xla (materialized scores), cudnn (NVIDIA GPUs), splash (TPUs), auto "
+        "(the backend's fused kernel where it serves the case, else blockwise, or xla for a "
+        "sequence that fits in one block)")  # --attention on every CLI
 # Block sizes ((queries, keys) of the forward pass, of the backward pass) by backend. On a CPU
 # (2 cores, AVX-512, 8k tokens): forward + backward of one layer took 1.66 s with these, 1.74 s
 # with 256 everywhere, 2.34 s with 512 everywhere (the backward's products and transposes at

@@ -82,12 +82,9 @@ def parser() -> argparse.ArgumentParser:
         help="layers per iteration of the loop over layers, or 'all' for no loop: unrolled "
         "layers compile slower and run faster (no stacked saved values to fill and copy: 3.5%% "
         "a step for the 4-layer default on a CPU) (default 1)")
-    from mistral_jax.attention import IMPLEMENTATIONS
+    from mistral_jax.attention import HELP, IMPLEMENTATIONS
 
-    add("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention "
-        "implementation: blockwise (flash attention in JAX: memory O(seq-len), work O(seq-len "
-        "x window)), xla (materialized scores), cudnn (NVIDIA GPUs), splash (TPUs), auto (the "
-        "backend's fused kernel where it serves the case, else blockwise) (default auto)")
+    add("--attention", default="auto", choices=IMPLEMENTATIONS, help=HELP + " (default auto)")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype; "
         "weights and optimizer state stay float32 (default float32)")
     add("--isolate-documents", action=argparse.BooleanOptionalAction, default=True,

@@ -35,12 +35,9 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
 
 
 def add_attention(p: argparse.ArgumentParser) -> None:
-    from mistral_jax.attention import IMPLEMENTATIONS
+    from mistral_jax.attention import HELP, IMPLEMENTATIONS
 
-    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
-                   help="attention implementation: blockwise (flash attention in JAX, memory "
-                   "O(t)), xla (materialized scores), cudnn (NVIDIA GPUs), splash (TPUs), auto "
-                   "(the backend's fused kernel where it serves the case, else blockwise)")
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto", help=HELP)
 
 
 def add_dtype(p: argparse.ArgumentParser, what: str = "compute") -> None:
