@@ -136,10 +136,7 @@ def test_the_main_job_trains_and_generate_loads_what_it_wrote(followed):
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert loss[3] < loss[1]
     assert (run_dir / "final" / "weights").is_dir() and not list(run_dir.glob(".final*"))
-    import mistral_jax
-    from train import default as default_run
-
-    assert mistral_jax.load(run_dir / "final").config == default_run.CONFIG
+    assert mistral_jax.load(run_dir / "final").config == default.CONFIG
     assert result(followed, "python -m mistral_jax.generate runs/").stdout.startswith(
         "LAWYER, n.")
     assert "[FAIL" not in result(followed, "python -m convert.parity --demo").stdout
