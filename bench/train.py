@@ -31,7 +31,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, timed  # noqa: E402
-from mistral_jax import configs, models  # noqa: E402
+from mistral_jax import configs, models, trees  # noqa: E402
 from train import data as D  # noqa: E402
 from train import finetune, flops  # noqa: E402
 from train import step as S  # noqa: E402
@@ -47,7 +47,7 @@ def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1
     with jax.set_mesh(mesh):
         model = models.init(config, seed=0, mesh=mesh)
         model.remat, model.unroll, model.attention = remat, unroll, attention
-        params = models.weights(model)
+        params = trees.weights(model)
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)
         state = S.init_state(params, tx, 0, shardings)

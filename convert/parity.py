@@ -28,7 +28,7 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, hf
-from mistral_jax import models
+from mistral_jax import models, trees
 from mistral_jax.cli import HelpFormatter
 
 # Tiny configs for --demo and the tests: a 4-token window so 16 tokens span 4 windows.
@@ -101,7 +101,7 @@ def check(hf_folder: Path, ckpt: Path | None) -> dict:
         params = mistral_jax.load(ckpt, dtype=np.float32)
     else:
         config, weights = hf.convert(hf_folder, np.float32)
-        params = models.with_weights(models.abstract(config), weights)
+        params = trees.with_weights(models.abstract(config), weights)
     return compare(theirs.eval(), params)
 
 

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from mistral_jax import models
+from mistral_jax import models, trees
 from mistral_jax.configs import Config
 from mistral_jax.tokenizer import Tokenizer
 
@@ -247,7 +247,7 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
     config came from `origin`).
     """
     expected = {
-        k: v.shape for k, v in models.flatten(models.weights(models.abstract(config))).items()
+        k: v.shape for k, v in trees.flatten(trees.weights(models.abstract(config))).items()
     }
     patterns = [(key_pattern(k), _tuple(names), fn) for k, (names, fn) in keymap.items()]
     work = []  # (source key, our names, transform, layer)
@@ -304,7 +304,7 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
         del raw, values
         source.release(key)
     _raise_if(problems, config, origin)
-    return models.unflatten(out) if out else None
+    return trees.unflatten(out) if out else None
 
 
 def _progress(work: list, enabled: bool):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import mistral_jax
 from convert import peft
 from convert.cli import report
-from mistral_jax import cli, files, lora, models
+from mistral_jax import cli, files, lora, trees
 from mistral_jax.configs import GPT2Config
 
 
@@ -72,7 +72,7 @@ def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     out = files.check_new(out, overwrite)
     params = mistral_jax.load(ckpt)
     config = params.config
-    weights = jax.tree.map(np.asarray, models.weights(params))
+    weights = jax.tree.map(np.asarray, trees.weights(params))
     tensors = (gpt2_tensors if isinstance(config, GPT2Config) else mistral_tensors)(config,
                                                                                    weights)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(params.dtype),

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mistral_jax import files, lora, models, sharding
+from mistral_jax import files, lora, models, sharding, trees
 from mistral_jax.configs import Config, from_hf_dict
 from mistral_jax.decoder import Decoder
 from mistral_jax.files import WEIGHTS
@@ -33,10 +33,10 @@ class CheckpointError(ValueError):
 def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically.
     Every process of a multi-process run calls it; each writes the shards it holds."""
-    weights = models.weights(model)
+    weights = trees.weights(model)
     if model.vocab_padded != model.config.vocab_size:  # checkpoints hold the real vocab only
-        axes = models.logical_axes(model)
-        weights = jax.jit(lambda w: models.resize_vocab(w, axes, model.config.vocab_size))(weights)
+        axes = trees.logical_axes(model)
+        weights = jax.jit(lambda w: trees.resize_vocab(w, axes, model.config.vocab_size))(weights)
     return write(model.config, weights, path, tokenizer=model.tokenizer, overwrite=overwrite)
 
 
@@ -66,7 +66,7 @@ class StreamingWriter:
         self.config, self.tokenizer, self.overwrite = config, tokenizer, overwrite
         self.path = files.check_new(path, overwrite)
         self.shapes = {k: tuple(v.shape) for k, v in
-                       models.flatten(models.weights(models.abstract(config))).items()}
+                       trees.flatten(trees.weights(models.abstract(config))).items()}
         self.arrays: dict[str, ts.TensorStore] = {}
         self.written: dict[str, set] = {k: set() for k in self.shapes}
 
@@ -74,7 +74,7 @@ class StreamingWriter:
         self._directory = files.atomic_directory(self.path, overwrite=self.overwrite)
         self.tmp = self._directory.__enter__()
         files.write_config(self.tmp, self.config, self.tokenizer)
-        stand_ins = models.unflatten({k: np.zeros((1,) * len(s), np.float32)
+        stand_ins = trees.unflatten({k: np.zeros((1,) * len(s), np.float32)
                                       for k, s in self.shapes.items()})
         absl = logging.getLogger("absl")  # quiet Orbax's note that there is no OCDBT to merge
         level = absl.level
@@ -201,7 +201,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
         stored, shardings)
-    model = models.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
+    model = trees.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
     if padded > config.vocab_size:
         model = sharding.shard(model, mesh, donate=True)
     if adapters is not None:
@@ -222,8 +222,8 @@ def check_attention(name: str) -> str:
 def check_weights(config: Config, tree: dict, where: str) -> None:
     """Raise one error for every missing, unexpected or mis-shaped weight for `config`: first a
     line naming the config fields the weights disagree with, then each tensor on its own line."""
-    expected = models.flatten(models.weights(models.abstract(config)))
-    got = models.flatten(tree)
+    expected = trees.flatten(trees.weights(models.abstract(config)))
+    got = trees.flatten(tree)
     problems = [f"missing {k} {tuple(s.shape)}" for k, s in expected.items() if k not in got]
     problems += [f"unexpected {k} {tuple(got[k].shape)}" for k in got if k not in expected]
     problems += [f"{k}: shape {tuple(got[k].shape)}, config needs {tuple(s.shape)}"

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from mistral_jax import files, models, sharding
+from mistral_jax import files, sharding, trees
 from mistral_jax.configs import Config, model_type, to_hf_dict
 
 TARGETS = {"mistral": ("q", "k", "v", "o", "gate", "up", "down"),
@@ -152,7 +152,7 @@ def apply(model, path: str | os.PathLike):
         raise LoraError(f"{path}: adapters for a {info['model_type']} model, and this model "
                         f"is a {kind}")
     check_targets(info["targets"], kind)
-    weights, axes = models.weights(model), models.logical_axes(model)
+    weights, axes = trees.weights(model), trees.logical_axes(model)
     stored = files.stored_shapes(path / files.WEIGHTS)
     mesh = sharding.mesh_of(model)
     target, problems = {}, []
@@ -175,4 +175,4 @@ def apply(model, path: str | os.PathLike):
     scale = info["alpha"] / info["rank"]
     merged = jax.jit(lambda w, ad: merge(w, ad, scale), donate_argnums=0,
                      out_shardings=jax.tree.map(lambda x: x.sharding, weights))(weights, adapters)
-    return models.with_weights(model, merged)
+    return trees.with_weights(model, merged)

@@ -143,12 +143,12 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def weight_shardings(model, mesh: Mesh, rules: ShardingRules = RULES) -> dict:
     """The nested dict of each weight's `NamedSharding` on `mesh`."""
-    from mistral_jax import models
+    from mistral_jax import models, trees
 
     check_layout(model.config, mesh.shape[MODEL])
-    shapes = jax.tree.map(lambda x: x.shape, models.weights(model))
+    shapes = jax.tree.map(lambda x: x.shape, trees.weights(model))
     return jax.tree.map(lambda axes, shape: NamedSharding(mesh, spec_for(axes, shape, mesh, rules)),
-                        models.logical_axes(model), shapes, is_leaf=lambda x: isinstance(x, tuple))
+                        trees.logical_axes(model), shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: ShardingRules = RULES):
@@ -194,8 +194,8 @@ def vocab_shardings(model, mesh: Mesh) -> dict:
                                            == 0 else None for i, a in enumerate(axes)]))
         return NamedSharding(mesh, spec_for(axes, shape, mesh))
 
-    shapes = jax.tree.map(lambda x: x.shape, models.weights(model))
-    return jax.tree.map(spec, models.logical_axes(model), shapes,
+    shapes = jax.tree.map(lambda x: x.shape, trees.weights(model))
+    return jax.tree.map(spec, trees.logical_axes(model), shapes,
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -212,13 +212,13 @@ def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = 
     target = models.abstract(model.config, tokenizer=model.tokenizer,
                              vocab_padded=padded_vocab_size(model.config.vocab_size,
                                                             mesh.shape[MODEL]))
-    axes = models.logical_axes(model)
-    resize = jax.jit(lambda w: models.resize_vocab(w, axes, target.vocab_padded),
+    axes = trees.logical_axes(model)
+    resize = jax.jit(lambda w: trees.resize_vocab(w, axes, target.vocab_padded),
                      out_shardings=weight_shardings(target, mesh),
                      donate_argnums=0 if donate else ())
     with warnings.catch_warnings():  # donated vocab tables change shape, so are not reused
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        sharded = models.with_weights(target, resize(models.weights(model)))
+        sharded = trees.with_weights(target, resize(trees.weights(model)))
     sharded.rules = SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
     return sharded
 

@@ -10,7 +10,7 @@ import torch
 
 from convert import hf
 from convert.parity import random_hf_model
-from mistral_jax import models
+from mistral_jax import models, trees
 
 
 def hf_model(kind: str, path: Path | None = None, *, seed: int = 0, dtype=torch.float32,
@@ -47,7 +47,7 @@ def text_model(path: Path, *, vocab_size: int = 512, **overrides):
 def ours(path: Path, dtype=None):
     """Our model from the HF folder `path`, through the converter."""
     config, weights = hf.convert(path, dtype)
-    return models.with_weights(models.abstract(config), weights)
+    return trees.with_weights(models.abstract(config), weights)
 
 
 def torch_logits(model, ids, mask=None, positions=None) -> np.ndarray:

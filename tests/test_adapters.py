@@ -15,7 +15,7 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, to_torch
-from mistral_jax import lora, models
+from mistral_jax import lora, trees
 from mistral_jax.cli import generate as generate_cli
 from tests.reference import hf_model
 from train import merge_lora
@@ -27,7 +27,7 @@ TARGETS = {"mistral": ["q", "k", "v", "o", "gate", "up", "down"],
 
 def trained_adapters(base, targets, path, *, rank=3, alpha=5.0, seed=1):
     """Adapters with A and B both random, as if trained, written as train.finetune does."""
-    adapters = lora.init(models.weights(base), models.logical_axes(base), targets, rank, seed)
+    adapters = lora.init(trees.weights(base), trees.logical_axes(base), targets, rank, seed)
     keys = iter(jax.random.split(jax.random.key(seed + 1), len(targets)))
     for ab in adapters["layers"].values():
         ab["b"] = 0.3 * jax.random.normal(next(keys), ab["b"].shape)
@@ -52,7 +52,7 @@ def setup(request, tmp_path_factory):
 def test_load_applies_the_adapters(setup):
     _, d, base, adapters = setup
     adapted = mistral_jax.load(d / "base", adapters=d / "adapters")
-    expected = models.with_weights(base, lora.merge(models.weights(base), adapters, 5.0 / 3))
+    expected = trees.with_weights(base, lora.merge(trees.weights(base), adapters, 5.0 / 3))
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(adapted, IDS)),
                                np.asarray(mistral_jax.forward(expected, IDS)), atol=1e-5)
     assert not np.allclose(np.asarray(mistral_jax.forward(adapted, IDS)),
@@ -87,9 +87,9 @@ def test_merge_lora_writes_what_load_applies(setup, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {tmp_path / 'merged'}\n"
     merged = mistral_jax.load(tmp_path / "merged")
     adapted = mistral_jax.load(d / "base", adapters=d / "adapters")
-    for name, value in models.flatten(models.weights(merged)).items():
+    for name, value in trees.flatten(trees.weights(merged)).items():
         np.testing.assert_array_equal(np.asarray(value),
-                                      np.asarray(models.flatten(models.weights(adapted))[name]))
+                                      np.asarray(trees.flatten(trees.weights(adapted))[name]))
     assert merge_lora.main([str(d / "base"), str(d / "adapters"), str(tmp_path / "merged")]) == 1
     assert "already exists" in capsys.readouterr().err
     np.testing.assert_array_equal(mistral_jax.generate_tokens(merged, IDS, max_new_tokens=5),

@@ -9,7 +9,7 @@ import torch
 import mistral_jax
 from convert import from_torch, hf
 from convert.tensors import TensorSource
-from mistral_jax import models
+from mistral_jax import models, trees
 from mistral_jax.checkpoint import CheckpointError, StreamingWriter
 from tests.reference import hf_model, torch_logits
 
@@ -28,8 +28,8 @@ def test_streamed_checkpoint_holds_the_in_memory_conversion(kind, dtype, tmp_pat
     params = mistral_jax.load(out)
     np_dtype = ml_dtypes.bfloat16 if dtype else None
     _, expected = hf.convert(tmp_path / "hf", np_dtype)
-    got = models.flatten(models.weights(params))
-    expected = models.flatten(expected)
+    got = trees.flatten(trees.weights(params))
+    expected = trees.flatten(expected)
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         assert got[name].dtype == value.dtype, name
@@ -76,7 +76,7 @@ def test_interrupted_conversion_leaves_nothing_and_keeps_the_old_checkpoint(tmp_
 def test_writer_refuses_a_checkpoint_with_weights_never_written(tmp_path):
     config = mistral_jax.preset("mistral-tiny")
     shapes = {k: v.shape for k, v in
-              models.flatten(models.weights(models.abstract(config))).items()}
+              trees.flatten(trees.weights(models.abstract(config))).items()}
     with pytest.raises(CheckpointError, match=r"never written: .*layers\.q.*norm"):
         with StreamingWriter(config, tmp_path / "out") as writer:
             writer.put("embed", np.zeros(shapes["embed"], np.float32))

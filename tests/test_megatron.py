@@ -24,7 +24,7 @@ import mistral_jax
 from convert import from_torch, megatron, megatron_files
 from convert.pickles import MegatronEnum, load_torch
 from convert.tensors import ConversionError
-from mistral_jax import models
+from mistral_jax import models, trees
 from tests.fetch import byte_level_bpe
 
 D, HEADS, FFN, LAYERS, POSITIONS, PADDED = 64, 4, 256, 4, 32, 384
@@ -216,7 +216,7 @@ def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int =
 def ours(src, **options):
     """Our logits for IDS from `src`, converted in memory through the Megatron plan."""
     plan = megatron.plan(Path(src), **options)
-    model = models.with_weights(models.abstract(plan.config), plan.weights())
+    model = trees.with_weights(models.abstract(plan.config), plan.weights())
     return np.asarray(mistral_jax.forward(model, IDS)), plan
 
 

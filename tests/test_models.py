@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, models
+from mistral_jax import configs, models, trees
 
 
 def compile_seconds(config) -> float:
@@ -35,18 +35,18 @@ def test_compile_time_does_not_grow_with_depth(name):
 
 def test_weights_are_stacked_with_heads_as_an_axis():
     m = models.abstract(configs.preset("mistral-7b"))
-    shapes = jax.tree.map(lambda x: x.shape, models.weights(m))
+    shapes = jax.tree.map(lambda x: x.shape, trees.weights(m))
     assert shapes["layers"]["q"] == (32, 4096, 32, 128)
     assert shapes["layers"]["k"] == (32, 4096, 8, 128)
     assert shapes["layers"]["o"] == (32, 32, 128, 4096)
-    n = sum(x.size for x in jax.tree.leaves(models.weights(m)))
+    n = sum(x.size for x in jax.tree.leaves(trees.weights(m)))
     assert n == configs.preset("mistral-7b").num_params() == 7_241_732_096
 
 
 @pytest.mark.parametrize("name", sorted(configs.PRESETS))
 def test_every_preset_builds_and_counts_its_parameters(name):
     config = configs.preset(name)
-    n = sum(x.size for x in jax.tree.leaves(models.weights(models.abstract(config))))
+    n = sum(x.size for x in jax.tree.leaves(trees.weights(models.abstract(config))))
     assert n == config.num_params()
 
 

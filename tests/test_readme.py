@@ -25,7 +25,7 @@ import torch
 import transformers
 
 import mistral_jax
-from mistral_jax import models
+from mistral_jax import trees
 from tests.reference import text_model
 from train import default
 
@@ -196,7 +196,7 @@ def test_lora_adapters_go_everywhere(followed):
     adapted = result(followed, "python -m mistral_jax.generate ckpt/ My favourite condiment "
                      "is --adapters").stdout
     assert adapted.startswith("My favourite condiment is")
-    merged = models.flatten(models.weights(mistral_jax.load(cwd / "merged")))
-    loaded = models.flatten(models.weights(namespace["params"]))  # load(adapters=) in README
+    merged = trees.flatten(trees.weights(mistral_jax.load(cwd / "merged")))
+    loaded = trees.flatten(trees.weights(namespace["params"]))  # load(adapters=) in README
     for name, value in merged.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value))

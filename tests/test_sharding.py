@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, models, sharding
+from mistral_jax import configs, models, sharding, trees
 from mistral_jax.attention import Masking
 from mistral_jax.decoder import ACT
 
@@ -34,15 +34,15 @@ def mesh(spec):
 def perturbed(config):
     """A random model whose norms and biases are not all ones and zeros."""
     model = models.init(config, seed=1)
-    leaves = models.weights(model)
+    leaves = trees.weights(model)
     keys = iter(jax.random.split(jax.random.key(2), 64))
     leaves = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), leaves)
-    return models.with_weights(model, leaves)
+    return trees.with_weights(model, leaves)
 
 
 def unpadded_grads(model):
     grads = jax.grad(lambda m: mistral_jax.loss(m, IDS, MASK))(model)
-    return models.resize_vocab(models.weights(grads), models.logical_axes(model),
+    return trees.resize_vocab(trees.weights(grads), trees.logical_axes(model),
                                model.config.vocab_size)
 
 
@@ -65,14 +65,14 @@ def test_sharded_logits_loss_and_grads_equal_unsharded(reference, spec):
     np.testing.assert_allclose(got, logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(mistral_jax.loss(sharded, IDS, MASK),
                                mistral_jax.loss(model, IDS, MASK), atol=1e-6, rtol=0)
-    for (name, a), b in zip(models.flatten(unpadded_grads(sharded)).items(),
-                            models.flatten(grads).values(), strict=True):
+    for (name, a), b in zip(trees.flatten(unpadded_grads(sharded)).items(),
+                            trees.flatten(grads).values(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
 
 
 def shard_shapes(model):
     """Each weight's per-device shape, read off the arrays themselves."""
-    weights = models.flatten(models.weights(model))
+    weights = trees.flatten(trees.weights(model))
     shapes = {}
     for name, x in weights.items():
         per_device = {s.data.shape for s in x.addressable_shards}
@@ -209,7 +209,7 @@ def test_sequence_parallel_equals_unsharded(config, spec):
 
     def grads(m):
         g = jax.grad(lambda m: mistral_jax.loss(m, LONG_IDS))(m)
-        return models.flatten(models.resize_vocab(models.weights(g), models.logical_axes(m),
+        return trees.flatten(trees.resize_vocab(trees.weights(g), trees.logical_axes(m),
                                                   config.vocab_size))
 
     for name, a in grads(sp).items():
@@ -248,6 +248,6 @@ def test_sharded_init_creates_each_weight_in_its_shard():
     assert shard_shapes(direct)["layers.up"] == (2, 64, 16)
     assert shard_shapes(direct)["embed"] == (128, 64)
     whole = models.init(MISTRAL, seed=3, vocab_padded=1024)
-    for (name, a), b in zip(models.flatten(models.weights(direct)).items(),
-                            models.flatten(models.weights(whole)).values(), strict=True):
+    for (name, a), b in zip(trees.flatten(trees.weights(direct)).items(),
+                            trees.flatten(trees.weights(whole)).values(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)  # same draws

@@ -8,7 +8,7 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, to_torch
-from mistral_jax import models
+from mistral_jax import trees
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 12))
@@ -49,8 +49,8 @@ def test_round_trip_ours_to_hf_to_ours_is_exact(preset, tmp_path):
     assert from_torch.main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
     again = mistral_jax.load(tmp_path / "again")
     assert again.config == params.config
-    before = models.flatten(models.weights(params))
-    after = models.flatten(models.weights(again))
+    before = trees.flatten(trees.weights(params))
+    after = trees.flatten(trees.weights(again))
     assert sorted(before) == sorted(after)
     for name, value in before.items():
         assert np.array_equal(np.asarray(value), np.asarray(after[name])), name

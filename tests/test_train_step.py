@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, lora, models
+from mistral_jax import configs, lora, models, trees
 from train import data as D
 from train import step as S
 
@@ -37,7 +37,7 @@ def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
     mesh = mesh_of(spec)
     model = models.init(TINY, seed=1, mesh=mesh)
     model.remat, model.unroll = remat, unroll
-    params = models.weights(model)
+    params = trees.weights(model)
     tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     shardings = S.state_shardings(params, tx, mesh)
     state = S.init_state(params, tx, 0, shardings)
@@ -46,7 +46,7 @@ def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
 
 
 def flat(tree):
-    return {k: np.asarray(v) for k, v in models.flatten(tree).items()}
+    return {k: np.asarray(v) for k, v in trees.flatten(tree).items()}
 
 
 def test_accumulated_micro_batches_equal_one_batch_and_the_step_compiles_once():
@@ -95,8 +95,8 @@ def test_a_non_finite_step_is_skipped_and_reported():
 
 
 def test_weight_decay_skips_norms_and_biases():
-    mask = S.decay_mask(models.weights(models.init(configs.preset("gpt2-tiny"))))
-    flat_mask = models.flatten(mask)
+    mask = S.decay_mask(trees.weights(models.init(configs.preset("gpt2-tiny"))))
+    flat_mask = trees.flatten(mask)
     assert not flat_mask["layers.ln1_scale"] and not flat_mask["layers.q_bias"]
     assert not flat_mask["norm_bias"] and not flat_mask["norm_scale"]
     assert flat_mask["layers.q"] and flat_mask["embed"] and flat_mask["layers.proj"]
@@ -157,8 +157,8 @@ def test_isolated_documents_in_one_row_score_as_if_alone():
 def test_lora_trains_only_adapters_and_merges_into_plain_weights():
     mesh = mesh_of("1x4")
     model = models.init(TINY, seed=1, mesh=mesh)
-    base = models.weights(model)
-    adapters = lora.init(base, models.logical_axes(model), ["q", "o", "down"], 2, 0, mesh)
+    base = trees.weights(model)
+    adapters = lora.init(base, trees.logical_axes(model), ["q", "o", "down"], 2, 0, mesh)
     assert adapters["layers"]["q"]["a"].shape == (2, 32, 2)
     assert adapters["layers"]["q"]["b"].shape == (2, 2, 8, 4)
     assert adapters["layers"]["o"]["a"].shape == (2, 8, 4, 2)
@@ -173,12 +173,12 @@ def test_lora_trains_only_adapters_and_merges_into_plain_weights():
     with jax.set_mesh(mesh):
         for _ in range(3):
             state, m = step(state, base, batch_of(IDS, mesh))
-    assert set(models.flatten(state.params)) == {f"layers.{t}.{ab}" for t in ("q", "o", "down")
+    assert set(trees.flatten(state.params)) == {f"layers.{t}.{ab}" for t in ("q", "o", "down")
                                                   for ab in "ab"}
     assert np.abs(np.asarray(state.params["layers"]["q"]["b"])).max() > 0
     for name, value in flat(base).items():
         np.testing.assert_array_equal(value, base_before[name], err_msg=name)
-    merged = models.with_weights(model, jax.jit(merge)(state.params, base))
+    merged = trees.with_weights(model, jax.jit(merge)(state.params, base))
     a, b = (np.asarray(state.params["layers"]["q"][k]) for k in "ab")
     expected_q = base_before["layers.q"] + 2.0 * np.einsum("ldr,lrnh->ldnh", a, b)
     np.testing.assert_allclose(np.asarray(merged.layers.q[...]), expected_q, atol=1e-6)

@@ -49,7 +49,7 @@ def evaluate(args) -> tuple[float, float, int]:
     import jax.numpy as jnp
 
     import mistral_jax
-    from mistral_jax import models
+    from mistral_jax import trees
     from mistral_jax.checkpoint import read_config
     from mistral_jax.notes import note
     from train import data as D
@@ -80,7 +80,7 @@ def evaluate(args) -> tuple[float, float, int]:
                              max_batches=-(-len(rows) // args.batch_size), mesh=mesh)
         step = S.make_eval_step(model, dtype=dtype, assemble=lambda params, _: params,
                                 isolate_documents=args.isolate_documents)
-        total, count = step(models.weights(model), {}, batch)
+        total, count = step(trees.weights(model), {}, batch)
     loss, perplexity = S.mean_loss(total, count)
     return loss, perplexity, int(count)
 

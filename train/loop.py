@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import checkpoint, devices, lora, models
+from mistral_jax import checkpoint, devices, lora, models, trees
 from mistral_jax.configs import model_type, to_hf_dict
 from mistral_jax.tokenizer import Tokenizer
 from train import data as D
@@ -175,15 +175,15 @@ class Trainer:
             model = models.init(p.config, seed=args.seed, tokenizer=p.tokenizer, mesh=mesh)
         else:
             model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32)
-        weights = models.weights(model)
-        self.template = models.with_weights(model, jax.tree.map(
+        weights = trees.weights(model)
+        self.template = trees.with_weights(model, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), weights))
         self.template.remat = args.remat
         self.template.unroll = args.unroll
         self.template.attention = args.attention
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
-            params = lora.init(weights, models.logical_axes(model), args.lora_targets,
+            params = lora.init(weights, trees.logical_axes(model), args.lora_targets,
                                args.lora_rank, args.seed, mesh)
             self.frozen = weights
             self.assemble = lambda params, frozen: lora.merge(frozen, params, self.scale)
@@ -269,7 +269,7 @@ class Trainer:
             if not args.merge_lora:
                 return
         weights = jax.jit(self.assemble)(self.state.params, self.frozen)
-        checkpoint.save(models.with_weights(self.template, weights), out / FINAL,
+        checkpoint.save(trees.with_weights(self.template, weights), out / FINAL,
                         overwrite=True)
 
     def next_step(self, out: Path) -> str:

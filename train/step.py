@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax import models
+from mistral_jax import trees
 
 TRACES: collections.Counter = collections.Counter()
 
@@ -69,7 +69,7 @@ def cast(tree, dtype):
 
 def loss_terms(template, weights: dict, batch: dict, isolate_documents: bool):
     """(summed token loss, counted tokens) of one micro-batch."""
-    model = models.with_weights(template, weights)
+    model = trees.with_weights(template, weights)
     segments = batch["segments"] if isolate_documents else None
     return model.loss_terms(batch["ids"], batch["labels"], batch["positions"], segments)
 
