@@ -27,13 +27,14 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import chip_peaks, median_time  # noqa: E402
 from mistral_jax import attention as A  # noqa: E402
+from mistral_jax.masking import Masking  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def ours(implementation: str):
     def attend(q, k, v, window):
-        masking = A.Masking(jnp.ones(q.shape[:2], bool), None, window)
+        masking = Masking(jnp.ones(q.shape[:2], bool), None, window)
         return A.attend_with(implementation, masking, dtype=q.dtype, left_padded=False)(
             q, k, v)[0]
     return attend

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 
 import mistral_jax  # noqa: E402
 from mistral_jax import configs, models, sharding  # noqa: E402
-from mistral_jax.attention import Masking  # noqa: E402
 from mistral_jax.decoder import ACT
+from mistral_jax.masking import Masking  # noqa: E402
 
 CONFIGS = {
     "mistral (8 heads, 2 kv heads)": configs.MistralConfig(

@@ -11,7 +11,8 @@ from mistral_jax.decoder import Decoder, Output
 from mistral_jax.generation import generate, generate_tokens
 from mistral_jax.lora import LoraError
 from mistral_jax.models import init
-from mistral_jax.sharding import ShardingError, make_mesh, mesh_of, shard
+from mistral_jax.placement import shard
+from mistral_jax.sharding import ShardingError, make_mesh, mesh_of
 
 __all__ = ["CheckpointError", "ConfigError", "Decoder", "GPT2Config", "LoraError",
            "MistralConfig", "Output", "ShardingError", "forward", "generate", "generate_tokens",

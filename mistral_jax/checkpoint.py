@@ -19,10 +19,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mistral_jax import files, lora, models, sharding, trees
+from mistral_jax import files, lora, models, trees
+from mistral_jax.attention import check as attention_check
 from mistral_jax.configs import Config, from_hf_dict
 from mistral_jax.decoder import Decoder
 from mistral_jax.files import WEIGHTS
+from mistral_jax.placement import onto, place
+from mistral_jax.sharding import rules_for
 from mistral_jax.tokenizer import Tokenizer
 
 
@@ -178,7 +181,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
     needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
-    into the weights; `sequence_parallel` as in `sharding.shard`; `attention` picks the
+    into the weights; `sequence_parallel` as in `placement.shard`; `attention` picks the
     implementation (`attention.IMPLEMENTATIONS`; also settable later as `model.attention`).
     """
     config = read_config(path)
@@ -189,34 +192,23 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     stored = files.stored_shapes(Path(path) / WEIGHTS)
     check_weights(config, stored, str(path))
     abstract = models.abstract(config, tokenizer=tokenizer)
-    padded = config.vocab_size
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, stored)
+        shardings, placement = jax.tree.map(lambda _: device, stored), None
     else:
-        padded = sharding.padded_vocab_size(config.vocab_size, mesh.shape[sharding.MODEL])
-        shard_as = sharding.vocab_shardings if padded > config.vocab_size else \
-            sharding.weight_shardings
-        shardings = shard_as(abstract, mesh)
+        placement = place(abstract, mesh)
+        shardings = placement.incoming
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
         stored, shardings)
     model = trees.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
-    if padded > config.vocab_size:
-        model = sharding.shard(model, mesh, donate=True)
+    if placement is not None and placement.vocab_padded > config.vocab_size:
+        model = onto(model, placement, donate=True)
     if adapters is not None:
         model = lora.apply(model, adapters)
-    model.rules = sharding.SEQUENCE_PARALLEL_RULES if sequence_parallel else sharding.RULES
-    model.attention = check_attention(attention)
+    model.rules = rules_for(sequence_parallel)
+    model.attention = attention_check(attention)
     return model
-
-
-def check_attention(name: str) -> str:
-    from mistral_jax.attention import IMPLEMENTATIONS
-
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    return name
 
 
 def check_weights(config: Config, tree: dict, where: str) -> None:

@@ -57,7 +57,7 @@ class Decoder(nnx.Module):
     config = None
     tokenizer = None
     vocab_padded: int = 0
-    rules: ShardingRules = RULES  # how activations are laid out on a mesh; see sharding.shard
+    rules: ShardingRules = RULES  # how activations are laid out on a mesh; see placement.shard
     remat: str = "none"  # a REMAT_POLICIES name: what the layer body keeps for the backward pass
     unroll: int | bool = 1  # layers per iteration of the forward scan (True: no loop at all)
     attention: str = "auto"  # an attention.IMPLEMENTATIONS name

@@ -153,7 +153,7 @@ def left_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def new_cache(params, batch: int, length: int, mesh) -> KVCache:
     config = params.config
     tp = sharding.model_axis_size(mesh) if mesh is not None else 1
-    kv_heads = max(config.num_key_value_heads, tp)  # kv heads repeated per device, as in the model
+    kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
     cache = KVCache.create(config, batch, length, params.dtype, kv_heads)
     if mesh is None:
         return cache

@@ -14,7 +14,7 @@ from flax import nnx
 from mistral_jax import layers as L
 from mistral_jax.configs import MistralConfig
 from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder
-from mistral_jax.sharding import model_axis_size
+from mistral_jax.sharding import kv_heads_on, model_axis_size
 
 
 class MistralLayers(nnx.Module):
@@ -66,9 +66,9 @@ class Mistral(Decoder):
             q = L.rope(L.project("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
             k = L.rope(L.project("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
             v = L.project("btd,dkh->btkh", y, w.v[...])
-            tp = model_axis_size()
-            if tp > k.shape[2]:  # fewer kv heads than devices: each device keeps the one it needs
-                k, v = (jnp.repeat(a, tp // a.shape[2], axis=2) for a in (k, v))
+            heads = kv_heads_on(k.shape[2], model_axis_size())
+            if heads > k.shape[2]:  # each device keeps the kv head its query heads use
+                k, v = (jnp.repeat(a, heads // a.shape[2], axis=2) for a in (k, v))
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)

@@ -1,4 +1,5 @@
-"""From a config to a model: the class for each config type, random init, abstract shapes."""
+"""From a config to a model: the class for each config type, random init (straight into its
+shards on a mesh), abstract shapes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mistral_jax import trees
 from mistral_jax.configs import Config, GPT2Config, MistralConfig
 from mistral_jax.decoder import Decoder
 from mistral_jax.gpt2 import GPT2
 from mistral_jax.mistral import Mistral
+from mistral_jax.placement import place
+from mistral_jax.sharding import MODEL, padded_vocab_size
 
 
 def model_class(config: Config) -> type[Decoder]:
@@ -28,10 +32,11 @@ def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
     the vocab is padded as the mesh needs.
     """
     if mesh is not None:
-        from mistral_jax import sharding
-
-        vocab_padded = vocab_padded or sharding.padded_vocab_size(config.vocab_size,
-                                                                  mesh.shape[sharding.MODEL])
+        needed = padded_vocab_size(config.vocab_size, mesh.shape[MODEL])
+        if vocab_padded not in (None, needed):
+            raise ValueError(f"vocab_padded={vocab_padded}: on this mesh the vocab is padded to "
+                             f"{needed}; leave vocab_padded out")
+        vocab_padded = needed
 
     def make():
         return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer,
@@ -40,8 +45,8 @@ def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
     if mesh is None:
         return make()
     model = nnx.eval_shape(make)
-    create = jax.jit(lambda: weights(make()), out_shardings=sharding.weight_shardings(model, mesh))
-    return with_weights(model, create())
+    create = jax.jit(lambda: trees.weights(make()), out_shardings=place(model, mesh).shardings)
+    return trees.with_weights(model, create())
 
 
 def abstract(config: Config, *, dtype=jnp.float32, tokenizer=None,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from collections.abc import Sequence
 
 import jax
@@ -107,10 +106,21 @@ RULES = ShardingRules()
 SEQUENCE_PARALLEL_RULES = ShardingRules(sequence=MODEL)
 
 
+def rules_for(sequence_parallel: bool) -> ShardingRules:
+    """The activations' layout: sequence parallel (see `placement.shard`) or Megatron's."""
+    return SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
+
+
 def model_axis_size(mesh=None) -> int:
     """The size of `model` on `mesh` (default: the mesh set with `jax.set_mesh`), 1 if none."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     return dict(mesh.shape).get(MODEL, 1)
+
+
+def kv_heads_on(kv_heads: int, tp: int) -> int:
+    """The kv heads a model computes with on a `tp`-way model axis: with fewer kv heads than
+    devices each device repeats the one its query heads use (Megatron), so there are `tp`."""
+    return max(kv_heads, tp)
 
 
 def check_layout(config, tp: int) -> None:
@@ -140,15 +150,6 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
             spec[i] = None
     return P(*spec)
 
-
-def weight_shardings(model, mesh: Mesh, rules: ShardingRules = RULES) -> dict:
-    """The nested dict of each weight's `NamedSharding` on `mesh`."""
-    from mistral_jax import models, trees
-
-    check_layout(model.config, mesh.shape[MODEL])
-    shapes = jax.tree.map(lambda x: x.shape, trees.weights(model))
-    return jax.tree.map(lambda axes, shape: NamedSharding(mesh, spec_for(axes, shape, mesh, rules)),
-                        trees.logical_axes(model), shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: ShardingRules = RULES):
@@ -181,46 +182,6 @@ def mesh_of(tree) -> Mesh | None:
     return None
 
 
-def vocab_shardings(model, mesh: Mesh) -> dict:
-    """Shardings for the *unpadded* weights on the way to `model`'s padded ones: a vocab axis the
-    model axis does not divide is sharded on `embed` instead, so no device holds a full table."""
-    from mistral_jax import models
-
-    check_layout(model.config, mesh.shape[MODEL])
-
-    def spec(axes, shape):
-        if "vocab" in axes and shape[axes.index("vocab")] % mesh.shape[MODEL]:
-            return NamedSharding(mesh, P(*[MODEL if a == "embed" and shape[i] % mesh.shape[MODEL]
-                                           == 0 else None for i, a in enumerate(axes)]))
-        return NamedSharding(mesh, spec_for(axes, shape, mesh))
-
-    shapes = jax.tree.map(lambda x: x.shape, trees.weights(model))
-    return jax.tree.map(spec, trees.logical_axes(model), shapes,
-                        is_leaf=lambda x: isinstance(x, tuple))
-
-
-def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = False):
-    """`model` on `mesh`: every weight in its rule's sharding, the vocab padded where needed.
-
-    `sequence_parallel` (Korthikanti et al. 2022) also shards the activations between the
-    tensor-parallel regions (norms, residuals) on the sequence over `model`, so each all-reduce
-    becomes a reduce-scatter + all-gather pair and those activations take 1/T of the memory.
-    With `donate`, the input model's arrays are consumed (their memory reused)."""
-    from mistral_jax import models
-
-    check_layout(model.config, mesh.shape[MODEL])
-    target = models.abstract(model.config, tokenizer=model.tokenizer,
-                             vocab_padded=padded_vocab_size(model.config.vocab_size,
-                                                            mesh.shape[MODEL]))
-    axes = trees.logical_axes(model)
-    resize = jax.jit(lambda w: trees.resize_vocab(w, axes, target.vocab_padded),
-                     out_shardings=weight_shardings(target, mesh),
-                     donate_argnums=0 if donate else ())
-    with warnings.catch_warnings():  # donated vocab tables change shape, so are not reused
-        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        sharded = trees.with_weights(target, resize(trees.weights(model)))
-    sharded.rules = SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
-    return sharded
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")

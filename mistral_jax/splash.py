@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from mistral_jax.attention import Masking, pad_to_blocks, per_device
+from mistral_jax.masking import Masking, pad_to_blocks, per_device
 
 MIN_BLOCK = 128  # the kernel's tiles are multiples of the TPU's 128 lanes
 

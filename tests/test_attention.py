@@ -16,9 +16,11 @@ import torch
 
 import mistral_jax
 from convert.to_torch import mistral_tensors
-from mistral_jax import attention as A, trees
+from mistral_jax import attention as A
+from mistral_jax import blockwise as B
 from mistral_jax import layers as L
-from mistral_jax import models
+from mistral_jax import trees
+from mistral_jax.masking import Masking
 from tests.reference import hf_model, ours, torch_logits
 from tests.test_parity import top1_agreement
 
@@ -54,10 +56,10 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
     q, k, v = qkv(b, t, n, kv, h)
     valid = np.ones((b, t), bool)
     valid[0, :pad] = False
-    masking = A.Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
+    masking = Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
     # every query, padding too: one that sees no key averages all values in both
     dense = lambda q, k, v: L.attention(q, k, v, masking.dense())[0]
-    flash = lambda q, k, v: A.blockwise(q, k, v, masking, (bq, bk))
+    flash = lambda q, k, v: B.blockwise(q, k, v, masking, (bq, bk))
     np.testing.assert_allclose(flash(q, k, v), dense(q, k, v), atol=2e-6)
     weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32)
     grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
@@ -68,9 +70,9 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
 
 def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
     q, k, v = qkv(1, 200, 4, 2, 16)
-    masking = A.Masking(jnp.ones((1, 200), bool), None, 64)
-    full = A.blockwise(q, k, v, masking, (64, 64))
-    half = A.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, (64, 64))
+    masking = Masking(jnp.ones((1, 200), bool), None, 64)
+    full = B.blockwise(q, k, v, masking, (64, 64))
+    half = B.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, (64, 64))
     assert half.dtype == jnp.bfloat16
     assert float(jnp.abs(half.astype(jnp.float32) - full).max()) < 0.05
 
@@ -83,23 +85,23 @@ def test_splash_in_interpret_mode_equals_blockwise():
     q, k, v = qkv(2, 200, 4, 2, 64)
     valid = np.ones((2, 200), bool)
     valid[1, :30] = False
-    masking = A.Masking(jnp.asarray(valid), documents(2, 200, (120,)), 50)
+    masking = Masking(jnp.asarray(valid), documents(2, 200, (120,)), 50)
     real = jnp.asarray(valid)[:, :, None, None]
     np.testing.assert_allclose(splash_attention(q, k, v, masking) * real,
-                               A.blockwise(q, k, v, masking, (64, 64)) * real, atol=2e-6)
+                               B.blockwise(q, k, v, masking, (64, 64)) * real, atol=2e-6)
     g = [jax.grad(lambda q, f=f: jnp.sum(f(q) * real))(q) for f in (
-        lambda q: splash_attention(q, k, v, masking), lambda q: A.blockwise(q, k, v, masking))]
+        lambda q: splash_attention(q, k, v, masking), lambda q: B.blockwise(q, k, v, masking))]
     np.testing.assert_allclose(g[0], g[1], atol=2e-6)
 
 
 def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
-    plain = A.Masking(jnp.ones((1, 1024), bool), None, None)
-    packed = A.Masking(jnp.ones((1, 1024), bool), jnp.zeros((1, 1024), jnp.int32), 4096)
+    plain = Masking(jnp.ones((1, 1024), bool), None, None)
+    packed = Masking(jnp.ones((1, 1024), bool), jnp.zeros((1, 1024), jnp.int32), 4096)
     bf16 = jnp.bfloat16
     choose = A.choose
     assert choose("auto", platform="cpu", dtype=bf16, masking=plain) == "blockwise"
     # a sequence in one query block (512 on a CPU, 128 on a GPU): the materialized scores
-    short = A.Masking(jnp.ones((1, 512), bool), None, None)
+    short = Masking(jnp.ones((1, 512), bool), None, None)
     assert choose("auto", platform="cpu", dtype=bf16, masking=short) == "xla"
     assert choose("auto", platform="cpu", dtype=bf16, masking=short, blocks=(256, 256)) == \
         "blockwise"
@@ -131,8 +133,8 @@ def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
 
 def compiled(t: int, window):
     q, k, v = qkv(1, t, 4, 2, 16)
-    masking = A.Masking(jnp.ones((1, t), bool), None, window)
-    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(A.blockwise(q, k, v, masking, (256, 256))),
+    masking = Masking(jnp.ones((1, t), bool), None, window)
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(B.blockwise(q, k, v, masking, (256, 256))),
                          argnums=(0, 1, 2)))
     return f.lower(q, k, v).compile()
 
@@ -148,11 +150,11 @@ def test_memory_is_linear_in_the_sequence_and_no_t_by_t_array_exists():
 
 
 def test_a_query_block_visits_only_the_key_blocks_its_window_reaches():
-    blocks = A._Blocks(t=4096, block_q=256, block_k=256, window=500)
+    blocks = B._Blocks(t=4096, block_q=256, block_k=256, window=500)
     spans = [tuple(int(x) for x in blocks.key_range(i)) for i in range(16)]
     assert spans[0] == (0, 1) and spans[1] == (0, 2) and spans[15] == (13, 16)
     assert max(hi - lo for lo, hi in spans) == 3  # O(window / block), whatever t is
-    causal = A._Blocks(t=4096, block_q=256, block_k=256, window=None)
+    causal = B._Blocks(t=4096, block_q=256, block_k=256, window=None)
     assert [tuple(int(x) for x in causal.key_range(i)) for i in (0, 15)] == [(0, 1), (0, 16)]
 
 
