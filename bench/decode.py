@@ -139,7 +139,7 @@ def window_latency(mine, window: int = 64, steps: int = 16) -> list[dict]:
     rows = []
     for multiple in (1, 4, 16):
         ids = np.random.default_rng(1).integers(3, 1000, (1, window * multiple - 1))
-        run = gen.Generation(windowed, ids, None, steps + 2, gen.Sampling(), 0)
+        run = gen.Generation(windowed, ids.tolist(), steps + 2, gen.Sampling(), 0)
         run.advance(2)
         seconds = median_time(lambda run=run: (run.advance(1), run.state.out.block_until_ready()),
                               repeats=steps, warmup=0)

@@ -1,7 +1,7 @@
 """mistral_jax: Megatron GPT-2 and Mistral decoders in JAX / Flax NNX.
 
-    params = mistral_jax.load("ckpt/")
-    logits = mistral_jax.forward(params, input_ids, attention_mask)   # [b, t, vocab] float32
+    model = mistral_jax.load("ckpt/")
+    logits = mistral_jax.forward(model, input_ids, attention_mask)   # [b, t, vocab] float32
 """
 
 from mistral_jax.apply import forward, loss

@@ -17,7 +17,7 @@ from mistral_jax.notes import warn_once
 from mistral_jax.sharding import mesh_of
 
 
-def forward(params: Decoder, input_ids=None, attention_mask=None, positions=None, *,
+def forward(model: Decoder, input_ids=None, attention_mask=None, positions=None, *,
             inputs_embeds=None, output_hidden_states: bool = False,
             output_attentions: bool = False):
     """Logits [b, t, vocab_size] float32 (an `Output` when per-layer outputs are asked for).
@@ -26,35 +26,35 @@ def forward(params: Decoder, input_ids=None, attention_mask=None, positions=None
     the logits of the same row unpadded.
     """
     if input_ids is not None:
-        input_ids = check_ids(input_ids, params.config.vocab_size)
+        input_ids = check_ids(input_ids, model.config.vocab_size)
     length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    check_positions(params.config, length, "input_ids" if input_ids is not None else
+    check_positions(model.config, length, "input_ids" if input_ids is not None else
                     "inputs_embeds", positions)
-    with on_mesh_of(params):
-        return _forward(params, input_ids, attention_mask, positions, inputs_embeds,
+    with on_mesh_of(model):
+        return _forward(model, input_ids, attention_mask, positions, inputs_embeds,
                         output_hidden_states, output_attentions)
 
 
 @partial(jax.jit, static_argnums=(5, 6))
-def _forward(params, input_ids, attention_mask, positions, inputs_embeds, hidden, attentions):
-    return params(input_ids, attention_mask, positions, inputs_embeds=inputs_embeds,
+def _forward(model, input_ids, attention_mask, positions, inputs_embeds, hidden, attentions):
+    return model(input_ids, attention_mask, positions, inputs_embeds=inputs_embeds,
                   output_hidden_states=hidden, output_attentions=attentions)
 
 
-def loss(params: Decoder, input_ids, attention_mask=None, labels=None, positions=None):
+def loss(model: Decoder, input_ids, attention_mask=None, labels=None, positions=None):
     """Mean next-token cross-entropy (transformers' causal-LM loss; label -100 is ignored).
 
     Without `labels`, the inputs are the labels and padding is ignored.
     """
-    input_ids = check_ids(input_ids, params.config.vocab_size)
-    check_positions(params.config, input_ids.shape[1], "input_ids", positions)
-    with on_mesh_of(params):
-        return _loss(params, input_ids, attention_mask, labels, positions)
+    input_ids = check_ids(input_ids, model.config.vocab_size)
+    check_positions(model.config, input_ids.shape[1], "input_ids", positions)
+    with on_mesh_of(model):
+        return _loss(model, input_ids, attention_mask, labels, positions)
 
 
 @jax.jit
-def _loss(params, input_ids, attention_mask, labels, positions):
-    return params.loss(input_ids, attention_mask, labels, positions)
+def _loss(model, input_ids, attention_mask, labels, positions):
+    return model.loss(input_ids, attention_mask, labels, positions)
 
 
 def check_ids(input_ids, vocab_size: int):
@@ -96,7 +96,7 @@ def check_positions(config, length: int, what: str = "the input", positions=None
                   "RoPE goes on past it, but the output may degrade")
 
 
-def on_mesh_of(params):
+def on_mesh_of(model):
     """Trace under the mesh the weights live on, so the model's sharding constraints apply."""
-    mesh = mesh_of(params)
+    mesh = mesh_of(model)
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -131,7 +131,7 @@ PRESETS: dict[str, Config] = {
                                      activation_function="gelu_fast", n_positions=1024),
     # OpenAI GPT-2 small: 124M parameters.
     "gpt2": GPT2Config(),
-    # The embedded default fine-tuning run: a 4-layer Mistral, 20.3M parameters with vocab 8000.
+    # A small 4-layer Mistral (no window): 20.3M parameters with vocab 8000.
     "mistral-20m": MistralConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536,
                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                  head_dim=64, sliding_window=None, max_position_embeddings=2048),

@@ -16,6 +16,7 @@ from flax import nnx
 from mistral_jax import attention as A
 from mistral_jax import cache as kv
 from mistral_jax import layers as L
+from mistral_jax.masking import Masking
 from mistral_jax.sharding import RULES, ShardingRules, constrain
 
 # Rematerialisation policies for the scanned layer body (what the backward pass keeps from the
@@ -120,7 +121,7 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = L.default_positions(attention_mask)
-        masking = A.Masking(attention_mask.astype(bool), segment_ids, self.config.sliding_window)
+        masking = Masking(attention_mask.astype(bool), segment_ids, self.config.sliding_window)
         x = self.constrain(self.embed_inputs(input_ids, inputs_embeds, positions), ACT)
         attend = self.attend_with(masking, weights=output_attentions,
                                   left_padded=may_be_left_padded)
@@ -154,7 +155,7 @@ class Decoder(nnx.Module):
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-        first = self.attend_with(A.Masking(new_index >= 0, None, self.config.sliding_window),
+        first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
 
         def body(x, layer_and_cache):

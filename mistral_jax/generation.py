@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mistral_jax import layers as L
 from mistral_jax import sharding
 from mistral_jax.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.cache import KVCache
@@ -47,7 +48,7 @@ class State:
     n: jax.Array  # [] how many tokens have been generated
 
 
-def plan(config, prompt_len: int) -> tuple[int, int]:
+def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
     """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
     so no chunk wraps around the rolling buffer."""
     bucket = max(16, 1 << max(prompt_len - 1, 0).bit_length())
@@ -84,50 +85,50 @@ def _decode(model, state: State, limit, eos, sampling: Sampling) -> State:
 
 
 class Generation:
-    """One batch being generated: prefill at construction, then `advance` in segments."""
+    """One batch being generated: prefill at construction, then `advance` in segments.
 
-    def __init__(self, params, input_ids, attention_mask, max_new_tokens: int,
+    `prompts` are the rows' token ids, of any lengths; they are left-padded here to the length
+    bucket, so that every row's last prompt token is at the same index."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int,
                  sampling: Sampling, seed: int):
-        ids = np.asarray(input_ids, np.int32)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        config = params.config
-        self.params, self.sampling, self.max_new = params, sampling, max_new_tokens
+        config = model.config
+        self.model, self.sampling, self.max_new = model, sampling, max_new_tokens
         self.eos = -1 if config.eos_token_id is None else config.eos_token_id
-        lengths = mask.sum(axis=1)
-        if ids.shape[0] == 0 or lengths.min() == 0:
+        if not prompts or min(map(len, prompts)) == 0:
             raise ValueError("every prompt needs at least one token (an empty prompt has nothing "
                              "to continue; start it with the BOS token)")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        check_positions(config, int(lengths.max()) + max_new_tokens,
-                        f"a prompt of {lengths.max()} tokens + max_new_tokens={max_new_tokens}")
-        ids, mask = left_align(ids, mask)
-        padded, chunk = plan(config, ids.shape[1])
-        b, pad = ids.shape[0], padded - ids.shape[1]
-        ids = np.pad(ids, ((0, 0), (pad, 0)))
-        mask = np.pad(mask, ((0, 0), (pad, 0)))
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        longest = max(map(len, prompts))
+        check_positions(config, longest + max_new_tokens,
+                        f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens}")
+        padded, chunk = prefill_chunks(config, longest)
+        b = len(prompts)
+        ids, mask = np.zeros((b, padded), np.int32), np.zeros((b, padded), np.int32)
+        seen = np.zeros((b, config.vocab_size), bool)  # the prompt's tokens, not its padding
+        for row, prompt in enumerate(prompts):
+            ids[row, padded - len(prompt):], mask[row, padded - len(prompt):] = prompt, 1
+            seen[row, prompt] = True
+        positions = np.asarray(L.default_positions(mask))
         capacity = max(16, 1 << (max_new_tokens - 1).bit_length())
-        self.mesh = sharding.mesh_of(params)
-        with on_mesh_of(params):
-            cache = new_cache(params, b, padded + capacity, self.mesh)
+        self.mesh = sharding.mesh_of(model)
+        with on_mesh_of(model):
+            cache = new_cache(model, b, padded + capacity, self.mesh)
             for start in range(0, padded, chunk):
                 part = slice(start, start + chunk)
-                logits, cache = _prefill(params, cache, ids[:, part], mask[:, part],
+                logits, cache = _prefill(model, cache, ids[:, part], mask[:, part],
                                          positions[:, part], jnp.int32(start), fresh=start == 0)
-        seen = np.zeros((b, config.vocab_size), bool)
-        for row, row_ids, row_mask in zip(seen, ids, mask, strict=True):
-            row[row_ids[row_mask.astype(bool)]] = True  # the prompt's tokens, not its padding
-        self.state = State(cache, logits[:, : config.vocab_size], jnp.asarray(lengths, jnp.int32),
-                           jnp.int32(padded), jnp.zeros(b, bool), jnp.asarray(seen),
-                           jax.random.key(seed), jnp.full((b, capacity), self.eos, jnp.int32),
-                           jnp.int32(0))
+        self.state = State(cache, logits[:, : config.vocab_size],
+                           jnp.asarray(mask.sum(axis=1), jnp.int32), jnp.int32(padded),
+                           jnp.zeros(b, bool), jnp.asarray(seen), jax.random.key(seed),
+                           jnp.full((b, capacity), self.eos, jnp.int32), jnp.int32(0))
 
     def advance(self, steps: int) -> None:
         """Generate up to `steps` more tokens (fewer once every row is done or at the limit)."""
         limit = jnp.int32(min(int(self.state.n) + steps, self.max_new))
-        with on_mesh_of(self.params):
-            self.state = _decode(self.params, self.state, limit, jnp.int32(self.eos),
+        with on_mesh_of(self.model):
+            self.state = _decode(self.model, self.state, limit, jnp.int32(self.eos),
                                  self.sampling)
 
     def stop_rows(self, rows: np.ndarray) -> None:
@@ -144,17 +145,11 @@ class Generation:
         return out
 
 
-def left_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Move each row's tokens to the right end (right padding becomes left padding)."""
-    order = np.argsort(mask, axis=1, kind="stable")  # padding (0) first, tokens keep their order
-    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(mask, order, axis=1)
-
-
-def new_cache(params, batch: int, length: int, mesh) -> KVCache:
-    config = params.config
+def new_cache(model, batch: int, length: int, mesh) -> KVCache:
+    config = model.config
     tp = sharding.model_axis_size(mesh) if mesh is not None else 1
     kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
-    cache = KVCache.create(config, batch, length, params.dtype, kv_heads)
+    cache = KVCache.create(config, batch, length, model.dtype, kv_heads)
     if mesh is None:
         return cache
     data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
@@ -167,19 +162,21 @@ def new_cache(params, batch: int, length: int, mesh) -> KVCache:
 # --- the public functions ----------------------------------------------------------------------
 
 
-def generate_tokens(params, input_ids, attention_mask=None, *, max_new_tokens: int = 64,
+def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens: int = 64,
                     temperature: float = 0.0, top_k=None, top_p=None, repetition_penalty=None,
                     seed: int = 0) -> np.ndarray:
-    """New token ids [b, max_new_tokens] for a batch of prompts (padding marked by
-    `attention_mask`); after a row's EOS, EOS."""
-    input_ids = check_ids(input_ids, params.config.vocab_size)
-    run = Generation(params, input_ids, attention_mask, max_new_tokens,
+    """New token ids [b, max_new_tokens] for a batch of prompts (padding, left or right, marked
+    by `attention_mask`); after a row's EOS, EOS."""
+    ids = np.asarray(check_ids(input_ids, model.config.vocab_size))
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    prompts = [row[keep.astype(bool)].tolist() for row, keep in zip(ids, mask, strict=True)]
+    run = Generation(model, prompts, max_new_tokens,
                      Sampling(temperature, top_k, top_p, repetition_penalty), seed)
     run.advance(max_new_tokens)
     return run.tokens()
 
 
-def generate(params, prompt: str | list[str] | None = None, *, messages=None,
+def generate(model, prompt: str | list[str] | None = None, *, messages=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k=None, top_p=None,
              repetition_penalty=None, stop: str | list[str] | None = None, seed: int = 0,
              stream: bool = False):
@@ -189,7 +186,7 @@ def generate(params, prompt: str | list[str] | None = None, *, messages=None,
     Generation ends at EOS, at `max_new_tokens`, or at the first of the `stop` strings (which is
     not included in the text). `stream=True` returns an iterator of text pieces instead.
     """
-    tokenizer = params.tokenizer
+    tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("this checkpoint has no tokenizer: pass token ids to generate_tokens, or "
                          "add tokenizer.model / tokenizer.json to the checkpoint directory")
@@ -208,13 +205,8 @@ def generate(params, prompt: str | list[str] | None = None, *, messages=None,
         raise ValueError("stop strings must not be empty")
     if not rows:
         raise ValueError("prompt is an empty list: give at least one prompt")
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), np.int32)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-    run = Generation(params, ids, mask, max_new_tokens, sampling, seed)
+    run = Generation(model, rows, max_new_tokens, sampling, seed)
     if stream:
         if not single:
             raise ValueError("stream=True takes one prompt, not a list")

@@ -95,7 +95,7 @@ def test_cached_decoding_equals_recomputing_every_step(models_, name):
 def test_long_prompt_prefills_in_window_chunks(models_):
     theirs, mine = models_["mistral"]
     ids = prompt(40, seed=4)  # padded to 64: sixteen chunks of the window, rolling buffer of 4
-    assert gen.plan(mine.config, 40) == (64, 4)
+    assert gen.prefill_chunks(mine.config, 40) == (64, 4)
     np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=6),
                                   hf_greedy(theirs, ids, 6))
 
@@ -106,7 +106,7 @@ def test_the_rolling_cache_holds_a_window_however_long_the_sequence(models_):
     _, mine = models_["mistral"]
     held = []
     for length in (40, 200):
-        run = gen.Generation(mine, prompt(length, seed=length), None, 30, Sampling(), 0)
+        run = gen.Generation(mine, prompt(length, seed=length).tolist(), 30, Sampling(), 0)
         run.advance(30)
         held.append((run.state.cache.slots, run.state.cache.nbytes()))
     assert held[0] == held[1] and held[0][0] == mine.config.sliding_window == 4

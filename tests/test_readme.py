@@ -154,7 +154,7 @@ def test_the_quickstart_converts_checks_and_exports(followed):
                                    atol=1e-5)
     assert namespace["logits"].shape == (1, ids.shape[1], theirs.config.vocab_size)
     assert set(namespace["grads"].layers.q[...].shape) == set(
-        namespace["params"].layers.q[...].shape)
+        namespace["model"].layers.q[...].shape)
 
 
 def test_generation_from_python_and_the_command_line(followed):
@@ -197,6 +197,6 @@ def test_lora_adapters_go_everywhere(followed):
                      "is --adapters").stdout
     assert adapted.startswith("My favourite condiment is")
     merged = trees.flatten(trees.weights(mistral_jax.load(cwd / "merged")))
-    loaded = trees.flatten(trees.weights(namespace["params"]))  # load(adapters=) in README
+    loaded = trees.flatten(trees.weights(namespace["model"]))  # load(adapters=) in README
     for name, value in merged.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value))

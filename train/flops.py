@@ -20,8 +20,8 @@ import numpy as np
 def training_flops_per_token(config, seq_len: int) -> float:
     embed = config.vocab_size * config.hidden_size
     lookup = embed if not config.tie_word_embeddings else 0  # tied: the table is also the head
-    if hasattr(config, "n_positions"):
-        lookup += config.n_positions * config.hidden_size
+    if config.learned_positions is not None:  # GPT-2's position table: a lookup too
+        lookup += config.learned_positions * config.hidden_size
     dense = config.num_params() - lookup
     attention = 12 * config.n_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6.0 * dense + attention

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import checkpoint, devices, lora, models, trees
+from mistral_jax import checkpoint, devices, files, lora, models, trees
 from mistral_jax.configs import model_type, to_hf_dict
 from mistral_jax.tokenizer import Tokenizer
 from train import data as D
@@ -40,19 +40,19 @@ class Interrupted(RuntimeError):
 
 
 @dataclass
-class Plan:
+class Setup:
     """What a run needs that can be checked before anything is written."""
 
     config: object
     tokenizer: Tokenizer | None
     mesh: object
-    messages: list[str]  # notes and warnings, said once the plan holds
+    messages: list[str]  # notes and warnings, said once every check has passed
     rows: D.Rows
     eval_rows: D.Rows | None
     run_record: dict
 
 
-def plan(args) -> Plan:
+def set_up(args) -> Setup:
     out = Path(args.out)
     if args.init is None:
         config, tokenizer = default.CONFIG, default.tokenizer()
@@ -90,7 +90,7 @@ def plan(args) -> Plan:
     elif has_checkpoints(out):
         raise UsageError(f"{out} already holds a run's checkpoints; pass --resume to continue "
                          "it, or choose another --out")
-    return Plan(config, tokenizer, mesh, messages, rows, eval_rows, record)
+    return Setup(config, tokenizer, mesh, messages, rows, eval_rows, record)
 
 
 def _documents(args) -> tuple[list[D.Document], list[D.Document]]:
@@ -119,29 +119,29 @@ def _check_same_run(out: Path, record: dict) -> None:
 
 
 def run(args) -> None:
-    p = plan(args)  # every check that can fail on bad input happens before this line returns
+    setup = set_up(args)  # every check that can fail on bad input is made before this returns
     out = Path(args.out)
     primary = jax.process_index() == 0
-    mesh = p.mesh
+    mesh = setup.mesh
     progress = report.Progress(args.steps)
-    for message in p.messages if primary else ():
+    for message in setup.messages if primary else ():
         progress.message(message)
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(p.run_record, indent=2) + "\n")
+    files.write_json(out / RUN_FILE, setup.run_record)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     peak = flops.peak_flops_per_s(list(mesh.devices.flat), dtype)  # outside the mesh: one device
     with jax.set_mesh(mesh):
-        trainer = Trainer(args, p, mesh, dtype, peak)
+        trainer = Trainer(args, setup, mesh, dtype, peak)
         checkpoints = RunCheckpoints(out, args.keep)
-        batches = D.Batches(p.rows, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        batches = D.Batches(setup.rows, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seed=args.seed, mesh=mesh)
         if args.resume:
             start = checkpoints.latest()
             trainer.state, record = checkpoints.restore(start, trainer.state)
             batches.position = record["data_position"]
-            if record.get("data_fingerprint") != p.rows.fingerprint and primary:
+            if record.get("data_fingerprint") != setup.rows.fingerprint and primary:
                 progress.message("note: the training data differ from the checkpoint's; the "
                                  "run goes on with the new data")
             if primary:
@@ -168,11 +168,12 @@ def run(args) -> None:
 class Trainer:
     """The model, optimizer and jitted steps of one run, and its state."""
 
-    def __init__(self, args, p: Plan, mesh, dtype, peak: float):
-        self.args, self.plan, self.mesh, self.peak = args, p, mesh, peak
+    def __init__(self, args, setup: Setup, mesh, dtype, peak: float):
+        self.args, self.setup, self.mesh, self.peak = args, setup, mesh, peak
         self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
         if args.init is None:
-            model = models.init(p.config, seed=args.seed, tokenizer=p.tokenizer, mesh=mesh)
+            model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
+                                mesh=mesh)
         else:
             model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32)
         weights = trees.weights(model)
@@ -200,10 +201,10 @@ class Trainer:
         self.train_step = S.make_train_step(self.template, self.tx, shardings, **kwargs)
         self.eval_step = S.make_eval_step(self.template, **kwargs)
         self.eval_data = None
-        if p.eval_rows is not None:
-            self.eval_data = D.eval_batch(p.eval_rows, batch_size=args.batch_size,
+        if setup.eval_rows is not None:
+            self.eval_data = D.eval_batch(setup.eval_rows, batch_size=args.batch_size,
                                           max_batches=args.eval_batches, mesh=mesh)
-        self.flops_per_token = flops.training_flops_per_token(p.config, args.seq_len)
+        self.flops_per_token = flops.training_flops_per_token(setup.config, args.seq_len)
 
     def evaluate(self) -> tuple[float, float]:
         return S.mean_loss(*self.eval_step(self.state.params, self.frozen, self.eval_data))
@@ -252,7 +253,7 @@ class Trainer:
                 if step % args.save_every == 0 or step == args.steps:
                     checkpoints.save(step, self.state, {
                         "data_position": batches.position,
-                        "data_fingerprint": self.plan.rows.fingerprint})
+                        "data_fingerprint": self.setup.rows.fingerprint})
                     last_saved = step
         finally:
             progress.close()
@@ -265,7 +266,7 @@ class Trainer:
         if args.lora_rank:
             lora.write(self.state.params, out / ADAPTERS, rank=args.lora_rank,
                        alpha=args.lora_alpha, targets=args.lora_targets,
-                       config=self.plan.config, base=self.plan.run_record.get("init"))
+                       config=self.setup.config, base=self.setup.run_record.get("init"))
             if not args.merge_lora:
                 return
         weights = jax.jit(self.assemble)(self.state.params, self.frozen)

@@ -50,8 +50,7 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> None:
-    import mistral_jax
-    from mistral_jax.checkpoint import read_config
+    from mistral_jax.checkpoint import load, read_config
     from mistral_jax.generation import generate as complete
     from mistral_jax.notes import note
 
@@ -59,7 +58,7 @@ def generate(args) -> None:
     mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
     if chosen:
         note(chosen)
-    params = mistral_jax.load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
+    model = load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
                               attention=args.attention)
     loaded = time.perf_counter()
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -68,11 +67,11 @@ def generate(args) -> None:
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = [*system, {"role": "user", "content": args.prompt}]
-        pieces = complete(params, messages=messages, **kwargs)
+        pieces = complete(model, messages=messages, **kwargs)
     else:
         if args.system:
             raise ValueError("--system goes with --chat")
-        pieces = complete(params, args.prompt, **kwargs)
+        pieces = complete(model, args.prompt, **kwargs)
         print(args.prompt, end="", flush=True)
     first = None
     for piece in pieces:
