@@ -19,6 +19,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.layouts import Layout
+from convert.sources import TensorSource
 from mistral_jax import models, trees
 from mistral_jax.configs import Config
 
@@ -43,11 +44,10 @@ def renamed(keymap: KeyMap, names: dict[str, str],
     return out
 
 
-def convert_tensors(source, keymap: KeyMap, config: Config, *, ignore=(),
+def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(),
                     dtype=None, sink: Sink | None = None, progress: bool = False,
                     origin: str = "") -> dict | None:
-    """Map every tensor of `source` (a convert.sources.TensorSource) through `keymap` onto the
-    weights `config` describes.
+    """Map every tensor of `source` through `keymap` onto the weights `config` describes.
 
     The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
     is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
