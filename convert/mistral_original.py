@@ -67,7 +67,8 @@ HF_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# How model-parallel shards split each weight; norms are replicated.
+# The weights model-parallel shards split on their input (dim 1); the other matrices are split
+# on their output (dim 0), the norms replicated.
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 
 
