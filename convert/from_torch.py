@@ -26,14 +26,15 @@ import numpy as np
 
 from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
-from convert.tensors import ConversionError, SafetensorsFile
+from convert.errors import ConversionError
+from convert.sources import SafetensorsFile
 from mistral_jax import cli
 from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-# Each format is a module with `detect(path) -> bool` and `plan(path, **options) -> Plan`; a
-# module with options adds their flags in `add_arguments(parser)`, and the flags the user sets
-# reach its `plan` as keyword arguments.
+# Each format is a module with `detect(path) -> bool` and `conversion(path, **options) ->
+# Conversion`; a module with options adds their flags in `add_arguments(parser)`, and the flags
+# the user sets reach its `conversion` as keyword arguments.
 FORMATS = {"hf": hf, "mistral": mistral_original, "gguf": gguf, "megatron": megatron}
 
 
@@ -56,21 +57,21 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
             overwrite: bool = False, format: str = "auto", revision: str | None = None,
             progress: bool = False, **options) -> Path:
     """Convert `src` (a path, or a Hugging Face Hub repo id) into the checkpoint directory `out`,
-    one tensor at a time; `options` go to the format's `plan`."""
+    one tensor at a time; `options` go to the format's `conversion`."""
     src = resolve(src, revision)
     format = detect(src) if format == "auto" else format
     module = FORMATS[format]
     if not module.detect(src):
         raise ConversionError(f"{src} is not in the {format!r} format; try --format auto")
-    plan = module.plan(src, **options)
-    for note in plan.notes:
+    conversion = module.conversion(src, **options)
+    for note in conversion.notes:
         print(f"note: {note}", file=sys.stderr)
-    if plan.tokenizer is None:
+    if conversion.tokenizer is None:
         print(f"warning: {src} has no tokenizer; the checkpoint will take token ids only",
               file=sys.stderr)
-    with StreamingWriter(plan.config, out, tokenizer=plan.tokenizer,
+    with StreamingWriter(conversion.config, out, tokenizer=conversion.tokenizer,
                          overwrite=overwrite) as writer:
-        plan.convert(dtype=DTYPES[dtype] if dtype else None, progress=progress,
+        conversion.convert(dtype=DTYPES[dtype] if dtype else None, progress=progress,
                      sink=lambda name, layer, value: writer.put(name, value, layer))
     return writer.path
 

@@ -14,15 +14,18 @@ config and the tokenizer; tensors are memory-mapped and dequantized one at a tim
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import numpy as np
 
+from convert import pages
+from convert.conversion import Conversion
+from convert.errors import ConversionError
 from convert.gguf_tokenizer import read_tokenizer
 from convert.hf import mistral_keymap
-from convert.mistral_original import halves_from_interleaved
-from convert.tensors import ConversionError, KeyMap, Plan, TensorSource
+from convert.keymaps import KeyMap, renamed
+from convert.layouts import rope_halves
+from convert.sources import TensorSource
 from mistral_jax.configs import ConfigError, MistralConfig
 
 ARCHITECTURES = ("llama", "mistral")
@@ -90,10 +93,8 @@ class GGUFSource(TensorSource):
 
     def release(self, key: str) -> None:
         """Hand the pages of `key`'s bytes back to the kernel (read again if touched)."""
-        t, mapped = self.tensors[key], getattr(self.reader.data, "_mmap", None)
-        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-            start = t.data_offset - t.data_offset % mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
+        t = self.tensors[key]
+        pages.release(t.data.ctypes.data, int(t.n_bytes))  # t.data: a view of the file's map
 
 
 def _reader_class():
@@ -201,16 +202,13 @@ def read_config(path: Path, meta: dict, tensors: dict, *,
 
 
 def keymap(c: MistralConfig) -> KeyMap:
-    by_hf = mistral_keymap(c)
-    out = {k: by_hf[hf_name] for k, hf_name in HF_NAMES.items()}
-    for key, heads in (("blk.{i}.attn_q.weight", c.num_attention_heads),
-                       ("blk.{i}.attn_k.weight", c.num_key_value_heads)):
-        name, to_ours = out[key]
-        out[key] = (name, lambda w, f=to_ours, n=heads: f(halves_from_interleaved(w, n)))
-    return out
+    """HF's table under GGUF's names, q/k rows first taken back from RoPE's interleaved pairs."""
+    return renamed(mistral_keymap(c), HF_NAMES, first={
+        "blk.{i}.attn_q.weight": rope_halves(c.num_attention_heads),
+        "blk.{i}.attn_k.weight": rope_halves(c.num_key_value_heads)})
 
 
-def plan(path: Path, *, sliding_window: int | None = None) -> Plan:
+def conversion(path: Path, *, sliding_window: int | None = None) -> Conversion:
     reader, meta = read(path)
     tensors = {t.name: t for t in reader.tensors}
     config = read_config(path, meta, tensors, sliding_window=sliding_window)
@@ -230,5 +228,5 @@ def plan(path: Path, *, sliding_window: int | None = None) -> Plan:
     if config.sliding_window is None and "mistral" in name.lower():
         notes.append(f"{path.name} ({name}) records no sliding window: converted with full "
                      "attention, as llama.cpp runs it (--sliding-window 4096 for Mistral-7B's)")
-    return Plan(config, GGUFSource(path, reader), keymap(config), (),
-                read_tokenizer(path, meta), notes, origin=str(path))
+    return Conversion(config, GGUFSource(path, reader), keymap(config), (),
+                      read_tokenizer(path, meta), notes, origin=str(path))

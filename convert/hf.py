@@ -1,8 +1,11 @@
-"""Hugging Face folders (GPT2LMHeadModel, MistralForCausalLM, LlamaForCausalLM) -> our weights.
+"""Hugging Face folders (GPT2LMHeadModel, MistralForCausalLM, LlamaForCausalLM) <-> our weights.
 
-Each architecture is a table: HF key (with `{i}` for the layer) -> our weight name(s) and the
-transform from torch's layout to ours. Torch `Linear` stores [out, in]; GPT-2's `Conv1D` stores
-[in, out] and fuses q|k|v in `c_attn`. Heads become an explicit axis here, once.
+Each architecture is one table: HF key (with `{i}` for the layer) -> our weight name(s) and the
+layout between torch's tensor and ours, both ways (convert/layouts.py): import reads the table
+one way, export (convert/to_torch.py) the other. Torch `Linear` stores [out, in]; GPT-2's
+`Conv1D` stores [in, out] and fuses q|k|v in `c_attn`. Heads become an explicit axis here, once.
+Other formats of the Llama family (Mistral's original release, GGUF) rename their keys onto
+`mistral_keymap`.
 """
 
 from __future__ import annotations
@@ -13,58 +16,70 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.tensors import ConversionError, KeyMap, Plan, TensorSource
+from convert.conversion import Conversion
+from convert.errors import ConversionError
+from convert.keymaps import KeyMap
+from convert.layouts import SAME, TRANSPOSED, Layout, heads_in, heads_out
+from convert.sources import TensorSource
 from mistral_jax.configs import Config, GPT2Config, from_hf_dict
 from mistral_jax.tokenizer import Tokenizer
 
 
-def _heads_in(c: Config, heads: str):  # torch [n*h, d] -> ours [d, n, h]
-    return lambda w: w.T.reshape(c.hidden_size, getattr(c, heads), c.head_dim)
-
-
 def mistral_keymap(c: Config) -> KeyMap:
-    d, n, h = c.hidden_size, c.num_attention_heads, c.head_dim
+    d, n, kv, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     layer = "model.layers.{i}."
     return {
-        "model.embed_tokens.weight": ("embed", lambda w: w),
-        layer + "input_layernorm.weight": ("layers.attn_norm", lambda w: w),
-        layer + "self_attn.q_proj.weight": ("layers.q", _heads_in(c, "num_attention_heads")),
-        layer + "self_attn.k_proj.weight": ("layers.k", _heads_in(c, "num_key_value_heads")),
-        layer + "self_attn.v_proj.weight": ("layers.v", _heads_in(c, "num_key_value_heads")),
-        layer + "self_attn.o_proj.weight": ("layers.o", lambda w: w.T.reshape(n, h, d)),
-        layer + "post_attention_layernorm.weight": ("layers.mlp_norm", lambda w: w),
-        layer + "mlp.gate_proj.weight": ("layers.gate", lambda w: w.T),
-        layer + "mlp.up_proj.weight": ("layers.up", lambda w: w.T),
-        layer + "mlp.down_proj.weight": ("layers.down", lambda w: w.T),
-        "model.norm.weight": ("norm", lambda w: w),
-        "lm_head.weight": ("lm_head", lambda w: w.T),
+        "model.embed_tokens.weight": ("embed", SAME),
+        layer + "input_layernorm.weight": ("layers.attn_norm", SAME),
+        layer + "self_attn.q_proj.weight": ("layers.q", heads_in(d, n, h)),
+        layer + "self_attn.k_proj.weight": ("layers.k", heads_in(d, kv, h)),
+        layer + "self_attn.v_proj.weight": ("layers.v", heads_in(d, kv, h)),
+        layer + "self_attn.o_proj.weight": ("layers.o", heads_out(d, n, h)),
+        layer + "post_attention_layernorm.weight": ("layers.mlp_norm", SAME),
+        layer + "mlp.gate_proj.weight": ("layers.gate", TRANSPOSED),
+        layer + "mlp.up_proj.weight": ("layers.up", TRANSPOSED),
+        layer + "mlp.down_proj.weight": ("layers.down", TRANSPOSED),
+        "model.norm.weight": ("norm", SAME),
+        "lm_head.weight": ("lm_head", TRANSPOSED),
     }
 
 
-def gpt2_keymap(c: GPT2Config) -> KeyMap:
+def gpt2_keymap(c: GPT2Config, prefix: str = "transformer.") -> KeyMap:
+    """GPT2LMHeadModel's keys: the body under `prefix` ("" for a bare GPT2Model's files)."""
     d, n, h = c.n_embd, c.n_head, c.head_dim
-    layer = "h.{i}."
-    split_w = lambda w: tuple(x.reshape(d, n, h) for x in np.split(w, 3, axis=1))  # [d, 3d]
-    split_b = lambda b: tuple(x.reshape(n, h) for x in np.split(b, 3))
+    layer = prefix + "h.{i}."
+    c_attn = Layout(  # Conv1D [d, 3d] = q|k|v <-> ours 3 x [d, n, h]
+        lambda w: tuple(x.reshape(d, n, h) for x in np.split(w, 3, axis=1)),
+        lambda qkv: np.concatenate([x.reshape(d, -1) for x in qkv], axis=1))
+    c_attn_bias = Layout(
+        lambda b: tuple(x.reshape(n, h) for x in np.split(b, 3)),
+        lambda qkv: np.concatenate([x.reshape(-1) for x in qkv]))
     return {
-        "wte.weight": ("embed", lambda w: w),
-        "wpe.weight": ("pos_embed", lambda w: w),
-        layer + "ln_1.weight": ("layers.ln1_scale", lambda w: w),
-        layer + "ln_1.bias": ("layers.ln1_bias", lambda w: w),
-        layer + "attn.c_attn.weight": (("layers.q", "layers.k", "layers.v"), split_w),
-        layer + "attn.c_attn.bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"), split_b),
-        layer + "attn.c_proj.weight": ("layers.o", lambda w: w.reshape(n, h, d)),
-        layer + "attn.c_proj.bias": ("layers.o_bias", lambda w: w),
-        layer + "ln_2.weight": ("layers.ln2_scale", lambda w: w),
-        layer + "ln_2.bias": ("layers.ln2_bias", lambda w: w),
-        layer + "mlp.c_fc.weight": ("layers.fc", lambda w: w),
-        layer + "mlp.c_fc.bias": ("layers.fc_bias", lambda w: w),
-        layer + "mlp.c_proj.weight": ("layers.proj", lambda w: w),
-        layer + "mlp.c_proj.bias": ("layers.proj_bias", lambda w: w),
-        "ln_f.weight": ("norm_scale", lambda w: w),
-        "ln_f.bias": ("norm_bias", lambda w: w),
-        "lm_head.weight": ("lm_head", lambda w: w.T),
+        prefix + "wte.weight": ("embed", SAME),
+        prefix + "wpe.weight": ("pos_embed", SAME),
+        layer + "ln_1.weight": ("layers.ln1_scale", SAME),
+        layer + "ln_1.bias": ("layers.ln1_bias", SAME),
+        layer + "attn.c_attn.weight": (("layers.q", "layers.k", "layers.v"), c_attn),
+        layer + "attn.c_attn.bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"),
+                                     c_attn_bias),
+        layer + "attn.c_proj.weight": ("layers.o", Layout(lambda w: w.reshape(n, h, d),
+                                                          lambda w: w.reshape(-1, d))),
+        layer + "attn.c_proj.bias": ("layers.o_bias", SAME),
+        layer + "ln_2.weight": ("layers.ln2_scale", SAME),
+        layer + "ln_2.bias": ("layers.ln2_bias", SAME),
+        layer + "mlp.c_fc.weight": ("layers.fc", SAME),
+        layer + "mlp.c_fc.bias": ("layers.fc_bias", SAME),
+        layer + "mlp.c_proj.weight": ("layers.proj", SAME),
+        layer + "mlp.c_proj.bias": ("layers.proj_bias", SAME),
+        prefix + "ln_f.weight": ("norm_scale", SAME),
+        prefix + "ln_f.bias": ("norm_bias", SAME),
+        "lm_head.weight": ("lm_head", TRANSPOSED),
     }
+
+
+def keymap(config: Config) -> KeyMap:
+    """The table of `config`'s architecture, as transformers saves it."""
+    return gpt2_keymap(config) if isinstance(config, GPT2Config) else mistral_keymap(config)
 
 
 # Buffers some checkpoints carry that are not weights (causal-mask tables, RoPE frequencies).
@@ -84,26 +99,22 @@ def read_config(path: Path) -> Config:
         raise ConversionError(f"{path / 'config.json'}: {e}") from e
 
 
-def plan(path: Path) -> Plan:
+def conversion(path: Path) -> Conversion:
     """How the HF folder `path` maps onto our weights."""
     config = read_config(path)
     source = TensorSource.from_hf_folder(path)
-    if isinstance(config, GPT2Config):
-        # GPT2LMHeadModel prefixes the body with "transformer."; bare GPT2Model files do not.
-        keymap = {("transformer." + k if k != "lm_head.weight" else k): v
-                  for k, v in gpt2_keymap(config).items()}
-        if not any(k.startswith("transformer.") for k in source.keys()):
-            keymap = gpt2_keymap(config)
-    else:
-        keymap = mistral_keymap(config)
+    table = keymap(config)
+    if isinstance(config, GPT2Config) and not any(k.startswith("transformer.")
+                                                  for k in source.keys()):
+        table = gpt2_keymap(config, prefix="")  # bare GPT2Model files
     ignore = [k for k in source.keys() if _IGNORED.search(k)]
     if config.tie_word_embeddings:  # transformers may save the tied head; it is the embedding
         ignore.append("lm_head.weight")
-    return Plan(config, source, keymap, ignore, Tokenizer.from_dir(path),
-                origin=str(path / "config.json"))
+    return Conversion(config, source, table, ignore, Tokenizer.from_dir(path),
+                      origin=str(path / "config.json"))
 
 
 def convert(path: Path, dtype=None) -> tuple[Config, dict]:
     """The config and the nested dict of numpy weights of the HF folder `path`, in memory."""
-    p = plan(path)
-    return p.config, p.weights(dtype)
+    c = conversion(path)
+    return c.config, c.weights(dtype)

@@ -23,16 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
-from convert.tensors import (
-    ConversionError,
-    KeyMap,
-    Plan,
-    TensorSource,
-    _drop_mapped_pages,
-    key_pattern,
-    to_numpy,
+from convert import pages
+from convert.conversion import Conversion
+from convert.errors import ConversionError
+from convert.keymaps import KeyMap, key_pattern
+from convert.layouts import (
+    COLUMN,
+    REPLICATED,
+    ROW,
+    SAME,
+    TRANSPOSED,
+    Layout,
+    heads_out,
+    join_shards,
 )
+from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
+from convert.sources import TensorSource, to_numpy
 from mistral_jax.configs import ConfigError, GPT2Config
 from mistral_jax.tokenizer import Tokenizer
 
@@ -174,9 +180,9 @@ class MegatronSource(TensorSource):
         role = next((role for pattern, role in self.roles if pattern.match(key)), None)
         if role in QKV:
             parts = [self._heads_first(w, key) for w in parts]
-        if len(parts) == 1 or role not in QKV | COLUMN_PARALLEL | ROW_PARALLEL:
-            return parts[0]
-        return np.concatenate(parts, axis=1 if role in ROW_PARALLEL else 0)
+        split = ROW if role in ROW_PARALLEL else COLUMN if role in QKV | COLUMN_PARALLEL \
+            else REPLICATED
+        return join_shards(parts, split)
 
     def _heads_first(self, w: np.ndarray, key: str) -> np.ndarray:
         """One shard's fused QKV rows as [local heads * 3 * hd] (version 2's order)."""
@@ -194,7 +200,7 @@ class MegatronSource(TensorSource):
     def release(self, key: str) -> None:
         p, local = self.where[key]
         for shard in self.stages[p]:
-            _drop_mapped_pages(shard.tensors[local])
+            pages.release_tensor(shard.tensors[local])
 
 
 def _renumber(key: str, offset: int) -> str:
@@ -227,24 +233,24 @@ def _spelling(keys: list[str], where: str) -> dict[str, str]:
 
 
 def keymap(c: GPT2Config, roles: dict[str, str]) -> KeyMap:
-    """Source key -> our weight(s): QKV rows arrive as [heads, 3, hd] (version 2's order)."""
+    """Source key -> our weight(s): QKV rows arrive as [heads, 3, hd] (version 2's order). Read
+    only: export writes HF's format, not Megatron's."""
     d, n, h, v = c.n_embd, c.n_head, c.head_dim, c.vocab_size
-    same = lambda w: w  # noqa: E731
     ours = {
-        "embed": ("embed", lambda w: w[:v]),  # the vocab padding rows go
-        "pos_embed": ("pos_embed", same),
-        "ln1_scale": ("layers.ln1_scale", same), "ln1_bias": ("layers.ln1_bias", same),
-        "qkv": (("layers.q", "layers.k", "layers.v"),
-                lambda w: tuple(w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1) for j in range(3))),
-        "qkv_bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"),
-                     lambda b: tuple(b.reshape(n, 3, h)[:, j] for j in range(3))),
-        "o": ("layers.o", lambda w: w.T.reshape(n, h, d)),  # [d, n*h] -> [n, h, d]
-        "o_bias": ("layers.o_bias", same),
-        "ln2_scale": ("layers.ln2_scale", same), "ln2_bias": ("layers.ln2_bias", same),
-        "fc": ("layers.fc", lambda w: w.T), "fc_bias": ("layers.fc_bias", same),
-        "proj": ("layers.proj", lambda w: w.T), "proj_bias": ("layers.proj_bias", same),
-        "norm_scale": ("norm_scale", same), "norm_bias": ("norm_bias", same),
-        "lm_head": ("lm_head", lambda w: w[:v].T),
+        "embed": ("embed", Layout(lambda w: w[:v])),  # the vocab padding rows go
+        "pos_embed": ("pos_embed", SAME),
+        "ln1_scale": ("layers.ln1_scale", SAME), "ln1_bias": ("layers.ln1_bias", SAME),
+        "qkv": (("layers.q", "layers.k", "layers.v"), Layout(
+            lambda w: tuple(w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1) for j in range(3)))),
+        "qkv_bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"), Layout(
+            lambda b: tuple(b.reshape(n, 3, h)[:, j] for j in range(3)))),
+        "o": ("layers.o", heads_out(d, n, h)),
+        "o_bias": ("layers.o_bias", SAME),
+        "ln2_scale": ("layers.ln2_scale", SAME), "ln2_bias": ("layers.ln2_bias", SAME),
+        "fc": ("layers.fc", TRANSPOSED), "fc_bias": ("layers.fc_bias", SAME),
+        "proj": ("layers.proj", TRANSPOSED), "proj_bias": ("layers.proj_bias", SAME),
+        "norm_scale": ("norm_scale", SAME), "norm_bias": ("norm_bias", SAME),
+        "lm_head": ("lm_head", Layout(lambda w: w[:v].T)),
     }
     return {key: ours[role] for role, key in roles.items()}
 
@@ -335,7 +341,7 @@ def _tied(stages: list[list[Shard]], roles: dict[str, str]) -> bool:
     return bool(torch.equal(_find(stages, roles["lm_head"]), _find(stages, roles["embed"])))
 
 
-def plan(path: Path, *, vocab_file=None, merge_file=None, **options) -> Plan:
+def conversion(path: Path, *, vocab_file=None, merge_file=None, **options) -> Conversion:
     """How the Megatron checkpoint `path` maps onto our GPT-2 weights."""
     stages = read_shards(Path(path))
     _check_shards(stages)
@@ -374,4 +380,5 @@ def plan(path: Path, *, vocab_file=None, merge_file=None, **options) -> Plan:
     source = MegatronSource(stages, {k: role for role, k in roles.items()}, config.n_head)
     ignore = [k for k in source.keys() if k.endswith("word_embeddings_for_head.weight")
               or (tied and k.endswith("output_layer.weight"))]
-    return Plan(config, source, keymap(config, roles), ignore, tokenizer, notes, origin=str(path))
+    return Conversion(config, source, keymap(config, roles), ignore, tokenizer, notes,
+                      origin=str(path))

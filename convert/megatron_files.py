@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from convert.errors import ConversionError
 from convert.pickles import load_torch
-from convert.tensors import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -150,6 +150,10 @@ def _shard(where: str, ckpt) -> Shard:
 
 
 def _flatten(tree, prefix: str = "") -> dict:
+    """`mistral_jax.trees.flatten` for whatever a pickle holds: any key is named by its str (a
+    state dict of a fork may hold int keys), and a `model` that is not a dict flattens to nothing,
+    which `_shard` reports as "no model tensors" (trees.flatten raises TypeError or
+    AttributeError on both)."""
     out = {}
     for k, v in (tree.items() if isinstance(tree, dict) else ()):
         if isinstance(v, dict):

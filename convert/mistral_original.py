@@ -4,7 +4,8 @@ several `consolidated.NN.pth` model-parallel shards, or `consolidated.safetensor
 
 The reference code applies RoPE to interleaved pairs (x0, x1), (x2, x3), ...; transformers and
 this project rotate halves. The q/k rows are permuted once here, as transformers'
-`convert_mistral_weights_to_hf.py` does. Model-parallel shards split the column-parallel weights
+`convert_mistral_weights_to_hf.py` does; otherwise the tensors are HF's under other names, so
+the key map is HF's renamed. Model-parallel shards split the column-parallel weights
 (wq, wk, wv, w1, w3, output) on dim 0 and the row-parallel ones (wo, w2) and the embedding on
 dim 1 (Llama's layout); norms are replicated.
 """
@@ -16,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.hf import _heads_in
-from convert.tensors import ConversionError, KeyMap, Plan, TensorSource
+from convert.conversion import Conversion
+from convert.errors import ConversionError
+from convert.hf import mistral_keymap
+from convert.keymaps import KeyMap, renamed
+from convert.layouts import COLUMN, REPLICATED, ROW, join_shards, rope_halves
+from convert.sources import TensorSource
 from mistral_jax.configs import MistralConfig
 from mistral_jax.tokenizer import Tokenizer
 
@@ -47,37 +52,35 @@ def read_config(path: Path) -> MistralConfig:
         raise ConversionError(f"{path / 'params.json'} lacks {e.args[0]!r}") from None
 
 
-def halves_from_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
-    """Rows [heads * head_dim, d] reordered from RoPE pairs (0, 1), (2, 3), ... to halves."""
-    rows, d = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(rows, d)
+# Each key -> the HF Llama key whose tensor it is (after the q/k rows' RoPE permutation).
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# The weights model-parallel shards split on their input (dim 1); the other matrices are split
+# on their output (dim 0), the norms replicated.
+ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 
 
 def keymap(c: MistralConfig) -> KeyMap:
-    d, n, h = c.hidden_size, c.num_attention_heads, c.head_dim
-    q_in, k_in = _heads_in(c, "num_attention_heads"), _heads_in(c, "num_key_value_heads")
-    layer = "layers.{i}."
-    return {
-        "tok_embeddings.weight": ("embed", lambda w: w),
-        layer + "attention_norm.weight": ("layers.attn_norm", lambda w: w),
-        layer + "attention.wq.weight": ("layers.q", lambda w: q_in(halves_from_interleaved(w, n))),
-        layer + "attention.wk.weight": ("layers.k", lambda w: k_in(halves_from_interleaved(
-            w, c.num_key_value_heads))),
-        layer + "attention.wv.weight": ("layers.v", k_in),
-        layer + "attention.wo.weight": ("layers.o", lambda w: w.T.reshape(n, h, d)),
-        layer + "ffn_norm.weight": ("layers.mlp_norm", lambda w: w),
-        layer + "feed_forward.w1.weight": ("layers.gate", lambda w: w.T),
-        layer + "feed_forward.w3.weight": ("layers.up", lambda w: w.T),
-        layer + "feed_forward.w2.weight": ("layers.down", lambda w: w.T),
-        "norm.weight": ("norm", lambda w: w),
-        "output.weight": ("lm_head", lambda w: w.T),
-    }
+    """HF's table under this format's names, q/k rows first taken from RoPE's interleaved pairs."""
+    return renamed(mistral_keymap(c), HF_NAMES, first={
+        "layers.{i}.attention.wq.weight": rope_halves(c.num_attention_heads),
+        "layers.{i}.attention.wk.weight": rope_halves(c.num_key_value_heads)})
 
 
 class ShardedSource(TensorSource):
     """Tensors merged from model-parallel `consolidated.NN.pth` shards."""
-
-    ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 
     def __init__(self, files: list[Path]):
         self.shards = [TensorSource.from_files([f]) for f in files]
@@ -85,12 +88,11 @@ class ShardedSource(TensorSource):
 
     def get(self, key: str) -> np.ndarray:
         parts = [s.get(key) for s in self.shards]
-        if parts[0].ndim == 1:
-            return parts[0]  # norms are replicated
-        return np.concatenate(parts, axis=1 if key.endswith(self.ROW_PARALLEL) else 0)
+        split = REPLICATED if parts[0].ndim == 1 else ROW if key.endswith(ROW_PARALLEL) else COLUMN
+        return join_shards(parts, split)
 
 
-def plan(path: Path) -> Plan:
+def conversion(path: Path) -> Conversion:
     config = read_config(path)
     files = _weight_files(path)
     source = ShardedSource(files) if len(files) > 1 else TensorSource.from_files(files)
@@ -99,5 +101,5 @@ def plan(path: Path) -> Plan:
     if "rope_theta" not in json.loads((path / "params.json").read_text()):
         notes.append(f"{path / 'params.json'} has no rope_theta; using {DEFAULT_ROPE_THETA}, "
                      "Mistral-7B-v0.1's")
-    return Plan(config, source, keymap(config), ignore, Tokenizer.from_dir(path), notes,
-                origin=str(path / "params.json"))
+    return Conversion(config, source, keymap(config), ignore, Tokenizer.from_dir(path),
+                      notes, origin=str(path / "params.json"))

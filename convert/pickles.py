@@ -22,7 +22,7 @@ import numpy as np
 import numpy.dtypes
 import torch
 
-from convert import tensors  # module import: tensors.py may import this module in turn
+from convert.errors import ConversionError
 
 
 class MegatronEnum:
@@ -66,14 +66,14 @@ def load_torch(path: str | Path, *, mmap: bool = True, where: str | None = None)
     outside `ALLOWED`."""
     path, name = Path(path), where or str(path)
     if not path.is_file():
-        raise tensors.ConversionError(f"{name}: no such file")
+        raise ConversionError(f"{name}: no such file")
     allowed = list(ALLOWED)
     is_zip = zipfile.is_zipfile(path)
     if is_zip:  # read the pickle's globals first, without running it, to name every refusal
         try:
             wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as e:
-            raise tensors.ConversionError(f"{name}: cannot read as a torch checkpoint: {e}") from e
+            raise ConversionError(f"{name}: cannot read as a torch checkpoint: {e}") from e
         known = {_name(g) for g in ALLOWED}
         allowed += [(MegatronEnum, g) for g in wanted if _MEGATRON_ENUM.match(g)]
         refused = [g for g in wanted if g not in known and not _MEGATRON_ENUM.match(g)]
@@ -87,13 +87,13 @@ def load_torch(path: str | Path, *, mmap: bool = True, where: str | None = None)
         except pickle.UnpicklingError as e:
             refused = re.findall(r"GLOBAL ([\w.]+)", str(e))
             if not refused:
-                raise tensors.ConversionError(f"{name}: cannot read as a torch checkpoint: "
+                raise ConversionError(f"{name}: cannot read as a torch checkpoint: "
                                               f"{_first_line(e)}") from None
             if not all(_MEGATRON_ENUM.match(g) for g in refused):
                 raise _refusal(name, refused) from None
             allowed += [(MegatronEnum, g) for g in refused]
         except Exception as e:  # truncated or corrupt: torch raises RuntimeError, EOFError...
-            raise tensors.ConversionError(f"{name}: cannot read as a torch checkpoint "
+            raise ConversionError(f"{name}: cannot read as a torch checkpoint "
                                           f"(truncated or corrupt?): {_first_line(e)}") from None
     raise _refusal(name, refused)
 
@@ -102,8 +102,8 @@ def _name(g) -> str:
     return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
 
 
-def _refusal(where: str, names: list[str]) -> tensors.ConversionError:
-    return tensors.ConversionError(
+def _refusal(where: str, names: list[str]) -> ConversionError:
+    return ConversionError(
         f"{where}: refused to load: the pickle asks for {', '.join(sorted(set(names)))}, which a "
         "model checkpoint has no reason to hold (allowed: tensors, argparse.Namespace args, "
         "numpy rng state, Megatron enums); nothing in the file was run")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mistral_jax
-from convert.to_torch import mistral_tensors
+from convert.to_torch import hf_tensors
 from mistral_jax import attention as A
 from mistral_jax import blockwise as B
 from mistral_jax import layers as L
@@ -172,7 +172,7 @@ def grads_of_every_weight(theirs, mine, ids, mask=None):
     theirs(torch.tensor(ids).long(), labels=torch.tensor(labels).long(), **kwargs).loss.backward()
     expected = {k: p.grad.numpy() for k, p in theirs.named_parameters()}
     g = jax.grad(mistral_jax.loss)(mine, ids, None if mask is None else jnp.asarray(mask))
-    got = mistral_tensors(mine.config, jax.tree.map(np.asarray, trees.weights(g)))
+    got = hf_tensors(mine.config, jax.tree.map(np.asarray, trees.weights(g)))
     return expected, got
 
 

@@ -8,7 +8,7 @@ import torch
 
 import mistral_jax
 from convert import from_torch, hf
-from convert.tensors import TensorSource
+from convert.sources import TensorSource
 from mistral_jax import models, trees
 from mistral_jax.checkpoint import CheckpointError, StreamingWriter
 from tests.reference import hf_model, torch_logits

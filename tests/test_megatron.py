@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import mistral_jax
 from convert import from_torch, megatron, megatron_files
+from convert.errors import ConversionError
 from convert.pickles import MegatronEnum, load_torch
-from convert.tensors import ConversionError
 from mistral_jax import models, trees
 from tests.fetch import byte_level_bpe
 
@@ -214,10 +214,10 @@ def save_megatron(root: Path, w: dict, version: float, *, tp: int = 1, pp: int =
 # --- our side ---------------------------------------------------------------------------------
 
 def ours(src, **options):
-    """Our logits for IDS from `src`, converted in memory through the Megatron plan."""
-    plan = megatron.plan(Path(src), **options)
-    model = trees.with_weights(models.abstract(plan.config), plan.weights())
-    return np.asarray(mistral_jax.forward(model, IDS)), plan
+    """Our logits for IDS from `src`, converted in memory through the Megatron conversion."""
+    conversion = megatron.conversion(Path(src), **options)
+    model = trees.with_weights(models.abstract(conversion.config), conversion.weights())
+    return np.asarray(mistral_jax.forward(model, IDS)), conversion
 
 
 @pytest.fixture(scope="module")
@@ -232,9 +232,9 @@ def test_every_version_and_tensor_parallel_split_gives_megatrons_logits(
     logits = {}
     for tp in (1, 2, 4):
         src = save_megatron(tmp_path / f"tp{tp}", weights, version, tp=tp)
-        logits[tp], plan = ours(src)
-        assert plan.config.activation_function == "gelu"  # args: neither tanh flag
-        assert plan.config.vocab_size == PADDED and plan.tokenizer is None
+        logits[tp], conversion = ours(src)
+        assert conversion.config.activation_function == "gelu"  # args: neither tanh flag
+        assert conversion.config.vocab_size == PADDED and conversion.tokenizer is None
     assert np.abs(logits[1] - expected).max() <= 1e-4
     for tp in (2, 4):
         np.testing.assert_allclose(logits[tp], logits[1], atol=1e-6, rtol=0)
@@ -265,9 +265,9 @@ def test_ngc_zip_without_args(weights, legacy_pickle, tmp_path, monkeypatch):
                 zf.write(f, f.relative_to(release).as_posix())
     src = tmp_path / "megatron_lm_345m_v0.0.zip"
     assert megatron.detect(src) and from_torch.detect(src) == "megatron"
-    logits, plan = ours(src, num_attention_heads=HEADS)
-    assert plan.config.activation_function == "gelu_fast"
-    assert any("tanh GELU" in n for n in plan.notes)
+    logits, conversion = ours(src, num_attention_heads=HEADS)
+    assert conversion.config.activation_function == "gelu_fast"
+    assert any("tanh GELU" in n for n in conversion.notes)
     expected = megatron_forward(weights, 0, tanh_gelu, IDS)
     assert np.abs(logits - expected).max() <= 1e-4
     (tmp_path / "tmp").mkdir()
@@ -285,8 +285,8 @@ def test_megatron_core_and_transformer_engine_names(weights, names, pp, tmp_path
     linear_proj, mlp.linear_fc1/2, and on a pipeline's last stage the tied head's synced copy,
     output_layer. Transformer Engine layers: layernorm_qkv, proj, layernorm_mlp.fc1_weight..."""
     src = save_megatron(tmp_path / "src", weights, 3.0, tp=2, pp=pp, names=names)
-    logits, plan = ours(src)
-    assert plan.config.tie_word_embeddings
+    logits, conversion = ours(src)
+    assert conversion.config.tie_word_embeddings
     assert np.abs(logits - megatron_forward(weights, 3.0, F.gelu, IDS)).max() <= 1e-4
 
 
@@ -296,8 +296,8 @@ def test_untied_output_layer(weights, tmp_path):
     src = tmp_path / "src"
     args = megatron_args(2, untie_embeddings_and_output_weights=True)
     save_megatron(src, w, 3.0, tp=2, args=args, names="core")
-    logits, plan = ours(src)
-    assert not plan.config.tie_word_embeddings
+    logits, conversion = ours(src)
+    assert not conversion.config.tie_word_embeddings
     expected = megatron_forward(weights, 3.0, F.gelu, IDS, output_layer=head)
     assert np.abs(logits - expected).max() <= 1e-4
 
@@ -307,8 +307,8 @@ def test_untied_output_layer(weights, tmp_path):
     ({"openai_gelu": True, "bias_gelu_fusion": True}, "gelu_fast"), ({}, "gelu")])
 def test_activation_from_args(weights, flags, activation, tmp_path):
     src = save_megatron(tmp_path, weights, 3.0, args=megatron_args(**flags))
-    logits, plan = ours(src)
-    assert plan.config.activation_function == activation
+    logits, conversion = ours(src)
+    assert conversion.config.activation_function == activation
     gelu = tanh_gelu if activation == "gelu_fast" else F.gelu
     assert np.abs(logits - megatron_forward(weights, 3.0, gelu, IDS)).max() <= 1e-4
 
@@ -317,12 +317,13 @@ def test_sizes_from_a_config_file_and_flags(weights, tmp_path):
     src = save_megatron(tmp_path / "src", weights, 2.0, args=None)
     (tmp_path / "sizes.json").write_text(json.dumps({"num_attention_heads": HEADS,
                                                      "bias_gelu_fusion": False}))
-    logits, plan = ours(src, megatron_config=str(tmp_path / "sizes.json"))
-    assert plan.config.activation_function == "gelu"
+    logits, conversion = ours(src, megatron_config=str(tmp_path / "sizes.json"))
+    assert conversion.config.activation_function == "gelu"
     assert np.abs(logits - megatron_forward(weights, 2.0, F.gelu, IDS)).max() <= 1e-4
-    _, plan = ours(src, num_attention_heads=HEADS, activation="gelu")
-    assert (plan.config.n_layer, plan.config.n_embd, plan.config.n_positions,
-            plan.config.n_inner, plan.config.n_head) == (LAYERS, D, POSITIONS, FFN, HEADS)
+    _, conversion = ours(src, num_attention_heads=HEADS, activation="gelu")
+    c = conversion.config
+    assert (c.n_layer, c.n_embd, c.n_positions, c.n_inner, c.n_head) == (
+        LAYERS, D, POSITIONS, FFN, HEADS)
 
 
 def test_vocab_and_merges_trim_the_padded_vocab(weights, tmp_path):
@@ -380,11 +381,11 @@ def test_directory_without_a_checkpoint(tmp_path):
     (tmp_path / "empty" / "iter_0000100").mkdir(parents=True)
     (tmp_path / "empty" / megatron_files.TRACKER).write_text("100")
     with pytest.raises(ConversionError, match="no Megatron checkpoint"):
-        megatron.plan(tmp_path / "empty")
+        megatron.conversion(tmp_path / "empty")
     fails(tmp_path / "empty", tmp_path / "out", match="nor a Megatron-LM checkpoint")
     (tmp_path / "empty" / "iter_0000100" / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(ConversionError, match="torch_dist .* --ckpt-convert-format torch"):
-        megatron.plan(tmp_path / "empty")
+        megatron.conversion(tmp_path / "empty")
 
 
 def test_the_tracker_chooses_among_iterations(weights, tmp_path):
@@ -395,7 +396,7 @@ def test_the_tracker_chooses_among_iterations(weights, tmp_path):
     assert np.abs(ours(src)[0] - expected).max() <= 1e-4
     (tmp_path / megatron_files.TRACKER).write_text("300")
     with pytest.raises(ConversionError, match="names '300', but iter_0000300 holds no"):
-        megatron.plan(src)
+        megatron.conversion(src)
 
 
 def test_mismatched_shards(weights, tmp_path):
@@ -467,7 +468,7 @@ def test_malicious_pickle_is_refused_and_never_runs(weights, container, tmp_path
     global_name = f"{os.system.__module__}.system"  # posix.system
     with pytest.raises(ConversionError, match=f"refused to load.*{global_name}.*nothing in the "
                        "file was run") as e:
-        megatron.plan(src, num_attention_heads=HEADS)
+        megatron.conversion(src, num_attention_heads=HEADS)
     assert str(src) in str(e.value)
     fails(src, tmp_path / "out", match=global_name)
     assert not marker.exists()

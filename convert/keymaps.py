@@ -1,0 +1,159 @@
+"""The key-map engine: one table per format, walked one way to import and the other to export.
+
+A key map is `{torch key (with "{i}" for the layer index): (our name or names, Layout)}` (see
+convert/layouts.py). `convert_tensors` applies it to a source one tensor at a time, checks every
+shape against the model the config describes, hands each weight (or layer of a stacked weight)
+to a sink, and reports every problem at once (bonsai's converters do the same). `torch_tensors`
+walks the same table back, from our weights to torch's state dict, as levanter does with its one
+map. A format whose tensors are another's under other names renames that format's table
+(`renamed`) instead of writing a second one.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from convert.errors import ConversionError
+from convert.layouts import Layout
+from convert.sources import TensorSource
+from mistral_jax import models, trees
+from mistral_jax.configs import Config
+
+KeyMap = dict[str, tuple[str | tuple[str, ...], Layout]]
+Sink = Callable[[str, int | None, np.ndarray], None]  # (our name, layer or None, value)
+
+
+def key_pattern(key: str) -> re.Pattern:
+    """A key map's key ("{i}" for the layer index) as a regex that captures the layer."""
+    return re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def renamed(keymap: KeyMap, names: dict[str, str],
+            first: dict[str, Layout] | None = None) -> KeyMap:
+    """`keymap` under another format's keys: `names` maps each of them onto `keymap`'s, in the
+    order given; a key in `first` goes through that layout before the entry's own (its
+    format-specific step, such as RoPE's interleaved pairs)."""
+    out = {}
+    for key, theirs in names.items():
+        ours, layout = keymap[theirs]
+        out[key] = (ours, layout.after(first[key]) if first and key in first else layout)
+    return out
+
+
+def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(),
+                    dtype=None, sink: Sink | None = None, progress: bool = False,
+                    origin: str = "") -> dict | None:
+    """Map every tensor of `source` through `keymap` onto the weights `config` describes.
+
+    The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
+    is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
+    or, without a sink, stacked into a nested dict that is returned. After the first problem the
+    rest are only checked, so that one ConversionError reports every problem (saying that the
+    config came from `origin`).
+    """
+    expected = {
+        k: v.shape for k, v in trees.flatten(trees.weights(models.abstract(config))).items()
+    }
+    patterns = [(key_pattern(k), _tuple(names), layout.to_ours)
+                for k, (names, layout) in keymap.items()]
+    work = []  # (source key, our names, transform, layer)
+    seen: dict[str, set] = {}  # our name -> layers (or {None}) a source tensor was found for
+    problems: list[str] = []
+    for key in source.keys():
+        if key in ignore:
+            continue
+        match = next(((m, names, fn) for p, names, fn in patterns if (m := p.match(key))), None)
+        if match is None:
+            problems.append(f"unexpected tensor {key}")
+            continue
+        m, names, fn = match
+        layer = int(m.group(1)) if m.groups() else None
+        if layer is not None and layer >= config.n_layers:
+            problems.append(f"{key}: layer {layer}, but the config has {config.n_layers} layers")
+            continue
+        for name in names:
+            seen.setdefault(name, set()).add(layer)
+        work.append((key, names, fn, layer))
+    for key, (names, _) in keymap.items():
+        for name in _tuple(names):
+            if "{i}" in key:
+                absent = sorted(set(range(config.n_layers)) - seen.get(name, set()))
+                if absent:
+                    problems.append(f"missing tensor {key} for layers {_ranges(absent)}")
+            elif name not in seen and name in expected:
+                problems.append(f"missing tensor {key}")
+
+    out: dict[str, np.ndarray] = {}
+    if sink is None:
+        def sink(name, layer, value):
+            if layer is None:
+                out[name] = value
+                return
+            if name not in out:
+                out[name] = np.zeros(expected[name], value.dtype)
+            out[name][layer] = value
+
+    for key, names, fn, layer in _progress(work, progress):
+        wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
+        raw = source.get(key)
+        try:
+            values = _tuple(fn(raw))
+            if [v.shape for v in values] != wants:
+                raise ValueError
+        except ValueError:  # the tensor is not the size the config says
+            problems.append(f"{key}: shape {tuple(raw.shape)} does not give the "
+                            f"{' + '.join(map(str, wants))} the config needs")
+            continue
+        if not problems:  # after a problem, only check the rest
+            for name, value in zip(names, values, strict=True):
+                sink(name, layer, value if dtype is None else value.astype(dtype, copy=False))
+        del raw, values
+        source.release(key)
+    _raise_if(problems, config, origin)
+    return trees.unflatten(out) if out else None
+
+
+def torch_tensors(keymap: KeyMap, config: Config, weights: dict) -> dict[str, np.ndarray]:
+    """`keymap` walked back: torch's {key: array} from our nested dict of weights (layers
+    stacked). A weight that is absent or None (a head tied to the embedding) is left out."""
+    flat = trees.flatten(weights)
+    out = {}
+    for key, (names, layout) in keymap.items():
+        names = _tuple(names)
+        if any(flat.get(n) is None for n in names):
+            continue
+        layers = range(config.n_layers) if "{i}" in key else [None]
+        for i in layers:
+            values = tuple(flat[n] if i is None else flat[n][i] for n in names)
+            out[key.replace("{i}", str(i))] = layout.to_torch(
+                values if len(names) > 1 else values[0])
+    return out
+
+
+def _progress(work: list, enabled: bool):
+    if not enabled:
+        return work
+    from tqdm import tqdm
+
+    return tqdm(work, desc="converting", unit="tensor", file=sys.stderr, dynamic_ncols=True,
+                disable=None)  # None: only on a terminal
+
+
+def _raise_if(problems: list[str], config: Config, origin: str) -> None:
+    if problems:
+        problems = list(dict.fromkeys(problems))  # a fused tensor names each of its parts once
+        described = f" as {origin} describes it" if origin else ""
+        raise ConversionError(f"{len(problems)} problem(s) converting to {type(config).__name__}"
+                              f"{described}: " + "; ".join(problems))
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _ranges(xs: list[int]) -> str:
+    return ", ".join(str(x) for x in xs) if len(xs) < 6 else f"{xs[0]}..{xs[-1]} ({len(xs)})"
