@@ -22,6 +22,7 @@ import torch
 
 from convert.errors import ConversionError
 from convert.pickles import load_torch
+from mistral_jax import trees
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -139,7 +140,8 @@ def _shard(where: str, ckpt) -> Shard:
                               "convert it to one model per stage with Megatron's "
                               "tools/checkpoint first")
     model = ckpt["model"] if "model" in ckpt else ckpt  # or a bare state dict
-    tensors = {k: v for k, v in _flatten(model).items()
+    flat = trees.flatten(model) if isinstance(model, dict) else {}
+    tensors = {k: v for k, v in flat.items()
                if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     if not tensors:
         raise ConversionError(f"{where}: no model tensors (keys: {', '.join(map(str, ckpt))})")
@@ -147,17 +149,3 @@ def _shard(where: str, ckpt) -> Shard:
     args = vars(args) if isinstance(args, argparse.Namespace) else args  # some forks save a dict
     return Shard(where, tensors, float(ckpt.get("checkpoint_version", 0)),
                  dict(args) if isinstance(args, dict) else {})
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    """`mistral_jax.trees.flatten` for whatever a pickle holds: any key is named by its str (a
-    state dict of a fork may hold int keys), and a `model` that is not a dict flattens to nothing,
-    which `_shard` reports as "no model tensors" (trees.flatten raises TypeError or
-    AttributeError on both)."""
-    out = {}
-    for k, v in (tree.items() if isinstance(tree, dict) else ()):
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + str(k)] = v
-    return out

@@ -30,13 +30,14 @@ def logical_axes(model: nnx.Module) -> dict:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"layers": {"q": x}} -> {"layers.q": x}: the dotted names used in messages and key maps."""
+    """{"layers": {"q": x}} -> {"layers.q": x}: the dotted names used in messages and key maps
+    (a key that is not a str, as some torch state dicts hold, is named by its str)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[prefix + k] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 

