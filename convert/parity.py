@@ -63,15 +63,15 @@ def random_hf_model(kind: str, *, seed: int = 0, **overrides):
     return model
 
 
-def compare(theirs, params, *, batch: int = 2, length: int = 32, seed: int = 0) -> dict:
+def compare(theirs, model, *, batch: int = 2, length: int = 32, seed: int = 0) -> dict:
     """How far our logits and loss are from a torch model's on random ids."""
-    length = min(length, params.config.max_position_embeddings)
-    ids = np.random.default_rng(seed).integers(0, params.config.vocab_size, (batch, length))
+    length = min(length, model.config.max_position_embeddings)
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, length))
     with torch.no_grad():
         out = theirs(torch.tensor(ids), labels=torch.tensor(ids))
     ref, ref_loss = out.logits.float().numpy(), out.loss.item()
-    got = np.asarray(mistral_jax.forward(params, ids))
-    loss = float(mistral_jax.loss(params, ids))
+    got = np.asarray(mistral_jax.forward(model, ids))
+    loss = float(mistral_jax.loss(model, ids))
     return {"max_abs_logit_diff": float(np.max(np.abs(got - ref))),
             "max_abs_logit": float(np.max(np.abs(ref))),
             "loss_diff": abs(loss - ref_loss),
@@ -98,11 +98,11 @@ class Tolerance:
 def check(hf_folder: Path, ckpt: Path | None) -> dict:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     if ckpt is not None:
-        params = mistral_jax.load(ckpt, dtype=np.float32)
+        model = mistral_jax.load(ckpt, dtype=np.float32)
     else:
         config, weights = hf.convert(hf_folder, np.float32)
-        params = trees.with_weights(models.abstract(config), weights)
-    return compare(theirs.eval(), params)
+        model = trees.with_weights(models.abstract(config), weights)
+    return compare(theirs.eval(), model)
 
 
 def demo(tolerance: Tolerance) -> bool:

@@ -33,16 +33,16 @@ def hf_tensors(config, weights: dict) -> dict[str, np.ndarray]:
 def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the HF folder for checkpoint `ckpt` at `out` (whole or not at all)."""
     out = files.check_new(out, overwrite)
-    params = mistral_jax.load(ckpt)
-    config = params.config
-    weights = jax.tree.map(np.asarray, trees.weights(params))
+    model = mistral_jax.load(ckpt)
+    config = model.config
+    weights = jax.tree.map(np.asarray, trees.weights(model))
     tensors = hf_tensors(config, weights)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(params.dtype),
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(model.dtype),
                                                                        torch.float32)
     state = {k: torch.tensor(np.ascontiguousarray(v, np.float32)).to(dtype)
              for k, v in tensors.items()}
     with files.atomic_directory(out, overwrite=overwrite) as tmp:
-        files.write_config(tmp, config, params.tokenizer,
+        files.write_config(tmp, config, model.tokenizer,
                            dtype=str(dtype).removeprefix("torch."))
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     return out
