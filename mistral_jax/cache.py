@@ -51,10 +51,16 @@ def cache_slots(config, length: int) -> int:
     return length if window is None or length <= window else window
 
 
+def sequence_indices(start: jax.Array, c: int) -> jax.Array:
+    """The sequence indices of a chunk of `c` tokens: [c] from a scalar `start` (every row
+    left-aligned), [b, c] from a per-row `start` [b]."""
+    return jnp.asarray(start)[..., None] + jnp.arange(c, dtype=jnp.int32)
+
+
 def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
-    """[b, c] sequence indices of a chunk starting at `start`, -1 where `valid` is 0 (padding)."""
-    index = start + jnp.arange(valid.shape[1], dtype=jnp.int32)
-    return jnp.where(valid.astype(bool), index[None, :], -1)
+    """[b, c] sequence indices of a chunk starting at `start` (a scalar, or [b]: one per row),
+    -1 where `valid` is 0 (padding)."""
+    return jnp.where(valid.astype(bool), sequence_indices(start, valid.shape[1]), -1)
 
 
 def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
@@ -63,11 +69,12 @@ def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_ind
     whose cache holds nothing yet, attends to itself alone: `Decoder.step`.)
 
     q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
-    k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c].
+    k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c], or [b, c]
+    when each row is at its own index.
     """
     c = q.shape[1]
     key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s + c]
-    i = query_index[None, :, None]  # [1, c, 1]
+    i = query_index[..., None]  # [c, 1] or [b, c, 1]
     mask = (key_index >= 0) & (key_index <= i)
     if window is not None:
         mask &= i - key_index < window
@@ -85,10 +92,19 @@ def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_ind
 
 def write(cache: KVCache, k, v, new_index, start) -> KVCache:
     """Every layer's chunk k/v [layers, b, c, kv, h] and indices written at slot `start mod slots`
-    (in place when the cache is donated; chunks never wrap, see `generate.plan`)."""
+    (in place when the cache is donated; chunks never wrap, see `generation.prefill_chunks`).
+    A per-row `start` [b] writes each row at its own slot."""
     slot = start % cache.slots
-    at = (0, 0, 0, slot, 0)
     k, v = (jnp.swapaxes(a, 2, 3) for a in (k, v))  # [layers, b, kv, c, h]
-    return KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                   jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-                   jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    if jnp.ndim(start) == 0:
+        at = (0, 0, 0, slot, 0)
+        return KVCache(jax.lax.dynamic_update_slice(cache.k, k, at),
+                       jax.lax.dynamic_update_slice(cache.v, v, at),
+                       jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
+    put = jax.lax.dynamic_update_slice_in_dim
+    # one row's update mapped over the batch axis; a row of k/v is [layers, kv, slots, h]
+    kv_rows = jax.vmap(lambda buf, x, at: put(buf, x, at, axis=2), in_axes=(1, 1, 0), out_axes=1)
+    index_rows = jax.vmap(lambda buf, x, at: put(buf, x, at, axis=0))
+    return KVCache(kv_rows(cache.k, k, slot), kv_rows(cache.v, v, slot),
+                   index_rows(cache.index, new_index, slot))

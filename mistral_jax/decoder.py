@@ -150,11 +150,12 @@ class Decoder(nnx.Module):
     def step(self, input_ids, valid, positions, cache, start, fresh: bool = False):
         """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
         the cache with the chunk written). input_ids/valid/positions: [b, c]; start: the sequence
-        index of the chunk's first token (the same for every row: rows are left-padded).
-        `fresh`: the cache holds nothing yet (the first chunk), so it is not read."""
+        index of the chunk's first token, a scalar (every row left-aligned at it) or [b] (each
+        row at its own index: continuous batching). `fresh`: the cache holds nothing yet (the
+        first chunk), so it is not read."""
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
-        query_index = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+        query_index = kv.sequence_indices(start, input_ids.shape[1])  # [c] or [b, c]
         first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
 

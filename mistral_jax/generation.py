@@ -29,6 +29,7 @@ from mistral_jax.cache import KVCache
 from mistral_jax.sampling import Sampling, sample
 
 MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
+MIN_BUCKET = 16  # the shortest padded prompt (or prefill chunk): few lengths, few compilations
 TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
 
 
@@ -48,17 +49,28 @@ class State:
     n: jax.Array  # [] how many tokens have been generated
 
 
-def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
-    """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
-    so no chunk wraps around the rolling buffer."""
-    bucket = max(16, 1 << max(prompt_len - 1, 0).bit_length())
-    chunk = min(bucket, MAX_CHUNK)
+def bucket(length: int) -> int:
+    """The padded length of `length` tokens: a power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+def window_chunk(config, chunk: int) -> int:
+    """The largest chunk up to `chunk` that divides the sliding window (if any), so that chunks
+    aligned to it never wrap around the rolling buffer."""
     window = config.sliding_window
     if window is not None:
         chunk = min(chunk, window)
         while window % chunk:
             chunk -= 1
-    return math.ceil(bucket / chunk) * chunk, chunk
+    return chunk
+
+
+def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
+    """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
+    so no chunk wraps around the rolling buffer."""
+    padded = bucket(prompt_len)
+    chunk = window_chunk(config, min(padded, MAX_CHUNK))
+    return math.ceil(padded / chunk) * chunk, chunk
 
 
 @partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
@@ -111,7 +123,7 @@ class Generation:
             ids[row, padded - len(prompt):], mask[row, padded - len(prompt):] = prompt, 1
             seen[row, prompt] = True
         positions = np.asarray(L.default_positions(mask))
-        capacity = max(16, 1 << (max_new_tokens - 1).bit_length())
+        capacity = bucket(max_new_tokens)
         self.mesh = sharding.mesh_of(model)
         with on_mesh_of(model):
             cache = new_cache(model, b, padded + capacity, self.mesh)
