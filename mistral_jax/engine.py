@@ -1,0 +1,279 @@
+"""Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): a fixed number of slots share
+one KV cache, and requests come and go between decode steps.
+
+A background thread loops: admit waiting requests into free slots; run one prefill chunk of a
+prompt (its slot's cache row sliced out, stepped as a batch of one, written back), so running
+requests keep decoding while a long prompt goes in; then one decode step over every slot, each
+row at its own sequence index (`Decoder.step` with a per-row start), inactive rows masked. A
+finished or cancelled request frees its slot at once. Sampling options and seeds are arrays over
+the slots, so the decode step compiles once and prefill once per chunk length.
+
+A prompt is laid out so that its chunks start at multiples of the chunk (which divides the
+sliding window): the first chunk holds the remainder, left-padded to a power of two. So no chunk
+wraps around a slot's rolling buffer, as in `generation`. An inactive row's write in a decode
+step lands at its next sequence index: a free slot is emptied when it is next taken, and a slot
+still being prefilled has that index rewritten by its next chunk before any query can see it.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax import sharding
+from mistral_jax.apply import check_ids, check_positions, on_mesh_of
+from mistral_jax.cache import KVCache
+from mistral_jax.generation import MAX_CHUNK, bucket, new_cache, window_chunk
+from mistral_jax.requests import Event, Request
+from mistral_jax.sampling import RowSampling, Sampling, sample_rows
+
+__all__ = ["Engine", "Event", "QueueFull", "Request"]
+
+DEFAULT_MAX_LEN = 4096  # the cache's sequence length when the model allows more
+TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
+
+
+class QueueFull(RuntimeError):
+    """`max_queue` requests are already waiting for a slot (a server answers 429)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Slots:
+    """What stays on the device between steps: a row per slot."""
+
+    cache: KVCache
+    logits: jax.Array  # [slots, vocab] of the last token fed
+    seen: jax.Array  # [slots, vocab] bool: the tokens of the row's sequence (repetition penalty)
+
+
+@partial(jax.jit, donate_argnums=(1,))
+def _prefill(model, state: Slots, slot, ids, valid, positions, start, first) -> Slots:
+    """One chunk [1, c] of the prompt in `slot` (traced: one compilation per chunk length).
+    `first`: the slot's previous request is forgotten (its keys masked, its tokens unseen)."""
+    TRACES["prefill"] += 1
+    row = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)  # noqa: E731
+    put = lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis)  # noqa: E731
+    old, vocab = state.cache, state.seen.shape[1]
+    cache = KVCache(row(old.k, 1), row(old.v, 1), jnp.where(first, -1, row(old.index, 0)))
+    logits, cache = model.step(ids, valid, positions, cache, start)
+    seen = jnp.where(first, False, row(state.seen, 0))
+    seen = seen.at[0, jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
+    return Slots(KVCache(put(old.k, cache.k, 1), put(old.v, cache.v, 1),
+                         put(old.index, cache.index, 0)),
+                 put(state.logits, logits[:, :vocab], 0), put(state.seen, seen, 0))
+
+
+@partial(jax.jit, donate_argnums=(1,))
+def _decode(model, state: Slots, live, index, position, seed, count, sampling: RowSampling):
+    """Sample every slot's next token, then feed it: (state, tokens [slots], logprobs [slots]).
+    A row's key depends only on its request's seed and the token's number."""
+    TRACES["decode"] += 1
+    vocab = state.seen.shape[1]
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
+    token = jnp.where(live, sample_rows(state.logits, keys, state.seen, sampling), 0)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits), token[:, None], axis=1)
+    logits, cache = model.step(token[:, None], live[:, None].astype(jnp.int32),
+                               position[:, None], state.cache, index)
+    rows = jnp.arange(token.shape[0])
+    seen = state.seen.at[rows, jnp.where(live, token, vocab)].set(True, mode="drop")
+    return Slots(cache, logits[:, :vocab], seen), token, logprob[:, 0]
+
+
+@dataclass
+class Chunk:
+    start: int  # sequence index of its first entry
+    ids: np.ndarray  # [1, c]
+    valid: np.ndarray  # [1, c]
+    positions: np.ndarray  # [1, c]
+
+
+def prompt_chunks(prompt: list[int], chunk: int) -> list[Chunk]:
+    """The prompt's prefill chunks: the first holds the remainder (left-padded to a bucket),
+    the rest are whole; each starts at a multiple of `chunk` but the first, which ends at one."""
+    n = len(prompt)
+    first = n - chunk * ((n - 1) // chunk)  # tokens in the first chunk: 1 .. chunk
+    width = min(chunk, bucket(first))
+    pad = width - first
+    ids = np.array([[0] * pad + list(prompt)], np.int32)
+    valid = np.array([[0] * pad + [1] * n], np.int32)
+    positions = np.array([[0] * pad + list(range(n))], np.int32)
+    cuts = [0, *range(width, pad + n, chunk)]
+    return [Chunk(chunk - width + a, ids[:, a:b], valid[:, a:b], positions[:, a:b])
+            for a, b in zip(cuts, [*cuts[1:], pad + n], strict=True)]
+
+
+@dataclass
+class Slot:
+    request: Request
+    chunks: list[Chunk]  # prefill chunks still to run; none: decoding
+    index: int  # sequence index of the next write (the next chunk's start, or the next token's)
+    position: int  # position (RoPE / learned) of the next token
+
+
+class Engine:
+    """`Engine(model).submit(prompt_ids, max_tokens=...)` -> a `Request` to iterate. Use as a
+    context manager, or `start()` and `stop()` (which cancels what still runs).
+
+    The cache holds `max_batch` sequences of `max_len` tokens (prompt and completion; default:
+    the model's max_position_embeddings, at most DEFAULT_MAX_LEN) or, with a sliding window, the
+    window's rolling buffer; `max_queue` requests may wait for a slot (then `QueueFull`);
+    prompts are prefilled `prefill_chunk` tokens at a time (default: MAX_CHUNK, made to divide
+    the window)."""
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int | None = None):
+        config = model.config
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
+        for name, value in [("max_batch", max_batch), ("max_len", self.max_len),
+                            ("prefill_chunk", prefill_chunk or 1)]:
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        check_positions(config, self.max_len, f"max_len={self.max_len}")
+        self.chunk = window_chunk(config, min(prefill_chunk or MAX_CHUNK, bucket(self.max_len)))
+        self.eos = -1 if config.eos_token_id is None else config.eos_token_id
+        vocab = config.vocab_size
+        with on_mesh_of(model):  # chunks start up to `chunk` - 1 indices in (prompt_chunks)
+            cache = new_cache(model, max_batch, self.max_len + self.chunk, sharding.mesh_of(model))
+        self._state = Slots(cache, jnp.zeros((max_batch, vocab), jnp.float32),
+                            jnp.zeros((max_batch, vocab), bool))
+        self._slots: list[Slot | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+
+    def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None,
+               stop_ids=(), logprobs: bool = False) -> Request:
+        """Queue a completion of `prompt_ids`; raises ValueError on a bad argument, QueueFull
+        when `max_queue` requests already wait."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty: give at least one token (e.g. BOS)")
+        check_ids(np.array([prompt]), self.model.config.vocab_size)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 0")
+        if len(prompt) + max_tokens > self.max_len:
+            raise ValueError(f"prompt_ids ({len(prompt)} tokens) + max_tokens={max_tokens} is "
+                             f"more than this engine's max_len={self.max_len}")
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+        seed = random.getrandbits(32) if seed is None else int(seed) % 2**32
+        request = Request(prompt, max_tokens, sampling, seed, frozenset(map(int, stop_ids)),
+                          bool(logprobs), self._cancel)
+        with self._lock:
+            if self._stopping or self._error is not None:
+                raise RuntimeError("the engine is stopped") from self._error
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue)")
+            if max_tokens == 0:
+                request.finish("length")
+            else:
+                self._waiting.append(request)
+                self._lock.notify_all()
+        return request
+
+    def _cancel(self, request: Request) -> None:
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+            request.finish("cancelled")
+            self._lock.notify_all()
+
+    # -- the thread --
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mistral_jax.engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Cancel every request, running or waiting, and end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            for request in [*self._waiting, *(s.request for s in self._slots if s)]:
+                request.finish("cancelled")
+            self._waiting.clear()
+            self._slots = [None] * self.max_batch
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            with on_mesh_of(self.model):
+                while self._next():
+                    pass
+        except BaseException as error:  # every request learns of it, and submit refuses
+            with self._lock:
+                self._error = error
+                for request in [*self._waiting, *(s.request for s in self._slots if s)]:
+                    request.finish("error", error)
+
+    def _next(self) -> bool:
+        """One turn of the loop: admit, one prefill chunk, one decode step. False: stop."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._stopping or self._waiting or any(self._slots))
+            if self._stopping:
+                return False
+            for i, slot in enumerate(self._slots):
+                if slot is not None and slot.request.done:  # cancelled
+                    self._slots[i] = None
+            for i in range(self.max_batch):
+                if self._slots[i] is None and self._waiting:
+                    request = self._waiting.popleft()
+                    chunks = prompt_chunks(request.prompt_ids, self.chunk)
+                    self._slots[i] = Slot(request, chunks, chunks[0].start, 0)
+        filling = [i for i, s in enumerate(self._slots) if s and s.chunks]
+        if filling:
+            self._prefill(filling[0])
+        if any(s and not s.chunks for s in self._slots):
+            self._decode()
+        return True
+
+    def _prefill(self, i: int) -> None:
+        slot = self._slots[i]
+        chunk = slot.chunks.pop(0)
+        first = slot.position == 0  # nothing of this request is in the row yet
+        self._state = _prefill(self.model, self._state, jnp.int32(i), chunk.ids, chunk.valid,
+                               chunk.positions, jnp.int32(chunk.start), jnp.bool_(first))
+        slot.position = int(chunk.positions[0, -1]) + 1
+        slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
+
+    def _decode(self) -> None:
+        slots = self._slots
+        live = np.array([s is not None and not s.chunks for s in slots])
+        per_slot = lambda f, dtype: np.array([f(s) if s else 0 for s in slots], dtype)  # noqa: E731
+        greedy = Sampling()
+        sampling = RowSampling.of([s.request.sampling if s else greedy for s in slots])
+        self._state, token, logprob = _decode(
+            self.model, self._state, live, per_slot(lambda s: s.index, np.int32),
+            np.where(live, per_slot(lambda s: s.position, np.int32), 0),
+            per_slot(lambda s: s.request.seed, np.uint32),
+            per_slot(lambda s: s.request.completion_tokens, np.int32), sampling)
+        token, logprob = np.asarray(token), np.asarray(logprob)
+        for i in np.flatnonzero(live):
+            slot = slots[i]
+            slot.index, slot.position = slot.index + 1, slot.position + 1
+            slot.request.take(int(token[i]), float(logprob[i]), self.eos)
+            if slot.request.done:
+                with self._lock:
+                    self._slots[i] = None
