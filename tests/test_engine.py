@@ -1,0 +1,175 @@
+"""The continuous-batching engine against `generate_tokens` and against itself alone: greedy
+token for token, seeded sampling reproducible whatever runs beside it, compilations counted,
+cancellation, the queue bound, a mesh. Every wait has a timeout; every engine is stopped."""
+
+import asyncio
+
+import jax
+import numpy as np
+import pytest
+
+import mistral_jax
+from mistral_jax import engine as eng
+from mistral_jax.engine import Engine, QueueFull
+from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
+
+WAIT = 120  # seconds any one wait may take before the test fails
+
+
+@pytest.fixture
+def engines():
+    """make(model, **options) -> a started Engine, stopped when the test ends."""
+    made = []
+
+    def make(model, **options):
+        made.append(Engine(model, **options).start())
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for engine in made:
+            engine.stop()
+
+
+def alone(model, ids, n, **sampling):
+    """generate_tokens' completion cut before EOS, and the finish reason the engine gives."""
+    row = mistral_jax.generate_tokens(model, [ids], max_new_tokens=n, **sampling)[0].tolist()
+    eos = model.config.eos_token_id
+    return (row[: row.index(eos)], "stop") if eos in row else (row, "length")
+
+
+def result(request):
+    return request.tokens(timeout=WAIT), request.finish_reason
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_greedy_equals_generate_tokens(models_, engines, name):  # noqa: F811
+    # Mistral's window is 4: prompts of 9 and 21 wrap the rolling buffer; 2 slots for 3
+    # requests: the third waits and takes a freed slot
+    _, model = models_[name]
+    engine = engines(model, max_batch=2)
+    prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 9, 21)]
+    requests = [engine.submit(p, max_tokens=12) for p in prompts]
+    for p, request in zip(prompts, requests, strict=True):
+        tokens, reason = result(request)
+        assert (tokens, reason) == alone(model, p, 12)
+        counted = len(tokens) + (reason == "stop")  # the EOS is generated, not sent
+        assert (request.prompt_tokens, request.completion_tokens) == (len(p), counted)
+
+
+# 16 requests: prompt lengths from 3 to 40 (GPT-2's prefill chunk of 32: first chunks of 16 and
+# 32 tokens, and prompts of two chunks), up to 20 new tokens, five kinds of sampling
+KINDS = [dict(), dict(temperature=0.8, top_k=20), dict(temperature=1.0, top_p=0.9),
+         dict(repetition_penalty=1.3), dict(temperature=0.7, top_k=5, top_p=0.8,
+                                            repetition_penalty=1.2)]
+REQUESTS = [(3 + 37 * i // 15, 4 + 7 * i % 17, dict(KINDS[i % 5], seed=100 + i))
+            for i in range(16)]
+
+
+@pytest.mark.parametrize("name,chunk,buckets", [("mistral", None, 1), ("gpt2", 32, 2)])
+def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chunk,  # noqa: F811
+                                                     buckets):
+    _, model = models_[name]
+    jax.clear_caches()
+    eng.TRACES.clear()
+    engine = engines(model, max_batch=8, max_queue=16, prefill_chunk=chunk)
+    prompts = [prompt(n, seed=i)[0].tolist() for i, (n, _, _) in enumerate(REQUESTS)]
+    together = [engine.submit(p, max_tokens=n, logprobs=True, **kw)
+                for p, (_, n, kw) in zip(prompts, REQUESTS, strict=True)]
+    together = [result(r) for r in together]
+    for p, (_, n, kw), got in zip(prompts, REQUESTS, together, strict=True):
+        for _ in range(2):  # alone, twice
+            assert result(engine.submit(p, max_tokens=n, **kw)) == got
+        if "temperature" not in kw:
+            greedy = {k: v for k, v in kw.items() if k != "seed"}
+            assert got == alone(model, p, n, **greedy)
+    sampled = [got for (_, _, kw), got in zip(REQUESTS, together, strict=True)
+               if "temperature" in kw]
+    assert len({tuple(tokens) for tokens, _ in sampled}) == len(sampled)  # really sampled
+    assert eng.TRACES == {"decode": 1, "prefill": buckets}
+
+
+def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):  # noqa: F811
+    _, model = models_["mistral"]
+    engine = engines(model)
+    ids = prompt(6)[0].tolist()
+    runs = [engine.submit(ids, max_tokens=8, temperature=1.0, seed=s, logprobs=True)
+            for s in (1, 1, 2)]
+    events = [list(r.events(timeout=WAIT)) for r in runs]
+    assert events[0] == events[1] and events[0] != events[2]
+    tokens = [e.token for e in events[0]]
+    logits = np.asarray(mistral_jax.forward(model, [ids + tokens]))[0, len(ids) - 1: -1]
+    logits = logits.astype(np.float64)  # each logprob: log_softmax of the logits at its step
+    expected = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    np.testing.assert_allclose([e.logprob for e in events[0]],
+                               expected[np.arange(len(tokens)), tokens], atol=1e-4)
+
+
+def test_cancelling_frees_the_slot(models_, engines):  # noqa: F811
+    _, model = models_["mistral"]
+    engine = engines(model, max_batch=1)
+    ids = prompt(5)[0].tolist()
+    first = engine.submit(ids, max_tokens=100)
+    waiting = engine.submit(ids[:3], max_tokens=6)
+    dropped = engine.submit(ids[:4], max_tokens=6)
+    dropped.cancel()  # still waiting: it never takes the slot
+
+    async def two_then_disconnect():  # what a server does when its client goes away
+        got = []
+        try:
+            async for event in first:
+                got.append(event.token)
+                if len(got) == 2:
+                    break
+        finally:
+            first.cancel()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(two_then_disconnect(), WAIT))
+    assert got == alone(model, ids, 2)[0]
+    assert result(waiting) == alone(model, ids[:3], 6)  # it took the freed slot
+    assert first.finish_reason == dropped.finish_reason == "cancelled"
+    assert first.completion_tokens < 100 and dropped.completion_tokens == 0
+
+
+def test_the_queue_is_bounded(models_):  # noqa: F811
+    _, model = models_["gpt2"]
+    engine = Engine(model, max_queue=2)  # not started: everything waits
+    try:
+        waiting = [engine.submit([5, 6], max_tokens=4) for _ in range(2)]
+        with pytest.raises(QueueFull, match="max_queue"):
+            engine.submit([5, 6], max_tokens=4)
+        waiting[0].cancel()  # a cancelled request leaves the queue
+        waiting.append(engine.submit([5, 6], max_tokens=4))
+    finally:
+        engine.stop()
+    assert [r.finish_reason for r in waiting] == ["cancelled"] * 3
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit([5, 6], max_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt_ids=[]), "prompt_ids"), (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=60), "max_len"), (dict(prompt_ids=[5, 500]), "token id 500"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
+def test_bad_requests_name_the_field(models_, kwargs, field):  # noqa: F811
+    _, model = models_["gpt2"]  # 64 positions
+    engine = Engine(model)
+    try:
+        with pytest.raises(ValueError, match=field):
+            engine.submit(**{"prompt_ids": [5] * 8, "max_tokens": 4, **kwargs})
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("spec", ["1x2", "2x2"])
+def test_sharded_engine_generates_the_same_tokens(models_, engines, spec):  # noqa: F811
+    _, model = models_["mistral"]
+    sharded = mistral_jax.shard(model, mistral_jax.make_mesh(spec))
+    engine = engines(sharded, max_batch=4)
+    prompts = [prompt(n, seed=n)[0].tolist() for n in (4, 11)]
+    requests = [engine.submit(p, max_tokens=10) for p in prompts]
+    for p, request in zip(prompts, requests, strict=True):
+        assert result(request) == alone(model, p, 10)
