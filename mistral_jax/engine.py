@@ -31,7 +31,7 @@ from mistral_jax import sharding
 from mistral_jax.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.cache import KVCache
 from mistral_jax.generation import MAX_CHUNK, bucket, new_cache, window_chunk
-from mistral_jax.requests import Event, Request
+from mistral_jax.request import Event, Request
 from mistral_jax.sampling import RowSampling, Sampling, sample_rows
 
 __all__ = ["Engine", "Event", "QueueFull", "Request"]
@@ -116,6 +116,7 @@ class Slot:
     chunks: list[Chunk]  # prefill chunks still to run; none: decoding
     index: int  # sequence index of the next write (the next chunk's start, or the next token's)
     position: int  # position (RoPE / learned) of the next token
+    admitted: int  # the order slots were taken in: prompts are prefilled first come, first served
 
 
 class Engine:
@@ -151,6 +152,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
+        self._admitted = 0
 
     def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None,
@@ -241,10 +243,11 @@ class Engine:
                 if self._slots[i] is None and self._waiting:
                     request = self._waiting.popleft()
                     chunks = prompt_chunks(request.prompt_ids, self.chunk)
-                    self._slots[i] = Slot(request, chunks, chunks[0].start, 0)
+                    self._slots[i] = Slot(request, chunks, chunks[0].start, 0, self._admitted)
+                    self._admitted += 1
         filling = [i for i, s in enumerate(self._slots) if s and s.chunks]
         if filling:
-            self._prefill(filling[0])
+            self._prefill(min(filling, key=lambda i: self._slots[i].admitted))
         if any(s and not s.chunks for s in self._slots):
             self._decode()
         return True
@@ -275,5 +278,4 @@ class Engine:
             slot.index, slot.position = slot.index + 1, slot.position + 1
             slot.request.take(int(token[i]), float(logprob[i]), self.eos)
             if slot.request.done:
-                with self._lock:
-                    self._slots[i] = None
+                self._slots[i] = None

@@ -3,6 +3,8 @@ token for token, seeded sampling reproducible whatever runs beside it, compilati
 cancellation, the queue bound, a mesh. Every wait has a timeout; every engine is stopped."""
 
 import asyncio
+import copy
+import dataclasses
 
 import jax
 import numpy as np
@@ -104,6 +106,21 @@ def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines): 
     expected = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
     np.testing.assert_allclose([e.logprob for e in events[0]],
                                expected[np.arange(len(tokens)), tokens], atol=1e-4)
+
+
+def test_running_requests_decode_while_a_prompt_is_prefilled(models_, engines):  # noqa: F811
+    _, model = models_["mistral"]
+    model = copy.copy(model)
+    model.config = dataclasses.replace(model.config, eos_token_id=None)  # no early stop
+    engine = engines(model)
+    running = engine.submit(prompt(5)[0].tolist(), max_tokens=110)
+    next(iter(running.events(timeout=WAIT)))
+    before = running.completion_tokens
+    long = engine.submit(prompt(100, seed=1)[0].tolist(), max_tokens=4)  # 25 chunks of 4
+    next(iter(long.events(timeout=WAIT)))
+    assert running.completion_tokens - before >= 25  # a decode step after each chunk
+    assert result(long)[0] == alone(model, prompt(100, seed=1)[0].tolist(), 4)[0]
+    assert result(running) == alone(model, prompt(5)[0].tolist(), 110)
 
 
 def test_cancelling_frees_the_slot(models_, engines):  # noqa: F811
