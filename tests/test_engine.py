@@ -13,6 +13,7 @@ import pytest
 import mistral_jax
 from mistral_jax import engine as eng
 from mistral_jax.engine import Engine, QueueFull
+from mistral_jax.sampling import RowSampling, Sampling, sample, sample_rows
 from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
 
 WAIT = 120  # seconds any one wait may take before the test fails
@@ -43,6 +44,20 @@ def alone(model, ids, n, **sampling):
 
 def result(request):
     return request.tokens(timeout=WAIT), request.finish_reason
+
+
+def test_the_per_row_sampler_is_sample_row_by_row():
+    """sample_rows with each row's options and key draws what `sample` draws for that row alone
+    (so transformers' distribution, tested in test_generate), greedy rows included."""
+    logits = np.random.default_rng(0).normal(size=(6, 50)).astype(np.float32) * 3
+    seen = np.random.default_rng(1).random((6, 50)) < 0.2
+    rows = [Sampling(), Sampling(0.7, 5), Sampling(1.0, None, 0.7), Sampling(0.0, None, None, 1.5),
+            Sampling(0.8, 10, 0.5, 1.3), Sampling(1.2, 50, 1.0, 0.8)]
+    for k in range(10):
+        keys = jax.random.split(jax.random.key(k), len(rows))
+        got = sample_rows(logits, keys, seen, RowSampling.of(rows))
+        assert np.asarray(got).tolist() == [
+            int(sample(logits[i:i + 1], keys[i], seen[i:i + 1], s)[0]) for i, s in enumerate(rows)]
 
 
 @pytest.mark.parametrize("name", ["mistral", "gpt2"])
