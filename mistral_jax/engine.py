@@ -133,13 +133,16 @@ class Engine:
                  max_queue: int = 64, prefill_chunk: int | None = None):
         config = model.config
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
-        self.max_len = max_len or min(config.max_position_embeddings, DEFAULT_MAX_LEN)
-        for name, value in [("max_batch", max_batch), ("max_len", self.max_len),
-                            ("prefill_chunk", prefill_chunk or 1)]:
+        if max_len is None:
+            max_len = min(config.max_position_embeddings, DEFAULT_MAX_LEN)
+        prefill_chunk = MAX_CHUNK if prefill_chunk is None else prefill_chunk
+        for name, value in [("max_batch", max_batch), ("max_len", max_len),
+                            ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)]:
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
-        check_positions(config, self.max_len, f"max_len={self.max_len}")
-        self.chunk = window_chunk(config, min(prefill_chunk or MAX_CHUNK, bucket(self.max_len)))
+        check_positions(config, max_len, f"max_len={max_len}")
+        self.max_len = max_len
+        self.chunk = window_chunk(config, min(prefill_chunk, bucket(max_len)))
         self.eos = -1 if config.eos_token_id is None else config.eos_token_id
         vocab = config.vocab_size
         with on_mesh_of(model):  # chunks start up to `chunk` - 1 indices in (prompt_chunks)

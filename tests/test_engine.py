@@ -181,6 +181,14 @@ def test_the_queue_is_bounded(models_):  # noqa: F811
         engine.submit([5, 6], max_tokens=4)
 
 
+@pytest.mark.parametrize("option", ["max_batch", "max_len", "max_queue", "prefill_chunk"])
+def test_bad_engine_options_name_the_option(models_, option):  # noqa: F811
+    with pytest.raises(ValueError, match=f"{option}=0 must be >= 1"):
+        Engine(models_["gpt2"][1], **{option: 0})
+    with pytest.raises(ValueError, match="needs 65 positions"):
+        Engine(models_["gpt2"][1], max_len=65)  # GPT-2 learned 64
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(prompt_ids=[]), "prompt_ids"), (dict(max_tokens=-1), "max_tokens"),
     (dict(max_tokens=60), "max_len"), (dict(prompt_ids=[5, 500]), "token id 500"),
