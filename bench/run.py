@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Targets on a 2-core CPU, from issue 7: (what, result key path, target, "min" | "max")
+# Targets on a 2-core CPU: (what, result key path, target, "min" | "max")
 TARGETS = [
     ("train step tokens/s, ours / transformers", ("train", "speedup"), 1.25, "min"),
     ("train step GEMM-relative MFU", ("train", "ours_mfu"), 0.75, "min"),
@@ -45,6 +45,12 @@ TARGETS = [
     ("prefill 16k tokens, window 1k, ours / transformers", ("long", "prefill"), 3.0, "min"),
     ("train step 256 tokens, default (auto) / materialized attention", ("long", "short"), 1.0,
      "min"),
+    # serving (bench/serve.py: 32 requests arriving 4 at a time, SmolLM2-135M, 8 slots)
+    ("serving throughput / the same requests one by one through generate()",
+     ("serve", "vs_one_by_one"), 3.0, "min"),
+    ("serving throughput / transformers generate in static batches of 8",
+     ("serve", "vs_transformers"), 1.5, "min"),
+    ("serving p99 time to first token under load, s", ("serve", "ttft_p99_s"), 2.0, "max"),
 ]
 
 
@@ -70,6 +76,11 @@ def summary(raw: dict) -> dict:
                                                                                    "bin")}
     if "long" in raw:
         out["long"] = long_summary(raw["long"])
+    if "serve" in raw:
+        r = raw["serve"]
+        out["serve"] = {"vs_one_by_one": r["vs_one_by_one"],
+                        "vs_transformers": r["vs_transformers"],
+                        "ttft_p99_s": r["server"]["ttft_p99_s"]}
     return out
 
 
@@ -118,6 +129,16 @@ def table(raw: dict, flat: dict) -> str:
     lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
     if "long" in raw:
         lines.append(long_table(raw["long"]))
+    if "serve" in raw:
+        r = raw["serve"]
+        s = r["server"]
+        lines.append(f"Serving {r['requests']} requests, {r['burst']} at a time: "
+                     f"{s['tokens_per_s']:.1f} tokens/s, against "
+                     f"{r['one_by_one']['tokens_per_s']:.1f} one by one through generate() and "
+                     f"{r['transformers_static8']['tokens_per_s']:.1f} for transformers in "
+                     f"batches of 8; time to first token p50 / p99 {s['ttft_p50_s']:.2f} / "
+                     f"{s['ttft_p99_s']:.2f} s, per later token {1000 * s['per_token_p50_s']:.0f}"
+                     f" / {1000 * s['per_token_p99_s']:.0f} ms.")
     if "convert" in raw:
         c = raw["convert"]
         lines.append(f"Conversion{' (from the last full run)' if c.get('earlier') else ''} of a "
@@ -190,6 +211,7 @@ def main() -> None:
     raw = {"train": bench("train.py", args.out / "train.json"),
            "decode": bench("decode.py", args.out / "decode.json")}
     raw["long"] = bench("long.py", args.out / "long.json", *(["--quick"] if args.quick else []))
+    raw["serve"] = bench("serve.py", args.out / "serve.json")
     if not args.quick:
         raw["convert"] = bench("convert_rss.py", args.out / "convert.json")
     elif (args.out / "convert.json").exists():
