@@ -205,7 +205,7 @@ def generate(model, prompt: str | list[str] | None = None, *, messages=None,
     if (prompt is None) == (messages is None):
         raise ValueError("pass a prompt or messages, not both")
     if messages is not None:
-        from mistral_jax.chat import encode_chat
+        from mistral_jax.chat_template import encode_chat
 
         single = not messages or not isinstance(messages[0], list | tuple)
         rows = [encode_chat(tokenizer, m) for m in ([messages] if single else messages)]
