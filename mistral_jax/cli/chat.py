@@ -24,11 +24,7 @@ def arguments():
     p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of "
                    "tokens holding this probability")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
-                   "(train.finetune's OUT/adapters) to apply to the checkpoint")
-    cli.add_mesh(p)
-    cli.add_dtype(p)
-    cli.add_attention(p)
+    cli.add_model(p)
     return p
 
 
@@ -39,15 +35,9 @@ def main(argv=None) -> int:
 
 
 def chat(args) -> None:
-    from mistral_jax.checkpoint import load, read_config
     from mistral_jax.generation import generate
-    from mistral_jax.notes import note
 
-    mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
-    if chosen:
-        note(chosen)
-    model = load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
-                 attention=args.attention)
+    model = cli.load_model(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages, prompt = list(start), "> " if sys.stdin.isatty() else ""
     while True:

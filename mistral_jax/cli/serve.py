@@ -31,11 +31,7 @@ def arguments():
                    "slot; past it the server answers 429")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S", help="on SIGTERM, "
                    "seconds running requests may take to finish before they are cancelled")
-    p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
-                   "(train.finetune's OUT/adapters) to apply to the checkpoint")
-    cli.add_mesh(p)
-    cli.add_dtype(p)
-    cli.add_attention(p)
+    cli.add_model(p)
     return p
 
 
@@ -53,15 +49,9 @@ def serve(args) -> None:
         from mistral_jax.server.run import Server
     except ImportError as e:
         raise ValueError(f"{e.name} is missing: pip install 'mistral_jax[serve]'") from None
-    from mistral_jax.checkpoint import load, read_config
     from mistral_jax.engine import Engine
-    from mistral_jax.notes import note
 
-    mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
-    if chosen:
-        note(chosen)
-    model = load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
-                 attention=args.attention)
+    model = cli.load_model(args)
     with Engine(model, max_batch=args.max_batch, max_len=args.max_len,
                 max_queue=args.max_queue) as engine:
         app = create_app(engine, args.name or Path(args.ckpt).resolve().name)
