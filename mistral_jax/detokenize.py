@@ -75,3 +75,45 @@ class StreamDecoder:
                 self._context, self._before = self._context + self._pending, text
             self._pending, self._sent = [], 0
         return out
+
+
+CONTEXT = 4  # prompt tokens decoded before the new ones, so the first keeps its leading space
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """`text` up to the first of the `stops` strings in it (all of it when none is)."""
+    ends = [text.index(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+class CompletionText:
+    """A completion's text as its tokens arrive, as it reads after the prompt (the prompt's last
+    CONTEXT tokens prime the decoder) and cut before the first `stops` string: `push(token)`
+    gives the text now final, holding back a tail that could still become a stop string;
+    `stopped` once one appeared (push then gives nothing more); `flush()` gives the rest.
+    Used by `generate(..., stream=True)` and by the server, for every request."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], stops: list[str] = ()):
+        self.decoder, self.stops = StreamDecoder(tokenizer), list(stops)
+        for token in prompt[-CONTEXT:]:  # context only: its text is not sent
+            self.decoder.push(token)
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        self.text += self.decoder.push(token)
+        return self._emit(self.hold)
+
+    def flush(self) -> str:
+        self.text += self.decoder.flush()
+        return self._emit(0)
+
+    def _emit(self, hold: int) -> str:
+        if self.stopped:
+            return ""
+        end = len(cut_at_stop(self.text, self.stops))
+        self.stopped = end < len(self.text)
+        if not self.stopped:
+            end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent: end], end
+        return out

@@ -216,6 +216,12 @@ class Engine:
             self._waiting.clear()
             self._slots = [None] * self.max_batch
 
+    @property
+    def running(self) -> bool:
+        """Started, not stopped, and not failed."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and not self._stopping and self._error is None
+
     def __enter__(self) -> Engine:
         return self.start()
 

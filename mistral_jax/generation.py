@@ -26,6 +26,7 @@ from mistral_jax import layers as L
 from mistral_jax import sharding
 from mistral_jax.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.cache import KVCache
+from mistral_jax.detokenize import CONTEXT, CompletionText, cut_at_stop
 from mistral_jax.sampling import Sampling, sample
 
 MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
@@ -205,7 +206,7 @@ def generate(model, prompt: str | list[str] | None = None, *, messages=None,
     if (prompt is None) == (messages is None):
         raise ValueError("pass a prompt or messages, not both")
     if messages is not None:
-        from mistral_jax.chat import encode_chat
+        from mistral_jax.chat_template import encode_chat
 
         single = not messages or not isinstance(messages[0], list | tuple)
         rows = [encode_chat(tokenizer, m) for m in ([messages] if single else messages)]
@@ -230,11 +231,8 @@ def generate(model, prompt: str | list[str] | None = None, *, messages=None,
                  for p, row in zip(rows, run.tokens(), strict=True)]
         hit = np.array([any(s in t for s in stops) for t in texts])
         run.stop_rows(hit)
-    texts = [_cut(t, stops) for t in texts]
+    texts = [cut_at_stop(t, stops) for t in texts]
     return texts[0] if single else texts
-
-
-CONTEXT = 4  # prompt tokens decoded before the new ones, so the first keeps its leading space
 
 
 def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
@@ -244,11 +242,6 @@ def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
     before = tokenizer.decode(prompt[-CONTEXT:])
     both = tokenizer.decode(prompt[-CONTEXT:] + new)
     return both[len(before):] if both.startswith(before) else tokenizer.decode(new)
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    ends = [text.index(s) for s in stops if s in text]
-    return text[: min(ends)] if ends else text
 
 
 class Stream:
@@ -271,26 +264,13 @@ class Stream:
 
 
 def _stream(run: Generation, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
-    from mistral_jax.detokenize import StreamDecoder
-
-    decoder, text, sent = StreamDecoder(tokenizer), "", 0
-    for token in prompt[-CONTEXT:]:  # context only: its text is not sent
-        decoder.push(token)
-    while not run.finished:
+    text = CompletionText(tokenizer, prompt, stops)
+    while not run.finished and not text.stopped:
         run.advance(1)
         token = int(run.state.out[0, int(run.state.n) - 1])
         if token == run.eos:
             break
-        text += decoder.push(token)
-        # hold back what could still turn into a stop string
-        safe = len(_cut(text, stops))
-        if safe < len(text):
-            yield text[sent:safe]
-            return
-        hold = max((len(s) - 1 for s in stops), default=0)
-        if len(text) - hold > sent:
-            yield text[sent: len(text) - hold]
-            sent = len(text) - hold
-    text += decoder.flush()
-    if len(_cut(text, stops)) > sent:
-        yield _cut(text, stops)[sent:]
+        if piece := text.push(token):
+            yield piece
+    if piece := text.flush():
+        yield piece

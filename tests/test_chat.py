@@ -1,6 +1,7 @@
-"""mistral_jax.chat against transformers' apply_chat_template: the real Mistral-7B sentencepiece
-model (from the mistral-common wheel) with Mistral-7B-Instruct-v0.1's chat templates, and a small
-byte-level BPE tokenizer.json trained here with a ChatML template (as SmolLM2 and Qwen use)."""
+"""mistral_jax.chat_template against transformers' apply_chat_template: the real Mistral-7B
+sentencepiece model (from the mistral-common wheel) with Mistral-7B-Instruct-v0.1's chat
+templates, and a small byte-level BPE tokenizer.json trained here with a ChatML template (as
+SmolLM2 and Qwen use)."""
 
 import json
 import random
@@ -11,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from mistral_jax.chat import encode_chat, render
+from mistral_jax.chat_template import encode_chat, render
 from mistral_jax.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe, fetch_wheel_member
 

@@ -255,7 +255,7 @@ def test_text_generation_stop_strings_and_streaming(text_model):
 
 
 def test_chat_messages_use_the_chat_template(text_model):
-    from mistral_jax.chat import encode_chat
+    from mistral_jax.chat_template import encode_chat
 
     _, params = text_model
     messages = [{"role": "user", "content": "What is your favourite condiment?"}]

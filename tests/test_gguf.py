@@ -179,7 +179,7 @@ def test_smollm_tokenizer(smollm):
         assert ours_tok.encode(text) == tok(text).input_ids, text
         assert ours_tok.decode(ours_tok.encode(text), skip_special_tokens=False) == \
             tok.decode(tok(text).input_ids)
-    from mistral_jax.chat import encode_chat
+    from mistral_jax.chat_template import encode_chat
 
     assert encode_chat(ours_tok, CHAT) == tok.apply_chat_template(
         CHAT, add_generation_prompt=True, return_dict=False)

@@ -45,6 +45,28 @@ def add_dtype(p: argparse.ArgumentParser, what: str = "compute") -> None:
                    help=f"cast the weights to this dtype ({what} in it; default: as saved)")
 
 
+def add_model(p: argparse.ArgumentParser) -> None:
+    """What loads a checkpoint for inference: --adapters, --mesh, --dtype, --attention."""
+    p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
+                   "(train.finetune's OUT/adapters) to apply to the checkpoint")
+    add_mesh(p)
+    add_dtype(p)
+    add_attention(p)
+
+
+def load_model(args):
+    """The checkpoint `args.ckpt` as `add_model`'s flags ask (devices.prepare ran before)."""
+    from mistral_jax import devices
+    from mistral_jax.checkpoint import load, read_config
+    from mistral_jax.notes import note
+
+    mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
+    if chosen:
+        note(chosen)
+    return load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
+                attention=args.attention)
+
+
 def run(body: Callable[[], int | None], errors: tuple = (ValueError, OSError),
         code: int = 1) -> int:
     """`body()`'s exit code (0 for None); an expected error is one line on stderr and `code`."""

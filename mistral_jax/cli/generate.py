@@ -33,11 +33,7 @@ def arguments():
                    "through the checkpoint's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system "
                    "message first")
-    p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
-                   "(train.finetune's OUT/adapters) to apply to the checkpoint")
-    cli.add_mesh(p)
-    cli.add_dtype(p)
-    cli.add_attention(p)
+    cli.add_model(p)
     p.add_argument("--verbose", action="store_true", help="report load time, time to first "
                    "token and tokens/s on stderr")
     return p
@@ -50,16 +46,10 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> None:
-    from mistral_jax.checkpoint import load, read_config
     from mistral_jax.generation import generate as complete
-    from mistral_jax.notes import note
 
     start = time.perf_counter()
-    mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
-    if chosen:
-        note(chosen)
-    model = load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
-                              attention=args.attention)
+    model = cli.load_model(args)
     loaded = time.perf_counter()
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,

@@ -1,0 +1,39 @@
+"""`python -m mistral_jax.chat` driven through its stdin as a user types: each reply equals
+generate() on the conversation so far; /reset starts again; /exit and Ctrl-D (stdin closed)
+end it with exit code 0."""
+
+import os
+import subprocess
+import sys
+
+import mistral_jax
+from tests.test_serve import ckpt, model  # noqa: F401 (fixtures)
+
+
+def run_chat(ckpt, stdin):  # noqa: F811
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "mistral_jax.chat", ckpt.name, "--system",
+                           "Be brief.", "--max-new-tokens", "8"], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ckpt.parent)
+
+
+def test_turns_reset_and_exit(ckpt, model):  # noqa: F811
+    system = {"role": "system", "content": "Be brief."}
+
+    def reply(*turns):
+        messages = [system]
+        for i, turn in enumerate(turns):
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": turn})
+        return mistral_jax.generate(model, messages=messages, max_new_tokens=8)
+
+    first = reply("Hi")
+    second = reply("Hi", first, "And salt?")
+    fresh = reply("And salt?")
+    done = run_chat(ckpt, "Hi\nAnd salt?\n/reset\nAnd salt?\n/exit\nnever read\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{first}\n{second}\n{fresh}\n"
+    closed = run_chat(ckpt, "Hi\n")  # then Ctrl-D
+    assert closed.returncode == 0, closed.stderr
+    assert closed.stdout == f"{first}\n\n"
