@@ -102,9 +102,13 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
         return KVCache(jax.lax.dynamic_update_slice(cache.k, k, at),
                        jax.lax.dynamic_update_slice(cache.v, v, at),
                        jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
-    put = jax.lax.dynamic_update_slice_in_dim
-    # one row's update mapped over the batch axis; a row of k/v is [layers, kv, slots, h]
-    kv_rows = jax.vmap(lambda buf, x, at: put(buf, x, at, axis=2), in_axes=(1, 1, 0), out_axes=1)
-    index_rows = jax.vmap(lambda buf, x, at: put(buf, x, at, axis=0))
-    return KVCache(kv_rows(cache.k, k, slot), kv_rows(cache.v, v, slot),
-                   index_rows(cache.index, new_index, slot))
+    # a scatter at [row, slot + j] of every layer and head, in place: mapping a row's
+    # dynamic_update_slice over the batch instead moved the whole cache's batch axis twice per
+    # step (a decode step of SmolLM2 at 8 x 1536 slots: about 1 s)
+    c = new_index.shape[1]
+    rows = jnp.arange(new_index.shape[0])[:, None]  # [b, 1]
+    slots = slot[:, None] + jnp.arange(c)  # [b, c]
+    values = lambda a: jnp.moveaxis(a, (1, 3), (0, 1))  # [b, c, layers, kv, h]  # noqa: E731
+    return KVCache(cache.k.at[:, rows, :, slots, :].set(values(k)),
+                   cache.v.at[:, rows, :, slots, :].set(values(v)),
+                   cache.index.at[rows, slots].set(new_index))

@@ -10,13 +10,18 @@ tokenizer and a chat template, and JSONL from the shipped corpus.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +205,46 @@ def test_lora_adapters_go_everywhere(followed):
     loaded = trees.flatten(trees.weights(namespace["model"]))  # load(adapters=) in README
     for name, value in merged.items():
         np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value))
+
+
+def test_the_serving_section_as_written(followed):
+    """README's Serving commands in the folder the other sections left (`ckpt/` is there): the
+    server command started as written and stopped with SIGTERM, the curl and the openai client
+    examples against it, and the terminal chat fed `/exit`. (`pip install` is what
+    scripts/setup.sh did already.)"""
+    cwd, _, _ = followed
+    (bash, curl), python = [c for h, lang, c in blocks() if h == "Serving" and lang == "bash"], \
+        next(c for h, lang, c in blocks() if h == "Serving" and lang == "python")
+    lines = {argv[2]: argv for argv in commands(bash) if argv[0] in PYTHONS}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    serve = lines["mistral_jax.serve"]
+    server = subprocess.Popen([sys.executable, *serve[1:]], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = int(serve[serve.index("--port") + 1])
+        deadline = time.monotonic() + 180
+        while True:  # until it answers /health
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, \
+                    server.stdout.read() if server.poll() is not None else "no /health in 180 s"
+                time.sleep(1)
+        (argv,) = commands(curl)
+        answer = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
+        reply = json.loads(answer.stdout)
+        assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] > 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(python, "README.md (Serving)", "exec"), {})  # noqa: S102
+        model = mistral_jax.load(cwd / "ckpt")
+        text = mistral_jax.generate(model, "My favourite condiment is", max_new_tokens=40)
+        assert printed.getvalue().startswith(text)  # the greedy completion the example prints
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    chat = lines["mistral_jax.chat"]
+    done = subprocess.run([sys.executable, *chat[1:]], cwd=cwd, env=env, input="/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
