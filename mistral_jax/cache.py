@@ -103,8 +103,8 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
                        jax.lax.dynamic_update_slice(cache.v, v, at),
                        jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
     # a scatter at [row, slot + j] of every layer and head, in place: mapping a row's
-    # dynamic_update_slice over the batch instead moved the whole cache's batch axis twice per
-    # step (a decode step of SmolLM2 at 8 x 1536 slots: about 1 s)
+    # dynamic_update_slice over the batch instead moved the whole cache's batch axis (8
+    # concurrent SmolLM2 requests of 64 tokens through the engine: 71 s with it, 49 s without)
     c = new_index.shape[1]
     rows = jnp.arange(new_index.shape[0])[:, None]  # [b, 1]
     slots = slot[:, None] + jnp.arange(c)  # [b, c]
