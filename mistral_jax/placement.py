@@ -23,10 +23,9 @@ from mistral_jax.sharding import MODEL, RULES, check_layout, padded_vocab_size, 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """A model's weights on `mesh`: `shardings` for the vocab-padded model it becomes,
+    """A model's weights on a mesh: `shardings` for the vocab-padded model it becomes,
     `incoming` for its weights as a checkpoint stores them (the real vocab)."""
 
-    mesh: Mesh
     vocab_padded: int
     shardings: dict  # nested like the weights: each a NamedSharding
     incoming: dict
@@ -57,9 +56,8 @@ def place(model, mesh: Mesh) -> Placement:
 
     shardings = jax.tree.map(target, axes, shapes, is_leaf=is_axes)
     if padded == config.vocab_size:
-        return Placement(mesh, padded, shardings, shardings)
-    return Placement(mesh, padded, shardings, jax.tree.map(incoming, axes, shapes,
-                                                           is_leaf=is_axes))
+        return Placement(padded, shardings, shardings)
+    return Placement(padded, shardings, jax.tree.map(incoming, axes, shapes, is_leaf=is_axes))
 
 
 def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = False):
