@@ -7,9 +7,9 @@ the sequence index it holds (-1: empty or padding), and masks are computed from 
 with transformers' window rule (query `i` sees key `j` when `0 <= i - j < window`).
 
 A step runs a chunk of `c` new tokens (a prefill chunk, or one token when decoding): each layer
-attends over the cache as it was plus the chunk's own keys (at most `slots + c` keys, never
-`T x T`), then the chunk is written at slot `start mod slots`. Chunks are aligned so that a chunk
-never wraps around the end of the buffer.
+attends over the cache as it was plus the chunk's own keys (never `T x T`), reading only the
+blocks of slots that hold anything, then the chunk is written at slot `start mod slots`. Chunks
+are aligned so that a chunk never wraps around the end of the buffer.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ import jax.numpy as jnp
 
 from mistral_jax import layers as L
 
+# Keys read per trip of the loop over a cache (see `attend_cached`).
+BLOCK = 256
+
 
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
-    k: jax.Array  # [layers, b, kv_heads, slots, head_dim]: a head's keys contiguous, as the
-    v: jax.Array  # [layers, b, kv_heads, slots, head_dim]  attention dot reads them
+    k: jax.Array  # [layers, b, kv_heads, head_dim, slots]: keys transposed, slots minor, so a
+    #               query's scores are one matrix product that writes the slots contiguously
+    v: jax.Array  # [layers, b, kv_heads, slots, head_dim]
     index: jax.Array  # [b, slots] int32: the sequence index each slot holds, -1 if none
 
     @classmethod
@@ -34,8 +38,8 @@ class KVCache:
         """A cache for sequences of up to `length` indices (prompt padding included)."""
         slots = cache_slots(config, length)
         kv = kv_heads or config.num_key_value_heads
-        shape = (config.n_layers, batch, kv, slots, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        return cls(jnp.zeros((config.n_layers, batch, kv, config.head_dim, slots), dtype),
+                   jnp.zeros((config.n_layers, batch, kv, slots, config.head_dim), dtype),
                    jnp.full((batch, slots), -1, jnp.int32))
 
     @property
@@ -47,8 +51,25 @@ class KVCache:
 
 
 def cache_slots(config, length: int) -> int:
+    """`length` rounded up to a multiple of 16 (so the cache is read in blocks), or the window's
+    rolling buffer when the window is shorter."""
     window = config.sliding_window
-    return length if window is None or length <= window else window
+    return -(-length // 16) * 16 if window is None or length <= window else window
+
+
+def block_size(slots: int) -> int:
+    """Keys per block of the loop over a cache of `slots`: the largest power of two up to BLOCK
+    that divides it (a window of odd size is read as one block)."""
+    size = min(BLOCK, slots & -slots)
+    return size if size >= 16 else slots
+
+
+def blocks_in_use(cache: KVCache) -> jax.Array:
+    """How many blocks of the cache hold anything: the loop in `attend_cached` reads only those,
+    so a step costs what the sequences hold, not what the cache could hold."""
+    size = block_size(cache.slots)
+    used = jnp.max(jnp.where(cache.index >= 0, jnp.arange(cache.slots) + 1, 0))
+    return (used + size - 1) // size
 
 
 def sequence_indices(start: jax.Array, c: int) -> jax.Array:
@@ -63,31 +84,55 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid.astype(bool), sequence_indices(start, valid.shape[1]), -1)
 
 
-def attend_cached(q, k_old, v_old, old_index, k_new, v_new, new_index, query_index, window):
-    """A chunk's attention over the cache as it was plus the chunk's own keys, as two score
-    blocks under one softmax (no copy of the cache's keys). (The first chunk of a sequence,
-    whose cache holds nothing yet, attends to itself alone: `Decoder.step`.)
+def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, query_index,
+                  window):
+    """A chunk's attention over layer `layer` of the cache as it was plus the chunk's own keys,
+    without copying the cache: the chunk's keys first, then a loop over the cache's first
+    `blocks` blocks (`blocks_in_use`), one softmax carried across them (flash attention's
+    running maximum and sum). (The first chunk of a sequence, whose cache holds nothing yet,
+    attends to itself alone: `Decoder.step`.)
 
-    q: [b, c, n, h]; k_old/v_old: [b, kv, slots, h], old_index: [b, slots] (-1: empty);
-    k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding); query_index: [c], or [b, c]
-    when each row is at its own index.
+    q: [b, c, n, h]; k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding);
+    query_index: [c], or [b, c] when each row is at its own index. A query that may see no key
+    (padding) gets an average, never NaN.
     """
-    c = q.shape[1]
-    key_index = jnp.concatenate([old_index, new_index], axis=1)[:, None, :]  # [b, 1, s + c]
+    b, c, kv, h = k_new.shape
+    f32, lowest = jnp.float32, jnp.finfo(jnp.float32).min
     i = query_index[..., None]  # [c, 1] or [b, c, 1]
-    mask = (key_index >= 0) & (key_index <= i)
-    if window is not None:
-        mask &= i - key_index < window
-    k_new, v_new = (jnp.swapaxes(a, 1, 2) for a in (k_new, v_new))  # [b, kv, c, h]
-    q = L.group_queries(q, k_new.shape[1])  # [b, kv, g * c, h]
-    f32 = jnp.float32
-    scores = jnp.concatenate([jnp.einsum("bkqh,bksh->bkqs", q, k_old, preferred_element_type=f32),
-                              jnp.einsum("bkqh,bkth->bkqt", q, k_new, preferred_element_type=f32)],
-                             axis=-1)
-    probs = L.masked_softmax(scores, mask).astype(v_new.dtype)
-    out = (jnp.einsum("bkqs,bksh->bkqh", probs[..., :-c], v_old)
-           + jnp.einsum("bkqt,bkth->bkqh", probs[..., -c:], v_new))
-    return L.ungroup(out, c)
+    q = L.group_queries(q, kv)  # [b, kv, g * c, h]
+
+    def scores(keys, key_index):  # keys [b, kv, h, s], key_index [b, s] -> [b, kv, g * c, s]
+        key_index = key_index[:, None, :]
+        mask = (key_index >= 0) & (key_index <= i)  # [b, c, s]
+        if window is not None:
+            mask &= i - key_index < window
+        s = jnp.einsum("bkqh,bkhs->bkqs", q, keys, preferred_element_type=f32)
+        s = jnp.where(mask[:, None, None], s.reshape(b, kv, -1, *mask.shape[1:]), lowest)
+        return s.reshape(b, kv, -1, key_index.shape[-1])
+
+    def weigh(s, values, m):  # (exp(s - m), their sum, their values) for a running maximum m
+        p = jnp.exp(s - m)
+        return p.sum(-1, keepdims=True), jnp.einsum("bkqs,bksh->bkqh", p.astype(values.dtype),
+                                                     values, preferred_element_type=f32)
+
+    s = scores(jnp.transpose(k_new, (0, 2, 3, 1)), new_index)
+    m = s.max(-1, keepdims=True)
+    total, out = weigh(s, jnp.swapaxes(v_new, 1, 2), m)
+    size = block_size(cache.slots)
+
+    def block(j, carry):
+        m, total, out = carry
+        at = j * size
+        keys = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, 0, at), (1, b, kv, h, size))[0]
+        values = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, at, 0), (1, b, kv, size, h))[0]
+        s = scores(keys, jax.lax.dynamic_slice_in_dim(cache.index, at, size, axis=1))
+        new_m = jnp.maximum(m, s.max(-1, keepdims=True))
+        scale = jnp.exp(m - new_m)
+        more, seen = weigh(s, values, new_m)
+        return new_m, total * scale + more, out * scale + seen
+
+    _, total, out = jax.lax.fori_loop(0, blocks, block, (m, total, out))
+    return L.ungroup((out / total).astype(v_new.dtype), c)
 
 
 def write(cache: KVCache, k, v, new_index, start) -> KVCache:
@@ -95,12 +140,11 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
     (in place when the cache is donated; chunks never wrap, see `generation.prefill_chunks`).
     A per-row `start` [b] writes each row at its own slot."""
     slot = start % cache.slots
-    k, v = (jnp.swapaxes(a, 2, 3) for a in (k, v))  # [layers, b, kv, c, h]
-    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    k = jnp.transpose(k, (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [layers, b, kv, h, c]
+    v = jnp.swapaxes(v, 2, 3).astype(cache.v.dtype)  # [layers, b, kv, c, h]
     if jnp.ndim(start) == 0:
-        at = (0, 0, 0, slot, 0)
-        return KVCache(jax.lax.dynamic_update_slice(cache.k, k, at),
-                       jax.lax.dynamic_update_slice(cache.v, v, at),
+        return KVCache(jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, slot)),
+                       jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, slot, 0)),
                        jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
     # a scatter at [row, slot + j] of every layer and head, in place: mapping a row's
     # dynamic_update_slice over the batch instead moved the whole cache's batch axis (8
@@ -108,7 +152,6 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
     c = new_index.shape[1]
     rows = jnp.arange(new_index.shape[0])[:, None]  # [b, 1]
     slots = slot[:, None] + jnp.arange(c)  # [b, c]
-    values = lambda a: jnp.moveaxis(a, (1, 3), (0, 1))  # [b, c, layers, kv, h]  # noqa: E731
-    return KVCache(cache.k.at[:, rows, :, slots, :].set(values(k)),
-                   cache.v.at[:, rows, :, slots, :].set(values(v)),
+    return KVCache(cache.k.at[:, rows, :, :, slots].set(jnp.moveaxis(k, (1, 4), (0, 1))),
+                   cache.v.at[:, rows, :, slots, :].set(jnp.moveaxis(v, (1, 3), (0, 1))),
                    cache.index.at[rows, slots].set(new_index))

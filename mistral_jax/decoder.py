@@ -158,24 +158,26 @@ class Decoder(nnx.Module):
         query_index = kv.sequence_indices(start, input_ids.shape[1])  # [c] or [b, c]
         first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
+        blocks = kv.blocks_in_use(cache)
 
-        def body(x, layer_and_cache):
-            layer, k_old, v_old = layer_and_cache
+        def body(x, layer_and_index):
+            layer, i = layer_and_index
 
             def attend(q, k, v):
                 if fresh:  # the chunk attends to itself alone: as in training
                     out = first(q, k, v)[0]
                 else:
-                    out = kv.attend_cached(q, k_old, v_old, cache.index, k, v, new_index,
-                                           query_index, self.config.sliding_window)
+                    out = kv.attend_cached(q, cache, i, blocks, k, v, new_index, query_index,
+                                           self.config.sliding_window)
                 return out, (k, v)
 
             x, (k, v) = self.block(layer, x, positions, attend)
             return self.constrain(x, ACT), (k, v)
 
-        # The cache is only read inside the scan; the chunk's keys come out of it and are written
-        # once after, in place, so a step moves the cache's bytes once.
-        x, (k, v) = jax.lax.scan(body, x, (self.layers, cache.k, cache.v))
+        # The cache is read in blocks inside the scan; the chunk's keys come out of it and are
+        # written once after, in place, so a step moves only the cache's bytes in use.
+        layers = jnp.arange(self.config.n_layers)
+        x, (k, v) = jax.lax.scan(body, x, (self.layers, layers))
         x = self.final_norm(x[:, -1:])
         logits = self.lm_logits(self.constrain(x, GATHERED))[:, 0]
         return logits, kv.write(cache, k, v, new_index, start)
