@@ -8,11 +8,13 @@ row at its own sequence index (`Decoder.step` with a per-row start), inactive ro
 finished or cancelled request frees its slot at once. Sampling options and seeds are arrays over
 the slots, so the decode step compiles once and prefill once per chunk length.
 
-A prompt is laid out so that its chunks start at multiples of the chunk (which divides the
-sliding window): the first chunk holds the remainder, left-padded to a power of two. So no chunk
-wraps around a slot's rolling buffer, as in `generation`. An inactive row's write in a decode
-step lands at its next sequence index: a free slot is emptied when it is next taken, and a slot
-still being prefilled has that index rewritten by its next chunk before any query can see it.
+A prompt's first chunk holds the remainder, left-padded (`first_width`). In a window's rolling
+buffer the chunks start at multiples of the chunk (which divides the window), so no chunk wraps
+around it, as in `generation`; otherwise the prompt starts at index 0, and a step reads only the
+cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). An
+inactive row's write in a decode step lands at its next sequence index: a free slot is emptied
+when it is next taken, and a slot still being prefilled has that index rewritten by its next
+chunk before any query can see it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def _decode(model, state: Slots, live, index, position, seed, count, sampling: R
     return Slots(cache, logits[:, :vocab], seen), token, logprob[:, 0]
 
 
+@partial(jax.jit, donate_argnums=(0,))
+def _forget(state: Slots, slot) -> Slots:
+    """A freed slot's cache row marked empty, so the steps after it do not read it."""
+    cache = state.cache
+    return Slots(KVCache(cache.k, cache.v, cache.index.at[slot].set(-1)), state.logits, state.seen)
+
+
 @dataclass
 class Chunk:
     start: int  # sequence index of its first entry
@@ -95,18 +104,28 @@ class Chunk:
     positions: np.ndarray  # [1, c]
 
 
-def prompt_chunks(prompt: list[int], chunk: int) -> list[Chunk]:
-    """The prompt's prefill chunks: the first holds the remainder (left-padded to a bucket),
-    the rest are whole; each starts at a multiple of `chunk` but the first, which ends at one."""
+def first_width(first: int, chunk: int) -> int:
+    """The width a first chunk of `first` tokens is padded to (one compilation each): a power of
+    two up to 64, then a multiple of 64, at most `chunk`. (Prefill is bound by arithmetic: a
+    136-token prompt costs 192 tokens' work, not a power of two's 256.)"""
+    return min(chunk, bucket(first) if first <= 64 else -(-first // 64) * 64)
+
+
+def prompt_chunks(prompt: list[int], chunk: int, rolling: bool) -> list[Chunk]:
+    """The prompt's prefill chunks: the first holds the remainder (left-padded: `first_width`),
+    the rest are whole. In a rolling buffer each starts at a multiple of `chunk` but the first,
+    which ends at one (so none wraps); otherwise the first starts at 0, so a step reads no
+    more of the cache than the sequences hold."""
     n = len(prompt)
     first = n - chunk * ((n - 1) // chunk)  # tokens in the first chunk: 1 .. chunk
-    width = min(chunk, bucket(first))
+    width = first_width(first, chunk)
     pad = width - first
     ids = np.array([[0] * pad + list(prompt)], np.int32)
     valid = np.array([[0] * pad + [1] * n], np.int32)
     positions = np.array([[0] * pad + list(range(n))], np.int32)
     cuts = [0, *range(width, pad + n, chunk)]
-    return [Chunk(chunk - width + a, ids[:, a:b], valid[:, a:b], positions[:, a:b])
+    offset = chunk - width if rolling else 0
+    return [Chunk(offset + a, ids[:, a:b], valid[:, a:b], positions[:, a:b])
             for a, b in zip(cuts, [*cuts[1:], pad + n], strict=True)]
 
 
@@ -145,8 +164,9 @@ class Engine:
         self.chunk = window_chunk(config, min(prefill_chunk, bucket(max_len)))
         self.eos = -1 if config.eos_token_id is None else config.eos_token_id
         vocab = config.vocab_size
-        with on_mesh_of(model):  # chunks start up to `chunk` - 1 indices in (prompt_chunks)
+        with on_mesh_of(model):  # a prompt's padding takes up to `chunk` - 1 indices more
             cache = new_cache(model, max_batch, self.max_len + self.chunk, sharding.mesh_of(model))
+        self.rolling = cache.slots < self.max_len + self.chunk  # a window's rolling buffer
         self._state = Slots(cache, jnp.zeros((max_batch, vocab), jnp.float32),
                             jnp.zeros((max_batch, vocab), bool))
         self._slots: list[Slot | None] = [None] * max_batch
@@ -187,6 +207,14 @@ class Engine:
                 self._waiting.append(request)
                 self._lock.notify_all()
         return request
+
+    def warm_up(self) -> None:
+        """Compile the decode step and every prefill width now (a server does, before it
+        listens), by running a one-token completion of a prompt of each width."""
+        widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)})
+        for width in widths:
+            if width < self.max_len:
+                self.submit([0] * width, max_tokens=1).tokens()
 
     def _cancel(self, request: Request) -> None:
         with self._lock:
@@ -247,11 +275,11 @@ class Engine:
                 return False
             for i, slot in enumerate(self._slots):
                 if slot is not None and slot.request.done:  # cancelled
-                    self._slots[i] = None
+                    self._free(i)
             for i in range(self.max_batch):
                 if self._slots[i] is None and self._waiting:
                     request = self._waiting.popleft()
-                    chunks = prompt_chunks(request.prompt_ids, self.chunk)
+                    chunks = prompt_chunks(request.prompt_ids, self.chunk, self.rolling)
                     self._slots[i] = Slot(request, chunks, chunks[0].start, 0, self._admitted)
                     self._admitted += 1
         filling = [i for i, s in enumerate(self._slots) if s and s.chunks]
@@ -287,4 +315,8 @@ class Engine:
             slot.index, slot.position = slot.index + 1, slot.position + 1
             slot.request.take(int(token[i]), float(logprob[i]), self.eos)
             if slot.request.done:
-                self._slots[i] = None
+                self._free(i)
+
+    def _free(self, i: int) -> None:
+        self._slots[i] = None
+        self._state = _forget(self._state, jnp.int32(i))

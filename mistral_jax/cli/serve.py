@@ -55,7 +55,7 @@ def serve(args) -> None:
     with Engine(model, max_batch=args.max_batch, max_len=args.max_len,
                 max_queue=args.max_queue) as engine:
         app = create_app(engine, args.name or Path(args.ckpt).resolve().name)
-        engine.submit([0], max_tokens=2).tokens()  # compile the decode step before listening
+        engine.warm_up()  # compile the decode step and each prefill width before listening
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                 timeout_graceful_shutdown=args.shutdown_grace + 10)
         Server(config, engine, args.shutdown_grace).run()
