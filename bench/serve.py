@@ -38,7 +38,7 @@ from bench.decode import SMOLLM2_GGUF  # noqa: E402
 from convert import from_torch  # noqa: E402
 from train import default  # noqa: E402
 
-SLOTS, BURST = 8, 4
+SLOTS, BURST = 16, 4
 
 
 def workload(tokenizer, n: int, seed: int = 0) -> list[dict]:

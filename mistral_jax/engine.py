@@ -1,9 +1,10 @@
 """Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): a fixed number of slots share
 one KV cache, and requests come and go between decode steps.
 
-A background thread loops: admit waiting requests into free slots; run one prefill chunk of a
-prompt (its slot's cache row sliced out, stepped as a batch of one, written back), so running
-requests keep decoding while a long prompt goes in; then one decode step over every slot, each
+A background thread loops: admit waiting requests into free slots; run prefill chunks of
+prompts, up to one chunk's tokens a turn (each in its slot's cache row, sliced out, stepped as a
+batch of one, written back), so running requests keep decoding while a long prompt goes in and
+a burst of short ones goes in together; then one decode step over every slot, each
 row at its own sequence index (`Decoder.step` with a per-row start), inactive rows masked. A
 finished or cancelled request frees its slot at once. Sampling options and seeds are arrays over
 the slots, so the decode step compiles once and prefill once per chunk length.
@@ -268,7 +269,7 @@ class Engine:
                     request.finish("error", error)
 
     def _next(self) -> bool:
-        """One turn of the loop: admit, one prefill chunk, one decode step. False: stop."""
+        """One turn of the loop: admit, prefill chunks, one decode step. False: stop."""
         with self._lock:
             self._lock.wait_for(lambda: self._stopping or self._waiting or any(self._slots))
             if self._stopping:
@@ -282,9 +283,17 @@ class Engine:
                     chunks = prompt_chunks(request.prompt_ids, self.chunk, self.rolling)
                     self._slots[i] = Slot(request, chunks, chunks[0].start, 0, self._admitted)
                     self._admitted += 1
-        filling = [i for i, s in enumerate(self._slots) if s and s.chunks]
-        if filling:
-            self._prefill(min(filling, key=lambda i: self._slots[i].admitted))
+        # prefill chunks first come, first served, up to `chunk` tokens a turn (at least one
+        # chunk): a burst of short prompts goes in together, a long one a chunk at a time
+        filling = sorted((i for i, s in enumerate(self._slots) if s and s.chunks),
+                         key=lambda i: self._slots[i].admitted)
+        budget = self.chunk
+        for i in filling:
+            width = self._slots[i].chunks[0].ids.shape[1]
+            if width > budget and budget < self.chunk:
+                break
+            self._prefill(i)
+            budget -= width
         if any(s and not s.chunks for s in self._slots):
             self._decode()
         return True
