@@ -209,13 +209,13 @@ class Engine:
                 self._lock.notify_all()
         return request
 
-    def warm_up(self) -> None:
+    def warm_up(self, timeout: float | None = None) -> None:
         """Compile the decode step and every prefill width now (a server does, before it
         listens), by running a one-token completion of a prompt of each width."""
         widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)})
         for width in widths:
             if width < self.max_len:
-                self.submit([0] * width, max_tokens=1).tokens()
+                self.submit([0] * width, max_tokens=1).tokens(timeout)
 
     def _cancel(self, request: Request) -> None:
         with self._lock:

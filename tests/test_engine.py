@@ -107,6 +107,39 @@ def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chu
     assert eng.TRACES == {"decode": 1, "prefill": buckets}
 
 
+def test_prompt_widths_and_their_layout():
+    """First chunks pad to a power of two up to 64, then to a multiple of 64; a prompt starts at
+    index 0 unless the cache is a rolling buffer, where every chunk but the first starts at a
+    multiple of the chunk."""
+    assert [eng.first_width(n, 512) for n in (1, 5, 17, 64, 65, 136, 200, 512)] == \
+        [16, 16, 32, 64, 128, 192, 256, 512]
+    assert eng.first_width(100, 32) == 32
+    chunks = eng.prompt_chunks(list(range(70)), 32, rolling=False)  # 6 + 32 + 32 tokens
+    assert [(c.start, c.ids.shape[1]) for c in chunks] == [(0, 16), (16, 32), (48, 32)]
+    assert chunks[0].valid.tolist() == [[0] * 10 + [1] * 6]
+    chunks = eng.prompt_chunks(list(range(70)), 32, rolling=True)
+    assert [(c.start, c.ids.shape[1]) for c in chunks] == [(16, 16), (32, 32), (64, 32)]
+    for rolling in (False, True):  # the prompt's tokens, in order, each at its own position
+        chunks = eng.prompt_chunks(list(range(70)), 32, rolling)
+        ids = np.concatenate([c.ids[c.valid > 0] for c in chunks])
+        positions = np.concatenate([c.positions[c.valid > 0] for c in chunks])
+        assert ids.tolist() == positions.tolist() == list(range(70))
+
+
+def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engines):  # noqa: F811
+    _, model = models_["gpt2"]
+    jax.clear_caches()
+    eng.TRACES.clear()
+    engine = engines(model, max_batch=2, prefill_chunk=32)
+    engine.warm_up(timeout=WAIT)
+    assert eng.TRACES == {"decode": 1, "prefill": 2}  # widths 16 and 32
+    for n in (1, 9, 17, 31, 40):
+        result(engine.submit(prompt(n, seed=n)[0].tolist(), max_tokens=3))
+    assert eng.TRACES == {"decode": 1, "prefill": 2}
+    engine.stop()  # (its thread ends after the turn that freed the last slot)
+    assert (np.asarray(engine._state.cache.index) == -1).all()  # nothing left to read
+
+
 def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):  # noqa: F811
     _, model = models_["mistral"]
     engine = engines(model)
