@@ -45,7 +45,7 @@ TARGETS = [
     ("prefill 16k tokens, window 1k, ours / transformers", ("long", "prefill"), 3.0, "min"),
     ("train step 256 tokens, default (auto) / materialized attention", ("long", "short"), 1.0,
      "min"),
-    # serving (bench/serve.py: 32 requests arriving 4 at a time, SmolLM2-135M, 8 slots)
+    # serving (bench/serve.py: 32 requests arriving 4 at a time, SmolLM2-135M, 32 slots)
     ("serving throughput / the same requests one by one through generate()",
      ("serve", "vs_one_by_one"), 3.0, "min"),
     ("serving throughput / transformers generate in static batches of 8",

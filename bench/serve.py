@@ -4,8 +4,9 @@ static batches of 8, in one run, on the real SmolLM2-135M-Instruct (bench/decode
 
 The workload: 32 completion requests, prompts of 16-256 tokens (cut from the shipped corpus),
 64-256 new tokens each (greedy), arriving 4 at a time, a burst every `--interval` seconds; the
-server listens on 127.0.0.1 only, with 8 slots. Each system is warmed up first (its compilations
-are not timed). Throughput counts the tokens each request actually got (EOS may end one early:
+server listens on 127.0.0.1 only, with 32 slots (every request in flight at once: time to first
+token is then the wait for prefill, not for a slot). Each system is warmed up first (its
+compilations are not timed; the server compiles every prefill width before it listens). Throughput counts the tokens each request actually got (EOS may end one early:
 greedy, so the same for every system of ours). Per request, over the stream: time to first
 token, and the mean time per later token; their p50 / p99.
 
@@ -38,7 +39,7 @@ from bench.decode import SMOLLM2_GGUF  # noqa: E402
 from convert import from_torch  # noqa: E402
 from train import default  # noqa: E402
 
-SLOTS, BURST = 16, 4
+SLOTS, BURST = 32, 4
 
 
 def workload(tokenizer, n: int, seed: int = 0) -> list[dict]:

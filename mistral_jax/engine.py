@@ -2,9 +2,10 @@
 one KV cache, and requests come and go between decode steps.
 
 A background thread loops: admit waiting requests into free slots; run prefill chunks of
-prompts, up to one chunk's tokens a turn (each in its slot's cache row, sliced out, stepped as a
-batch of one, written back), so running requests keep decoding while a long prompt goes in and
-a burst of short ones goes in together; then one decode step over every slot, each
+prompts, one chunk per prompt and up to PREFILL_TURN chunks' tokens a turn (each in its slot's
+cache row, sliced out, stepped as a batch of one, written back), so running requests keep
+decoding while a long prompt goes in and a burst of prompts gets its first tokens together;
+then one decode step over every slot, each
 row at its own sequence index (`Decoder.step` with a per-row start), inactive rows masked. A
 finished or cancelled request frees its slot at once. Sampling options and seeds are arrays over
 the slots, so the decode step compiles once and prefill once per chunk length.
@@ -40,6 +41,7 @@ from mistral_jax.sampling import RowSampling, Sampling, sample_rows
 __all__ = ["Engine", "Event", "QueueFull", "Request"]
 
 DEFAULT_MAX_LEN = 4096  # the cache's sequence length when the model allows more
+PREFILL_TURN = 4  # prefill chunks (of different prompts) between two decode steps, at most
 TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
 
 
@@ -283,14 +285,15 @@ class Engine:
                     chunks = prompt_chunks(request.prompt_ids, self.chunk, self.rolling)
                     self._slots[i] = Slot(request, chunks, chunks[0].start, 0, self._admitted)
                     self._admitted += 1
-        # prefill chunks first come, first served, up to `chunk` tokens a turn (at least one
-        # chunk): a burst of short prompts goes in together, a long one a chunk at a time
+        # prefill chunks first come, first served, one per prompt and up to PREFILL_TURN chunks'
+        # tokens a turn (at least one): a burst of prompts gets its first tokens together, and
+        # a long prompt goes in a chunk at a time between decode steps
         filling = sorted((i for i, s in enumerate(self._slots) if s and s.chunks),
                          key=lambda i: self._slots[i].admitted)
-        budget = self.chunk
+        budget = total = PREFILL_TURN * self.chunk
         for i in filling:
             width = self._slots[i].chunks[0].ids.shape[1]
-            if width > budget and budget < self.chunk:
+            if width > budget and budget < total:
                 break
             self._prefill(i)
             budget -= width
