@@ -6,8 +6,9 @@ The workload: 32 completion requests, prompts of 16-256 tokens (cut from the shi
 64-256 new tokens each (greedy), arriving 4 at a time, a burst every `--interval` seconds; the
 server listens on 127.0.0.1 only, with 32 slots (every request in flight at once: time to first
 token is then the wait for prefill, not for a slot). Each system is warmed up first (its
-compilations are not timed; the server compiles every prefill width before it listens). Throughput counts the tokens each request actually got (EOS may end one early:
-greedy, so the same for every system of ours). Per request, over the stream: time to first
+compilations are not timed; the server compiles every prefill width before it listens).
+Throughput counts the tokens each request actually got (EOS may end one early: greedy, so the
+same for every system of ours). Per request, over the stream: time to first
 token, and the mean time per later token; their p50 / p99.
 
     .venv/bin/python bench/serve.py [--requests 32] [--interval 1.0] [--json out.json]
