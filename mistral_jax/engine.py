@@ -216,8 +216,9 @@ class Engine:
         listens), by running a one-token completion of a prompt of each width."""
         widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)})
         for width in widths:
-            if width < self.max_len:
-                self.submit([0] * width, max_tokens=1).tokens(timeout)
+            n = min(width, self.max_len - 1)  # (a prompt one short of max_len pads to its width)
+            if n >= 1 and first_width(n, self.chunk) == width:
+                self.submit([0] * n, max_tokens=1).tokens(timeout)
 
     def _cancel(self, request: Request) -> None:
         with self._lock:

@@ -130,12 +130,12 @@ def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engin
     _, model = models_["gpt2"]
     jax.clear_caches()
     eng.TRACES.clear()
-    engine = engines(model, max_batch=2, prefill_chunk=32)
+    engine = engines(model, max_batch=2)  # GPT-2's 64 positions: a chunk of 64
     engine.warm_up(timeout=WAIT)
-    assert eng.TRACES == {"decode": 1, "prefill": 2}  # widths 16 and 32
-    for n in (1, 9, 17, 31, 40):
+    assert eng.TRACES == {"decode": 1, "prefill": 3}  # widths 16, 32 and 64 (a 63-token prompt)
+    for n in (1, 9, 17, 31, 40, 60):
         result(engine.submit(prompt(n, seed=n)[0].tolist(), max_tokens=3))
-    assert eng.TRACES == {"decode": 1, "prefill": 2}
+    assert eng.TRACES == {"decode": 1, "prefill": 3}
     engine.stop()  # (its thread ends after the turn that freed the last slot)
     assert (np.asarray(engine._state.cache.index) == -1).all()  # nothing left to read
 
