@@ -86,11 +86,12 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
 
 def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, query_index,
                   window):
-    """A chunk's attention over layer `layer` of the cache as it was plus the chunk's own keys,
-    without copying the cache: the chunk's keys first, then a loop over the cache's first
-    `blocks` blocks (`blocks_in_use`), one softmax carried across them (flash attention's
-    running maximum and sum). (The first chunk of a sequence, whose cache holds nothing yet,
-    attends to itself alone: `Decoder.step`.)
+    """A chunk's attention over layer `layer` of the cache as it was plus the chunk's own keys:
+    the chunk's keys first, then a loop over only the cache's first `blocks` blocks
+    (`blocks_in_use`), one softmax carried across them (flash attention's running maximum and
+    sum). (XLA's CPU backend still copies each block out of the cache before its matmuls.) (The
+    first chunk of a sequence, whose cache holds nothing yet, attends to itself alone:
+    `Decoder.step`.)
 
     q: [b, c, n, h]; k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding);
     query_index: [c], or [b, c] when each row is at its own index. A query that may see no key

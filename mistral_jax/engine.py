@@ -5,18 +5,18 @@ A background thread loops: admit waiting requests into free slots; run prefill c
 prompts, one chunk per prompt and up to PREFILL_TURN chunks' tokens a turn (each in its slot's
 cache row, sliced out, stepped as a batch of one, written back), so running requests keep
 decoding while a long prompt goes in and a burst of prompts gets its first tokens together;
-then one decode step over every slot, each
-row at its own sequence index (`Decoder.step` with a per-row start), inactive rows masked. A
-finished or cancelled request frees its slot at once. Sampling options and seeds are arrays over
-the slots, so the decode step compiles once and prefill once per chunk length.
+then one decode step over every slot, each row at its own sequence index (`Decoder.step` with a
+per-row start), inactive rows masked. A finished or cancelled request frees its slot at once.
+Sampling options and seeds are arrays over the slots, so the decode step compiles once and
+prefill once per chunk width.
 
 A prompt's first chunk holds the remainder, left-padded (`first_width`). In a window's rolling
 buffer the chunks start at multiples of the chunk (which divides the window), so no chunk wraps
 around it, as in `generation`; otherwise the prompt starts at index 0, and a step reads only the
 cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). An
-inactive row's write in a decode step lands at its next sequence index: a free slot is emptied
-when it is next taken, and a slot still being prefilled has that index rewritten by its next
-chunk before any query can see it.
+inactive row's write in a decode step lands at its next sequence index, marked empty (-1); a
+slot still being prefilled has that index rewritten by its next chunk before any query can see
+it.
 """
 
 from __future__ import annotations
