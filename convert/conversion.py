@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from convert.keymaps import KeyMap, Sink, convert_tensors
+from convert.keymaps import KeyMap, Sink, convert_tensors, keymap_target
 from convert.sources import TensorSource
+from mistral_jax import models, quant, trees
 from mistral_jax.configs import Config
 from mistral_jax.tokenizer import Tokenizer
 
@@ -34,7 +35,29 @@ class Conversion:
         """Every weight in memory as a nested dict of numpy arrays (tests, small models)."""
         return self.convert(dtype=dtype)
 
-    def convert(self, *, dtype=None, sink: Sink | None = None, progress: bool = False):
-        """`convert_tensors` on this conversion."""
+    def convert(self, *, dtype=None, sink: Sink | None = None, progress: bool = False,
+                quantized: Collection[str] = ()):
+        """`convert_tensors` on this conversion; the weights named in `quantized` reach the
+        sink as their source's int8 blocks (a `quant.QWeight`), see `quantized_groups`."""
         return convert_tensors(self.source, self.keymap, self.config, ignore=self.ignore,
-                               dtype=dtype, sink=sink, progress=progress, origin=self.origin)
+                               dtype=dtype, sink=sink, progress=progress, origin=self.origin,
+                               quantized=quantized)
+
+    def quantized_groups(self) -> dict[str, int]:
+        """{our weight: scale groups G} for each matmul weight whose every source tensor is
+        int8 blocks (GGUF's Q8_0) of one size along its input: those are kept as they are."""
+        kinds = quant.table(self.config)
+        found: dict[str, set] = {}
+        for key in self.source.keys():
+            name = keymap_target(self.keymap, key)
+            if name in kinds:
+                blocks = self.source.int8_blocks(key)
+                found.setdefault(name, set()).add(None if blocks is None else blocks[2])
+        shapes = trees.flatten(trees.weights(models.abstract(self.config)))
+        groups = {}
+        for name, sizes in found.items():
+            layout, n_in = kinds[name]
+            k = quant.input_size(shapes[name].shape, quant.lead(name), n_in, layout)
+            if len(sizes) == 1 and None not in sizes and k % next(iter(sizes)) == 0:
+                groups[name] = k // next(iter(sizes))
+        return groups

@@ -13,6 +13,10 @@ it is complete.
 
     python -m convert.from_torch path/to/hf-folder ckpt/
     python -m convert.from_torch mistralai/Mistral-7B-v0.1 ckpt/ --dtype bfloat16
+    python -m convert.from_torch path/to/hf-folder ckpt-int8/ --quantize int8
+
+`--quantize int8` stores the matmul weights as int8 with a float32 scale per output channel
+(`mistral_jax.quant`); a GGUF file's Q8_0 tensors keep their own int8 values and block scales.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
 from convert.errors import ConversionError
 from convert.sources import SafetensorsFile
-from mistral_jax import cli
+from mistral_jax import cli, quant
 from mistral_jax.checkpoint import StreamingWriter
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -55,7 +59,7 @@ def detect(src: Path) -> str:
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
             overwrite: bool = False, format: str = "auto", revision: str | None = None,
-            progress: bool = False, **options) -> Path:
+            progress: bool = False, quantize: str | None = None, **options) -> Path:
     """Convert `src` (a path, or a Hugging Face Hub repo id) into the checkpoint directory `out`,
     one tensor at a time; `options` go to the format's `conversion`."""
     src = resolve(src, revision)
@@ -69,10 +73,13 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     if conversion.tokenizer is None:
         print(f"warning: {src} has no tokenizer; the checkpoint will take token ids only",
               file=sys.stderr)
+    quant.check_method(quantize)
+    groups = conversion.quantized_groups() if quantize else {}
     with StreamingWriter(conversion.config, out, tokenizer=conversion.tokenizer,
-                         overwrite=overwrite) as writer:
+                         overwrite=overwrite, quantize=quantize, groups=groups) as writer:
         conversion.convert(dtype=DTYPES[dtype] if dtype else None, progress=progress,
-                     sink=lambda name, layer, value: writer.put(name, value, layer))
+                           quantized=set(groups),
+                           sink=lambda name, layer, value: writer.put(name, value, layer))
     return writer.path
 
 
@@ -166,6 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="checkpoint directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights to this dtype (default: keep the source's)")
+    parser.add_argument("--quantize", choices=list(quant.METHODS), default=None,
+                        help="store the matmul weights as int8 with per-channel scales "
+                        "(about 27%% of float32 on disk; faster decoding on a CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -189,7 +199,7 @@ def main(argv=None) -> int:
         given = {k: getattr(args, k) for k in options.get(format, ())
                  if getattr(args, k) is not None}
         return convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, format=format,
-                       progress=not args.no_progress, **given)
+                       progress=not args.no_progress, quantize=args.quantize, **given)
 
     return report(run)
 

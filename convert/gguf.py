@@ -29,6 +29,7 @@ from convert.sources import TensorSource
 from mistral_jax.configs import ConfigError, MistralConfig
 
 ARCHITECTURES = ("llama", "mistral")
+Q8_0_BLOCK = 32  # a Q8_0 block: a float16 scale and 32 int8 values along a row
 # Tensor types dequantized here (by gguf-py); IQ*, TQ* and the rest are refused by name.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
                    "Q4_K", "Q5_K", "Q6_K")
@@ -90,6 +91,16 @@ class GGUFSource(TensorSource):
         if np.may_share_memory(w, t.data):  # F32 comes back as a view of the memory map: copy it
             w = w.copy()
         return w.reshape(shape)
+
+    def int8_blocks(self, key: str):
+        t = self.tensors[key]
+        if t.tensor_type.name != "Q8_0":
+            return None
+        shape = tuple(int(n) for n in reversed(t.shape))
+        blocks = np.asarray(t.data).reshape(-1, 2 + Q8_0_BLOCK)  # float16 scale, 32 int8
+        scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        values = blocks[:, 2:].copy().view(np.int8).reshape(shape)
+        return values, np.repeat(scale, Q8_0_BLOCK, axis=1).reshape(shape), Q8_0_BLOCK
 
     def release(self, key: str) -> None:
         """Hand the pages of `key`'s bytes back to the kernel (read again if touched)."""

@@ -20,7 +20,7 @@ import numpy as np
 from convert.errors import ConversionError
 from convert.layouts import Layout
 from convert.sources import TensorSource
-from mistral_jax import models, trees
+from mistral_jax import models, quant, trees
 from mistral_jax.configs import Config
 
 KeyMap = dict[str, tuple[str | tuple[str, ...], Layout]]
@@ -44,16 +44,25 @@ def renamed(keymap: KeyMap, names: dict[str, str],
     return out
 
 
+def keymap_target(keymap: KeyMap, key: str) -> str | None:
+    """Our one weight that the source tensor `key` becomes (None: none, or several)."""
+    for k, (names, _) in keymap.items():
+        if key_pattern(k).match(key):
+            return names if isinstance(names, str) else None
+    return None
+
+
 def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ignore=(),
                     dtype=None, sink: Sink | None = None, progress: bool = False,
-                    origin: str = "") -> dict | None:
+                    origin: str = "", quantized=()) -> dict | None:
     """Map every tensor of `source` through `keymap` onto the weights `config` describes.
 
     The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
     is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
     or, without a sink, stacked into a nested dict that is returned. After the first problem the
     rest are only checked, so that one ConversionError reports every problem (saying that the
-    config came from `origin`).
+    config came from `origin`). A weight named in `quantized` reaches the sink as the source's
+    int8 blocks (`quant.QWeight`: its values and block scales through the same layout change).
     """
     expected = {
         k: v.shape for k, v in trees.flatten(trees.weights(models.abstract(config))).items()
@@ -99,6 +108,11 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
 
     for key, names, fn, layer in _progress(work, progress):
         wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
+        if len(names) == 1 and names[0] in quantized:
+            if not problems:
+                sink(names[0], layer, _int8_blocks(source, key, fn, names[0], config))
+            source.release(key)
+            continue
         raw = source.get(key)
         try:
             values = _tuple(fn(raw))
@@ -115,6 +129,21 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
         source.release(key)
     _raise_if(problems, config, origin)
     return trees.unflatten(out) if out else None
+
+
+def _int8_blocks(source: TensorSource, key: str, fn, name: str, config: Config):
+    """`key`'s int8 values and block scales in our layout: the values and a per-value copy of
+    the scales go through the layout change, then each block's scale is read back once."""
+    values, scales, block = source.int8_blocks(key)
+    values, scales = fn(values), fn(scales)
+    layout, n_in = quant.table(config)[name]
+    k = quant.input_size(values.shape, 0, n_in, layout)
+    grouped, axis = quant.grouped_shape(values.shape, 0, n_in, layout, k // block)
+    per_block = np.take(scales.reshape(grouped), 0, axis=axis)
+    if not np.array_equal(scales.reshape(grouped), np.expand_dims(per_block, axis).repeat(
+            block, axis)):
+        raise ConversionError(f"{key}: its int8 blocks do not lie along {name}'s input")
+    return quant.QWeight(np.ascontiguousarray(values), per_block.astype(np.float32))
 
 
 def torch_tensors(keymap: KeyMap, config: Config, weights: dict) -> dict[str, np.ndarray]:

@@ -32,22 +32,57 @@ class KVCache:
     #               query's scores are one matrix product that writes the slots contiguously
     v: jax.Array  # [layers, b, kv_heads, slots, head_dim]
     index: jax.Array  # [b, slots] int32: the sequence index each slot holds, -1 if none
+    # int8 caches: each key's and value's scale per head, float16 [layers, b, kv_heads, slots]
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
     def create(cls, config, batch: int, length: int, dtype, kv_heads: int | None = None):
-        """A cache for sequences of up to `length` indices (prompt padding included)."""
+        """A cache for sequences of up to `length` indices (prompt padding included); `dtype`
+        int8 stores keys and values as int8 with a float16 scale per token and head."""
         slots = cache_slots(config, length)
         kv = kv_heads or config.num_key_value_heads
-        return cls(jnp.zeros((config.n_layers, batch, kv, config.head_dim, slots), dtype),
-                   jnp.zeros((config.n_layers, batch, kv, slots, config.head_dim), dtype),
-                   jnp.full((batch, slots), -1, jnp.int32))
+        lead = (config.n_layers, batch, kv)
+        scales = (jnp.zeros((*lead, slots), SCALE_DTYPE) for _ in "kv") \
+            if jnp.dtype(dtype) == jnp.int8 else (None, None)
+        return cls(jnp.zeros((*lead, config.head_dim, slots), dtype),
+                   jnp.zeros((*lead, slots, config.head_dim), dtype),
+                   jnp.full((batch, slots), -1, jnp.int32), *scales)
 
     @property
     def slots(self) -> int:
         return self.index.shape[1]
 
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in (self.k, self.v, self.index))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def row(self, i, index: jax.Array | None = None) -> KVCache:
+        """Batch row `i` (traced) as a cache of one row, its index replaced by `index`."""
+        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i, 1, axis)  # noqa: E731
+        return self._each(take, take(self.index, 0) if index is None else index)
+
+    def put_row(self, i, row: KVCache) -> KVCache:
+        """This cache with batch row `i` replaced by the one-row cache `row`."""
+        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(
+            x, y, i, 0 if x.ndim == 2 else 1), self, row)
+
+    def _each(self, f, index) -> KVCache:
+        scales = (None, None) if self.k_scale is None else (f(self.k_scale, 1),
+                                                            f(self.v_scale, 1))
+        return KVCache(f(self.k, 1), f(self.v, 1), index, *scales)
+
+
+DTYPES = ("int8", "bfloat16", "float16", "float32")
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    """A KV cache dtype name, checked (None: the model's compute dtype)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"kv_cache_dtype={dtype!r}: pick one of {', '.join(DTYPES)}")
+    return dtype
+
+
+SCALE_DTYPE = jnp.float16  # 2 bytes a scale: an int8 cache is (h + 2) / 2h of a bfloat16 one
 
 
 def cache_slots(config, length: int) -> int:
@@ -102,19 +137,23 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
     i = query_index[..., None]  # [c, 1] or [b, c, 1]
     q = L.group_queries(q, kv)  # [b, kv, g * c, h]
 
-    def scores(keys, key_index):  # keys [b, kv, h, s], key_index [b, s] -> [b, kv, g * c, s]
-        key_index = key_index[:, None, :]
+    def scores(keys, key_index, key_scale=None):  # keys [b, kv, h, s], key_index [b, s]
+        key_index = key_index[:, None, :]  # -> [b, kv, g * c, s]
         mask = (key_index >= 0) & (key_index <= i)  # [b, c, s]
         if window is not None:
             mask &= i - key_index < window
         s = jnp.einsum("bkqh,bkhs->bkqs", q, keys, preferred_element_type=f32)
+        if key_scale is not None:
+            s = s * key_scale
         s = jnp.where(mask[:, None, None], s.reshape(b, kv, -1, *mask.shape[1:]), lowest)
         return s.reshape(b, kv, -1, key_index.shape[-1])
 
-    def weigh(s, values, m):  # (exp(s - m), their sum, their values) for a running maximum m
-        p = jnp.exp(s - m)
-        return p.sum(-1, keepdims=True), jnp.einsum("bkqs,bksh->bkqh", p.astype(values.dtype),
-                                                     values, preferred_element_type=f32)
+    def weigh(s, values, m, value_scale=None):  # (sum of exp(s - m), their values' sum)
+        p = jnp.exp(s - m)  # for a running maximum m
+        weights = p if value_scale is None else p * value_scale
+        return p.sum(-1, keepdims=True), jnp.einsum("bkqs,bksh->bkqh",
+                                                     weights.astype(values.dtype), values,
+                                                     preferred_element_type=f32)
 
     s = scores(jnp.transpose(k_new, (0, 2, 3, 1)), new_index)
     m = s.max(-1, keepdims=True)
@@ -126,10 +165,18 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
         at = j * size
         keys = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, 0, at), (1, b, kv, h, size))[0]
         values = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, at, 0), (1, b, kv, size, h))[0]
-        s = scores(keys, jax.lax.dynamic_slice_in_dim(cache.index, at, size, axis=1))
+        key_scale = value_scale = None
+        if cache.k_scale is not None:  # int8: a key's scale multiplies its scores, a value's
+            #                            scale its probabilities (no float copy of the block)
+            key_scale, value_scale = (
+                jax.lax.dynamic_slice(x, (layer, 0, 0, at), (1, b, kv, size))[0]
+                .astype(f32)[:, :, None, :] for x in (cache.k_scale, cache.v_scale))
+            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        s = scores(keys, jax.lax.dynamic_slice_in_dim(cache.index, at, size, axis=1),
+                   key_scale)
         new_m = jnp.maximum(m, s.max(-1, keepdims=True))
         scale = jnp.exp(m - new_m)
-        more, seen = weigh(s, values, new_m)
+        more, seen = weigh(s, values, new_m, value_scale)
         return new_m, total * scale + more, out * scale + seen
 
     _, total, out = jax.lax.fori_loop(0, blocks, block, (m, total, out))
@@ -141,18 +188,37 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
     (in place when the cache is donated; chunks never wrap, see `generation.prefill_chunks`).
     A per-row `start` [b] writes each row at its own slot."""
     slot = start % cache.slots
+    k_scale = v_scale = None
+    if cache.k_scale is not None:
+        (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
     k = jnp.transpose(k, (0, 1, 3, 4, 2)).astype(cache.k.dtype)  # [layers, b, kv, h, c]
     v = jnp.swapaxes(v, 2, 3).astype(cache.v.dtype)  # [layers, b, kv, c, h]
     if jnp.ndim(start) == 0:
-        return KVCache(jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, slot)),
-                       jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, slot, 0)),
-                       jax.lax.dynamic_update_slice(cache.index, new_index, (0, slot)))
+        at = lambda x, y, i: jax.lax.dynamic_update_slice(  # noqa: E731
+            x, y, (0,) * i + (slot,) + (0,) * (x.ndim - i - 1))
+        scales = (None, None) if k_scale is None else (at(cache.k_scale, k_scale, 3),
+                                                      at(cache.v_scale, v_scale, 3))
+        return KVCache(at(cache.k, k, 4), at(cache.v, v, 3), at(cache.index, new_index, 1),
+                       *scales)
     # a scatter at [row, slot + j] of every layer and head, in place: mapping a row's
     # dynamic_update_slice over the batch instead moved the whole cache's batch axis (8
     # concurrent SmolLM2 requests of 64 tokens through the engine: 71 s with it, 49 s without)
     c = new_index.shape[1]
     rows = jnp.arange(new_index.shape[0])[:, None]  # [b, 1]
     slots = slot[:, None] + jnp.arange(c)  # [b, c]
+    scales = (None, None) if k_scale is None else (
+        cache.k_scale.at[:, rows, :, slots].set(jnp.moveaxis(k_scale, (1, 3), (0, 1))),
+        cache.v_scale.at[:, rows, :, slots].set(jnp.moveaxis(v_scale, (1, 3), (0, 1))))
     return KVCache(cache.k.at[:, rows, :, :, slots].set(jnp.moveaxis(k, (1, 4), (0, 1))),
                    cache.v.at[:, rows, :, slots, :].set(jnp.moveaxis(v, (1, 3), (0, 1))),
-                   cache.index.at[rows, slots].set(new_index))
+                   cache.index.at[rows, slots].set(new_index), *scales)
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Chunk keys or values [layers, b, c, kv, h] -> (int8 [layers, b, kv, c, h], scales
+    [layers, b, kv, c]): each token's head vector scaled so that its largest entry is 127."""
+    x = jnp.swapaxes(x, 2, 3).astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(x), axis=-1) / 127.0).astype(SCALE_DTYPE)
+    exact = scale.astype(jnp.float32)  # divide by the scale as stored
+    values = jnp.clip(jnp.round(x / jnp.where(exact > 0, exact, 1.0)[..., None]), -127, 127)
+    return jnp.swapaxes(values.astype(jnp.int8), 2, 3), scale

@@ -19,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mistral_jax import files, lora, models, trees
+from mistral_jax import cache as kv
+from mistral_jax import files, lora, models, quant, trees
 from mistral_jax.attention import check as attention_check
 from mistral_jax.configs import Config, from_hf_dict
 from mistral_jax.decoder import Decoder
@@ -65,11 +66,21 @@ class StreamingWriter:
     """
 
     def __init__(self, config: Config, path: str | os.PathLike, *, tokenizer=None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, quantize: str | None = None, groups: dict | None = None):
+        """`quantize="int8"`: each matmul weight is written as int8 and its scales, one scale per
+        output channel, or per group where `groups` ({name: G}) says; a `put` of a
+        `quant.QWeight` writes weights quantized already (GGUF's Q8_0) as they are."""
         self.config, self.tokenizer, self.overwrite = config, tokenizer, overwrite
         self.path = files.check_new(path, overwrite)
+        quant.check_method(quantize)
+        abstract = models.abstract(config)
+        self.kinds = quant.table(config) if quantize else {}
+        if quantize:
+            names = trees.flatten(trees.weights(abstract))
+            self.groups = {k: (groups or {}).get(k, 1) for k in self.kinds if k in names}
+            abstract = quant.restructure(abstract, self.groups)
         self.shapes = {k: tuple(v.shape) for k, v in
-                       trees.flatten(trees.weights(models.abstract(config))).items()}
+                       trees.flatten(trees.weights(abstract)).items()}
         self.arrays: dict[str, ts.TensorStore] = {}
         self.written: dict[str, set] = {k: set() for k in self.shapes}
 
@@ -89,8 +100,19 @@ class StreamingWriter:
             absl.setLevel(level)
         return self
 
-    def put(self, name: str, value: np.ndarray, layer: int | None = None) -> None:
+    def put(self, name: str, value, layer: int | None = None) -> None:
         """Write weight `name` (our flattened name, e.g. "layers.q"), or its slice `layer`."""
+        if name in self.kinds:
+            layout, n_in = self.kinds[name]
+            if not isinstance(value, quant.QWeight):
+                k = quant.input_size(value.shape, 0, n_in, layout)
+                value = quant.QWeight(*quant.quantize(np.asarray(value), 0, n_in, layout,
+                                                      k // self.groups[name]))
+            self._put(name + quant.SCALE, np.asarray(value.scale, np.float32), layer)
+            value = value.values
+        self._put(name, value, layer)
+
+    def _put(self, name: str, value: np.ndarray, layer: int | None) -> None:
         shape = self.shapes[name]
         want = shape if layer is None else shape[1:]
         if tuple(value.shape) != want:
@@ -175,15 +197,22 @@ def not_a_checkpoint(path: Path) -> str:
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
-         sequence_parallel=False, attention: str = "auto") -> Decoder:
-    """The model in `path`, its weights cast to `dtype` (default: as saved).
+         sequence_parallel=False, attention: str = "auto", quantize: str | None = None,
+         kv_cache_dtype: str | None = None) -> Decoder:
+    """The model in `path`, its float weights cast to `dtype` (default: as saved).
 
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
     needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
     into the weights; `sequence_parallel` as in `placement.shard`; `attention` picks the
-    implementation (`attention.IMPLEMENTATIONS`; also settable later as `model.attention`).
+    implementation (`attention.IMPLEMENTATIONS`; also settable later as `model.attention`);
+    `quantize="int8"` quantizes the matmul weights (see `quant`) after the adapters are merged.
+    A checkpoint saved quantized loads quantized. `kv_cache_dtype` ("int8", "bfloat16",
+    "float32"; default: the compute dtype) is the KV cache's in generation and serving (also
+    settable later as `model.kv_cache_dtype`).
     """
+    quant.check_method(quantize)
+    kv_cache_dtype = kv.check_dtype(kv_cache_dtype)
     config = read_config(path)
     try:
         tokenizer = Tokenizer.from_dir(path)
@@ -192,22 +221,36 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     stored = files.stored_shapes(Path(path) / WEIGHTS)
     check_weights(config, stored, str(path))
     abstract = models.abstract(config, tokenizer=tokenizer)
+    groups = quant.group_counts(trees.flatten(stored), quant.table(config))
+    if groups:
+        if adapters is not None:
+            raise CheckpointError(f"{path} holds int8 weights, and adapters merge into float "
+                                  "ones: load the float checkpoint with adapters=, quantize=")
+        abstract = quant.restructure(abstract, groups)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings, placement = jax.tree.map(lambda _: device, stored), None
     else:
         placement = place(abstract, mesh)
         shardings = placement.incoming
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
-        stored, shardings)
+    cast = lambda s: s.dtype if dtype is None or s.dtype == np.int8 else dtype  # noqa: E731
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cast(s), sharding=sh),
+                          stored, shardings)
+    if groups:  # scales stay float32
+        flat = trees.flatten(target)
+        flat.update({k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=v.sharding)
+                     for k, v in flat.items() if k[:-len(quant.SCALE)] in groups})
+        target = trees.unflatten(flat)
     model = trees.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
     if placement is not None and placement.vocab_padded > config.vocab_size:
         model = onto(model, placement, donate=True)
     if adapters is not None:
         model = lora.apply(model, adapters)
+    if quantize is not None:
+        model = quant.quantized(model)
     model.rules = rules_for(sequence_parallel)
     model.attention = attention_check(attention)
+    model.kv_cache_dtype = kv_cache_dtype
     return model
 
 
@@ -216,10 +259,14 @@ def check_weights(config: Config, tree: dict, where: str) -> None:
     line naming the config fields the weights disagree with, then each tensor on its own line."""
     expected = trees.flatten(trees.weights(models.abstract(config)))
     got = trees.flatten(tree)
+    kinds = quant.table(config)
+    scales = {k: got.pop(k) for k in list(got)
+              if k.endswith(quant.SCALE) and k[:-len(quant.SCALE)] in kinds}
     problems = [f"missing {k} {tuple(s.shape)}" for k, s in expected.items() if k not in got]
     problems += [f"unexpected {k} {tuple(got[k].shape)}" for k in got if k not in expected]
     problems += [f"{k}: shape {tuple(got[k].shape)}, config needs {tuple(s.shape)}"
                  for k, s in expected.items() if k in got and tuple(got[k].shape) != s.shape]
+    problems += quant.scale_problems(got, scales, kinds)
     if not problems:
         return
     fields = []

@@ -16,6 +16,7 @@ from flax import nnx
 from mistral_jax import attention as A
 from mistral_jax import cache as kv
 from mistral_jax import layers as L
+from mistral_jax import quant
 from mistral_jax.masking import Masking
 from mistral_jax.sharding import RULES, ShardingRules, constrain
 
@@ -48,6 +49,40 @@ class Output(NamedTuple):
     attentions: tuple[jax.Array, ...] | None  # L of [b, n, t, s] float32
 
 
+class StackedLayers(nnx.Module):
+    """Base of a model's stacked layer weights; under a scan, one layer's slice of them."""
+
+    def matmul(self, name: str):
+        """Weight `name` as a matmul takes it: the array, or an int8 `quant.QWeight`."""
+        w = getattr(self, name)[...]
+        scale = getattr(self, name + quant.SCALE, None)
+        return w if scale is None else quant.QWeight(w, scale[...])
+
+
+class Indexed:
+    """Layer `index` of stacked layer weights, unsliced: its matmul weights go to the CPU
+    kernel whole with the index (no per-layer copy), its small weights are sliced."""
+
+    def __init__(self, layers: StackedLayers, index: jax.Array):
+        self._layers, self._index = layers, index
+
+    def matmul(self, name: str) -> quant.Stacked:
+        scale = getattr(self._layers, name + quant.SCALE, None)
+        return quant.Stacked(getattr(self._layers, name)[...],
+                             None if scale is None else scale[...], self._index)
+
+    def __getattr__(self, name):
+        return _Row(getattr(self._layers, name), self._index)
+
+
+class _Row:
+    def __init__(self, param, index):
+        self._param, self._index = param, index
+
+    def __getitem__(self, item):
+        return self._param[...][self._index][item]
+
+
 class Decoder(nnx.Module):
     """Base class: subclasses set `embed`, `layers`, final-norm weights and `lm_head` (or None).
 
@@ -63,6 +98,8 @@ class Decoder(nnx.Module):
     unroll: int | bool = 1  # layers per iteration of the forward scan (True: no loop at all)
     attention: str = "auto"  # an attention.IMPLEMENTATIONS name
     attention_blocks: tuple[int, int] | None = None  # (queries, keys); None: the backend's
+    kv_cache_dtype: str | None = None  # generation's KV cache: None (the compute dtype), "int8"
+    compute_dtype: str | None = None  # activations: None is the weights' dtype (int8: float32)
 
     def constrain(self, x, axes):
         return constrain(x, axes, self.rules)
@@ -81,8 +118,18 @@ class Decoder(nnx.Module):
     # -- shared --
     @property
     def dtype(self):
-        """Compute dtype: the weights' dtype (softmax, norms and the loss still run in float32)."""
-        return self.embed[...].dtype
+        """Compute dtype: the weights' dtype, float32 for int8 weights (softmax, norms and the
+        loss run in float32 whatever it is)."""
+        if self.compute_dtype is not None:
+            return jnp.dtype(self.compute_dtype)
+        dtype = self.embed[...].dtype
+        return jnp.float32 if dtype == jnp.int8 else dtype
+
+    def embedding(self, input_ids):
+        """Rows of the embedding table, [*input_ids.shape, d] in the compute dtype."""
+        if quant.is_quantized(self):
+            return quant.rows(self.embed[...], self.embed_scale[...], input_ids, self.dtype)
+        return jnp.take(self.embed[...], input_ids, axis=0)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
                  output_hidden_states: bool = False, output_attentions: bool = False):
@@ -159,9 +206,12 @@ class Decoder(nnx.Module):
         first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
         blocks = kv.blocks_in_use(cache)
+        kernel = quant.kernel_ok(self)
 
         def body(x, layer_and_index):
             layer, i = layer_and_index
+            if kernel:
+                layer = Indexed(self.layers, i)
 
             def attend(q, k, v):
                 if fresh:  # the chunk attends to itself alone: as in training
@@ -176,10 +226,12 @@ class Decoder(nnx.Module):
 
         # The cache is read in blocks inside the scan; the chunk's keys come out of it and are
         # written once after, in place, so a step moves only the cache's bytes in use.
+        # In the CPU kernel the matmuls read each layer's weights in place (kernel); scanning
+        # over the stacked weights would have XLA copy every layer's slice first.
         layers = jnp.arange(self.config.n_layers)
-        x, (k, v) = jax.lax.scan(body, x, (self.layers, layers))
+        x, (k, v) = jax.lax.scan(body, x, (None if kernel else self.layers, layers))
         x = self.final_norm(x[:, -1:])
-        logits = self.lm_logits(self.constrain(x, GATHERED))[:, 0]
+        logits = self.lm_logits(self.constrain(x, GATHERED), kernel=kernel)[:, 0]
         return logits, kv.write(cache, k, v, new_index, start)
 
     def attend_with(self, masking, *, weights: bool = False, left_padded: bool | None = None):
@@ -188,12 +240,18 @@ class Decoder(nnx.Module):
                              blocks=self.attention_blocks, dtype=self.dtype,
                              left_padded=left_padded)
 
-    def lm_logits(self, x):
-        """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30."""
-        if self.lm_head is None:  # tied: the embedding table is the output projection
-            logits = L.project("btd,vd->btv", x, self.embed[...])
+    def lm_logits(self, x, kernel: bool = False):
+        """Vocab-parallel logits [b, t, vocab_padded] float32, padded columns at -1e30;
+        `kernel`: in the CPU kernel (the decode step)."""
+        tied = self.lm_head is None  # tied: the embedding table is the output projection
+        name = "embed" if tied else "lm_head"
+        w, scale = getattr(self, name)[...], getattr(self, name + quant.SCALE, None)
+        equation = "btd,vd->btv" if tied else "btd,dv->btv"
+        if kernel or scale is not None:
+            w = w if scale is None else quant.QWeight(w, scale[...])
+            logits = quant.project(equation, x, w, kernel=kernel)
         else:
-            logits = L.project("btd,dv->btv", x, self.lm_head[...])
+            logits = L.project(equation, x, w)
         logits = self.constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
         if self.vocab_padded > self.config.vocab_size:
             real = jnp.arange(self.vocab_padded) < self.config.vocab_size

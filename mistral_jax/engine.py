@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -67,13 +67,12 @@ def _prefill(model, state: Slots, slot, ids, valid, positions, start, first) -> 
     row = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)  # noqa: E731
     put = lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis)  # noqa: E731
     old, vocab = state.cache, state.seen.shape[1]
-    cache = KVCache(row(old.k, 1), row(old.v, 1), jnp.where(first, -1, row(old.index, 0)))
+    cache = old.row(slot, jnp.where(first, -1, row(old.index, 0)))
     logits, cache = model.step(ids, valid, positions, cache, start)
     seen = jnp.where(first, False, row(state.seen, 0))
     seen = seen.at[0, jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
-    return Slots(KVCache(put(old.k, cache.k, 1), put(old.v, cache.v, 1),
-                         put(old.index, cache.index, 0)),
-                 put(state.logits, logits[:, :vocab], 0), put(state.seen, seen, 0))
+    return Slots(old.put_row(slot, cache), put(state.logits, logits[:, :vocab], 0),
+                 put(state.seen, seen, 0))
 
 
 @partial(jax.jit, donate_argnums=(1,))
@@ -95,8 +94,8 @@ def _decode(model, state: Slots, live, index, position, seed, count, sampling: R
 @partial(jax.jit, donate_argnums=(0,))
 def _forget(state: Slots, slot) -> Slots:
     """A freed slot's cache row marked empty, so the steps after it do not read it."""
-    cache = state.cache
-    return Slots(KVCache(cache.k, cache.v, cache.index.at[slot].set(-1)), state.logits, state.seen)
+    cache = replace(state.cache, index=state.cache.index.at[slot].set(-1))
+    return Slots(cache, state.logits, state.seen)
 
 
 @dataclass

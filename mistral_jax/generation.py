@@ -162,14 +162,14 @@ def new_cache(model, batch: int, length: int, mesh) -> KVCache:
     config = model.config
     tp = sharding.model_axis_size(mesh) if mesh is not None else 1
     kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
-    cache = KVCache.create(config, batch, length, model.dtype, kv_heads)
+    cache = KVCache.create(config, batch, length, model.kv_cache_dtype or model.dtype, kv_heads)
     if mesh is None:
         return cache
     data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
     model = sharding.MODEL if kv_heads % tp == 0 else None
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    kv_spec = P(None, data, model, None, None)
-    return KVCache(put(cache.k, kv_spec), put(cache.v, kv_spec), put(cache.index, P(data, None)))
+    # [layers, batch, kv heads, ...]: batch over data, kv heads over model; index [batch, slots]
+    spec = lambda x: P(data, None) if x.ndim == 2 else P(None, data, model)  # noqa: E731
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), cache)
 
 
 # --- the public functions ----------------------------------------------------------------------

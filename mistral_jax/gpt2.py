@@ -13,10 +13,10 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import GPT2Config
-from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder
+from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder, StackedLayers
 
 
-class GPT2Layers(nnx.Module):
+class GPT2Layers(StackedLayers):
     """The weights of every layer, stacked on a leading `layers` axis."""
 
     def __init__(self, c: GPT2Config, make: L.ParamMaker):
@@ -56,7 +56,7 @@ class GPT2(Decoder):
 
     def embed_inputs(self, input_ids, inputs_embeds, positions):
         if inputs_embeds is None:
-            inputs_embeds = jnp.take(self.embed[...], input_ids, axis=0)
+            inputs_embeds = self.embedding(input_ids)
         return inputs_embeds.astype(self.dtype) + jnp.take(self.pos_embed[...], positions, axis=0)
 
     def block(self, w: GPT2Layers, x, positions, attend):
@@ -64,20 +64,20 @@ class GPT2(Decoder):
         with jax.named_scope("attention"):
             y = L.layer_norm(x, w.ln1_scale[...], w.ln1_bias[...], c.layer_norm_epsilon)
             y = self.constrain(y, GATHERED)
-            q = L.project("btd,dnh->btnh", y, w.q[...]) + w.q_bias[...]
-            k = L.project("btd,dnh->btnh", y, w.k[...]) + w.k_bias[...]
-            v = L.project("btd,dnh->btnh", y, w.v[...]) + w.v_bias[...]
+            q = L.project("btd,dnh->btnh", y, w.matmul("q")) + w.q_bias[...]
+            k = L.project("btd,dnh->btnh", y, w.matmul("k")) + w.k_bias[...]
+            v = L.project("btd,dnh->btnh", y, w.matmul("v")) + w.v_bias[...]
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
-            x = x + L.project("btnh,nhd->btd", out, w.o[...]) + w.o_bias[...]
+            x = x + L.project("btnh,nhd->btd", out, w.matmul("o")) + w.o_bias[...]
         with jax.named_scope("mlp"):
             y = L.layer_norm(x, w.ln2_scale[...], w.ln2_bias[...], c.layer_norm_epsilon)
             y = self.constrain(y, GATHERED)
             hidden = L.ACTIVATIONS[c.activation_function](
-                L.project("btd,df->btf", y, w.fc[...]) + w.fc_bias[...])
+                L.project("btd,df->btf", y, w.matmul("fc")) + w.fc_bias[...])
             hidden = self.constrain(hidden, MLP)
-            x = x + L.project("btf,fd->btd", hidden, w.proj[...]) + w.proj_bias[...]
+            x = x + L.project("btf,fd->btd", hidden, w.matmul("proj")) + w.proj_bias[...]
         return x, aux
 
     def final_norm(self, x):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mistral_jax import quant
+
 # --- parameters --------------------------------------------------------------------------------
 
 
@@ -43,10 +45,19 @@ class ParamMaker:
 # --- projections -------------------------------------------------------------------------------
 
 
+def project(equation: str, x: jax.Array, w) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` for a weight projection ("btd,dnh->btnh"). `w` is an array,
+    an int8 `quant.QWeight` (dequantized inside the matmul), or a `quant.Stacked` layer of a
+    stacked weight (the decode step's matmuls in the CPU kernel, see `Decoder.step`)."""
+    if isinstance(w, quant.QWeight | quant.Stacked):
+        return quant.project(equation, x, w, kernel=isinstance(w, quant.Stacked))
+    return _einsum(equation, x, w)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def project(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`jnp.einsum(equation, x, w)` for a weight projection ("btd,dnh->btnh"), whose backward
-    pass keeps the incoming gradient whole before its two matmuls.
+def _einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, w)` whose backward pass keeps the incoming gradient whole before
+    its two matmuls.
 
     Left to itself, XLA's CPU backend fuses the gradient's producer (the activation's backward)
     with the transpose the weight-gradient matmul wants, a strided loop several times slower
@@ -69,7 +80,7 @@ def _project_bwd(equation, residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_einsum.defvjp(_project_fwd, _project_bwd)
 
 
 # --- norms and activations ---------------------------------------------------------------------

@@ -13,11 +13,11 @@ from flax import nnx
 
 from mistral_jax import layers as L
 from mistral_jax.configs import MistralConfig
-from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder
+from mistral_jax.decoder import GATHERED, HEADS, MLP, Decoder, StackedLayers
 from mistral_jax.sharding import kv_heads_on, model_axis_size
 
 
-class MistralLayers(nnx.Module):
+class MistralLayers(StackedLayers):
     """The weights of every layer, stacked on a leading `layers` axis."""
 
     def __init__(self, c: MistralConfig, make: L.ParamMaker):
@@ -57,28 +57,28 @@ class Mistral(Decoder):
     def embed_inputs(self, input_ids, inputs_embeds, positions):
         if inputs_embeds is not None:
             return inputs_embeds.astype(self.dtype)
-        return jnp.take(self.embed[...], input_ids, axis=0)
+        return self.embedding(input_ids)
 
     def block(self, w: MistralLayers, x, positions, attend):
         c = self.config
         with jax.named_scope("attention"):
             y = self.constrain(L.rms_norm(x, w.attn_norm[...], c.rms_norm_eps), GATHERED)
-            q = L.rope(L.project("btd,dnh->btnh", y, w.q[...]), positions, c.rope_theta)
-            k = L.rope(L.project("btd,dkh->btkh", y, w.k[...]), positions, c.rope_theta)
-            v = L.project("btd,dkh->btkh", y, w.v[...])
+            q = L.rope(L.project("btd,dnh->btnh", y, w.matmul("q")), positions, c.rope_theta)
+            k = L.rope(L.project("btd,dkh->btkh", y, w.matmul("k")), positions, c.rope_theta)
+            v = L.project("btd,dkh->btkh", y, w.matmul("v"))
             heads = kv_heads_on(k.shape[2], model_axis_size())
             if heads > k.shape[2]:  # each device keeps the kv head its query heads use
                 k, v = (jnp.repeat(a, heads // a.shape[2], axis=2) for a in (k, v))
             q, k, v = (self.constrain(a, HEADS) for a in (q, k, v))
             out, aux = attend(q, k, v)
             out = self.constrain(out, HEADS)
-            x = x + L.project("btnh,nhd->btd", out, w.o[...])
+            x = x + L.project("btnh,nhd->btd", out, w.matmul("o"))
         with jax.named_scope("mlp"):
             y = self.constrain(L.rms_norm(x, w.mlp_norm[...], c.rms_norm_eps), GATHERED)
             act = L.ACTIVATIONS[c.hidden_act]
-            gate, up = (L.project("btd,df->btf", y, w_[...]) for w_ in (w.gate, w.up))
+            gate, up = (L.project("btd,df->btf", y, w.matmul(n)) for n in ("gate", "up"))
             hidden = self.constrain(act(gate) * up, MLP)
-            x = x + L.project("btf,fd->btd", hidden, w.down[...])
+            x = x + L.project("btf,fd->btd", hidden, w.matmul("down"))
         return x, aux
 
     def final_norm(self, x):

@@ -13,7 +13,6 @@ import dataclasses
 import warnings
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -74,13 +73,11 @@ def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = 
 
 def onto(model, placement: Placement, *, donate: bool = False):
     """`model`'s weights moved (and their vocab padded) as `placement` says."""
-    c = model.config
-    target = nnx.eval_shape(lambda: type(model)(c, tokenizer=model.tokenizer,
-                                                vocab_padded=placement.vocab_padded))
     axes = trees.logical_axes(model)
     resize = jax.jit(lambda w: trees.resize_vocab(w, axes, placement.vocab_padded),
                      out_shardings=placement.shardings, donate_argnums=0 if donate else ())
     with warnings.catch_warnings():  # donated vocab tables change shape, so are not reused
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        placed = trees.with_weights(target, resize(trees.weights(model)))
+        placed = trees.with_weights(model, resize(trees.weights(model)))
+    placed.vocab_padded = placement.vocab_padded
     return placed

@@ -46,12 +46,18 @@ def add_dtype(p: argparse.ArgumentParser, what: str = "compute") -> None:
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    """What loads a checkpoint for inference: --adapters, --mesh, --dtype, --attention."""
+    """What loads a checkpoint for inference: --adapters, --mesh, --dtype, --attention,
+    --quantize, --kv-cache-dtype."""
     p.add_argument("--adapters", default=None, metavar="DIR", help="LoRA adapters directory "
                    "(train.finetune's OUT/adapters) to apply to the checkpoint")
     add_mesh(p)
     add_dtype(p)
     add_attention(p)
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights with "
+                   "per-channel scales (a checkpoint converted with --quantize is int8 already)")
+    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float16", "float32"],
+                   default=None, help="the KV cache's dtype (default: the compute dtype); int8 "
+                   "keeps a scale per token and head")
 
 
 def load_model(args):
@@ -64,7 +70,8 @@ def load_model(args):
     if chosen:
         note(chosen)
     return load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
-                attention=args.attention)
+                attention=args.attention, quantize=args.quantize,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def run(body: Callable[[], int | None], errors: tuple = (ValueError, OSError),
