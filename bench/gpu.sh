@@ -5,6 +5,7 @@
 # peak and decode MBU against its memory bandwidth (bench/common.py CHIPS).
 #   - train step: two of Mistral-7B's layers (+ its 32000 vocab), batch 4 x 2048, bfloat16;
 #   - decode / prefill: Megatron GPT-2 345M (float32 and bfloat16) and Mistral-7B (bfloat16);
+#   - reduced precision (bench/precision.py): Mistral-7B in bfloat16, int8, int8 + int8 KV;
 #   - attention (bench/attention.py): each of our paths (cudnn, blockwise, xla) and JAX's own
 #     XLA one at Mistral-7B's head shape, causal and with its 4096 window, forward and backward;
 #     and the train step at 8k tokens with cuDNN against blockwise.
@@ -29,6 +30,10 @@ for dtype in bfloat16 float32; do
 done
 timeout 200 python3 bench/decode.py --models mistral-7b --device cuda --dtype bfloat16 \
   --json "$OUT/decode_mistral_7b.json" 2>&1 | grep '^{"model"'
+# reduced precision: Mistral-7B's shape decoded in bfloat16, int8 weights (XLA's convert fused
+# into the dot) and int8 + an int8 KV cache, against transformers' bfloat16
+timeout 240 python3 bench/precision.py --model mistral-7b --device cuda \
+  --json "$OUT/precision_mistral_7b.json" 2>&1 | grep -v '^ '
 timeout 150 python3 -m pytest -p no:cacheprovider tests/test_parity.py tests/test_generate.py \
   tests/test_models.py tests/test_attention.py -q -x -k "not sharded and not text and not chat and not command and not compile_time" \
   2>&1 | tail -5

@@ -51,7 +51,26 @@ TARGETS = [
     ("serving throughput / transformers generate in static batches of 8",
      ("serve", "vs_transformers"), 1.5, "min"),
     ("serving p99 time to first token under load, s", ("serve", "ttft_p99_s"), 2.0, "max"),
+    # reduced precision (bench/precision.py, bench/accuracy.py: SmolLM2-135M's Q4_1 GGUF)
+    ("bfloat16 decode batch 1 / our float32", ("precision", "bf16_vs_f32"), 1.6, "min"),
+    ("int8 decode batch 1 / our float32", ("precision", "int8_vs_f32"), 2.2, "min"),
+    ("int8 decode batch 1 / transformers float32", ("precision", "int8_vs_hf"), 4.0, "min"),
+    ("int8 decode batch 8 / transformers float32", ("precision", "int8_b8_vs_hf"), 3.0, "min"),
+    ("int8 checkpoint / float32 on disk (GPT-2 124M, random weights)",
+     ("precision", "disk_gpt2"), 0.30, "max"),
+    ("int8 checkpoint / float32 on disk (SmolLM2 from Q4_1: its float32 compresses)",
+     ("precision", "disk_smollm2"), 0.30, "max"),
+    ("perplexity off transformers float32, bfloat16", ("accuracy", "bfloat16"), 0.01, "max"),
+    ("perplexity off transformers float32, int8", ("accuracy", "int8"), 0.015, "max"),
+    ("perplexity off transformers float32, int8 + int8 KV", ("accuracy", "int8+kv8"), 0.02,
+     "max"),
+    ("bfloat16 greedy tokens equal to float32's (8 prompts x 64)", ("accuracy", "greedy_bf16"),
+     0.95, "min"),
 ]
+
+
+BENCHES = {"train": "train.py", "decode": "decode.py", "long": "long.py", "serve": "serve.py",
+           "precision": "precision.py", "accuracy": "accuracy.py", "convert": "convert_rss.py"}
 
 
 def bench(script: str, out: Path, *args: str) -> dict:
@@ -65,8 +84,8 @@ def bench(script: str, out: Path, *args: str) -> dict:
 
 def summary(raw: dict) -> dict:
     """The figures the targets name, flat: {section: {name: value}}."""
-    out = {"train": raw["train"]}
-    for m in raw["decode"]["models"]:
+    out = {"train": raw["train"]} if "train" in raw else {}
+    for m in raw.get("decode", {}).get("models", []):
         out[m["model"]] = {"decode1": m["decode"][0]["ratio"], "decode8": m["decode"][1]["ratio"],
                            "mbu_batch1": m["mbu_batch1"], "prefill": m["prefill"]["ratio"],
                            "ttft": m["ttft_with_compile_s"]}
@@ -76,12 +95,54 @@ def summary(raw: dict) -> dict:
                                                                                    "bin")}
     if "long" in raw:
         out["long"] = long_summary(raw["long"])
+    if "precision" in raw:
+        out["precision"] = precision_summary(raw["precision"])
+    if "accuracy" in raw:
+        a = raw["accuracy"]
+        out["accuracy"] = {k: abs(a[k]["ppl_vs_transformers"]) for k in a
+                           if "ppl_vs_transformers" in a[k]}
+        out["accuracy"]["greedy_bf16"] = a["bfloat16"]["greedy_vs_float32"]
     if "serve" in raw:
         r = raw["serve"]
         out["serve"] = {"vs_one_by_one": r["vs_one_by_one"],
                         "vs_transformers": r["vs_transformers"],
                         "ttft_p99_s": r["server"]["ttft_p99_s"]}
     return out
+
+
+def precision_summary(r: dict) -> dict:
+    ours, hf, disk = r["ours"], r["transformers"], r["disk_bytes"]
+    b1 = lambda row: row["batch1_tokens_per_s"]  # noqa: E731
+    return {"bf16_vs_f32": b1(ours["bfloat16"]) / b1(ours["float32"]),
+            "int8_vs_f32": b1(ours["int8"]) / b1(ours["float32"]),
+            "int8_vs_hf": b1(ours["int8"]) / b1(hf["float32"]),
+            "int8_b8_vs_hf": ours["int8"]["batch8_tokens_per_s"]
+            / hf["float32"]["batch8_tokens_per_s"],
+            "disk_gpt2": disk["gpt2_random"]["int8"] / disk["gpt2_random"]["float32"],
+            "disk_smollm2": disk["smollm2"]["int8"] / disk["smollm2"]["float32"]}
+
+
+def precision_table(r: dict, accuracy: dict | None) -> str:
+    """Decode tokens/s of each variant, MBU against its bytes, and its accuracy."""
+    rows = ["", "| SmolLM2-135M decode | batch 1 tokens/s | batch 8 tokens/s | bytes read per "
+            "token | MBU batch 1 | perplexity off transformers | greedy as float32's |",
+            "|---|---|---|---|---|---|---|"]
+    for name, row in r["ours"].items():
+        acc = (accuracy or {}).get(name, {})
+        off = f"{acc['ppl_vs_transformers']:+.2%}" if acc else ""
+        greedy = f"{acc['greedy_vs_float32']:.1%}" if acc else ""
+        rows.append(f"| ours {name} | {row['batch1_tokens_per_s']:.1f} | "
+                    f"{row['batch8_tokens_per_s']:.0f} | {row['bytes_per_token'] / 1e6:.0f} MB "
+                    f"| {100 * row['mbu_batch1']:.0f}% | {off} | {greedy} |")
+    for name, row in r["transformers"].items():
+        rows.append(f"| transformers {name} | {row['batch1_tokens_per_s']:.1f} | "
+                    f"{row['batch8_tokens_per_s']:.0f} | | | | |")
+    disk = r["disk_bytes"]
+    rows += ["", "Checkpoints on disk: SmolLM2 " + ", ".join(
+        f"{k} {v / 1e6:.0f} MB" for k, v in disk["smollm2"].items()) + "; GPT-2 124M (random) "
+        + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in disk["gpt2_random"].items())
+        + f". CPU kernel: {r['cpu_kernel']}; copy bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s."]
+    return "\n".join(rows)
 
 
 def long_summary(r: dict) -> dict:
@@ -106,14 +167,16 @@ def table(raw: dict, flat: dict) -> str:
         value = flat[section][key]
         met = value >= target if kind == "min" else value <= target
         fmt = (lambda v: f"{100 * v:.0f}%") if "MFU" in what or "MBU" in what else \
-            (lambda v: f"{v:.2f}")
+            (lambda v: f"{100 * v:.2f}%") if "perplexity" in what else (lambda v: f"{v:.2f}")
         rows.append(f"| {what} | {fmt(value)} | {'≥' if kind == 'min' else '≤'} {fmt(target)} "
                     f"| {'met' if met else 'missed'} |")
-    t, d = raw["train"], raw["decode"]
-    lines = ["\n".join(rows), "",
-             f"Train step: ours {t['ours_tokens_per_s']:.0f} tokens/s, transformers "
-             f"{t['theirs_tokens_per_s']:.0f}; float32 GEMM {t['gemm_gflops']:.0f} GFLOP/s; "
-             f"{t['threads']} threads."]
+    lines = ["\n".join(rows), ""]
+    if "train" in raw:
+        t = raw["train"]
+        lines.append(f"Train step: ours {t['ours_tokens_per_s']:.0f} tokens/s, transformers "
+                     f"{t['theirs_tokens_per_s']:.0f}; float32 GEMM {t['gemm_gflops']:.0f} "
+                     f"GFLOP/s; {t['threads']} threads.")
+    d = raw.get("decode", {"models": []})
     for m in d["models"]:
         b1, b8 = m["decode"]
         lines.append(f"{m['model']} ({m['params'] / 1e6:.0f}M): decode batch 1 "
@@ -126,7 +189,8 @@ def table(raw: dict, flat: dict) -> str:
             lines.append(f"{m['model']} with a 64-token window: ms per token at W / 4W / 16W "
                          + " / ".join(f"{r['ms_per_token']:.1f}" for r in w)
                          + f"; rolling cache {w[0]['cache_bytes'] / 2**20:.1f} MiB.")
-    lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
+    if "copy_bandwidth_GBps" in d:
+        lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
     if "long" in raw:
         lines.append(long_table(raw["long"]))
     if "serve" in raw:
@@ -139,6 +203,8 @@ def table(raw: dict, flat: dict) -> str:
                      f"batches of 8; time to first token p50 / p99 {s['ttft_p50_s']:.2f} / "
                      f"{s['ttft_p99_s']:.2f} s, per later token {1000 * s['per_token_p50_s']:.0f}"
                      f" / {1000 * s['per_token_p99_s']:.0f} ms.")
+    if "precision" in raw:
+        lines.append(precision_table(raw["precision"], raw.get("accuracy")))
     if "convert" in raw:
         c = raw["convert"]
         lines.append(f"Conversion{' (from the last full run)' if c.get('earlier') else ''} of a "
@@ -196,7 +262,7 @@ def chart(flat: dict, path: Path) -> None:
     ax.scatter(targets, y, marker="|", s=300, color="black", label="target")
     ax.set_yticks(list(y), names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio to transformers + torch (MFU / MBU: fraction)")
+    ax.set_xlabel("ratio (MFU / MBU / greedy agreement: fraction)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -206,17 +272,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--quick", action="store_true", help="no conversion benchmark")
+    parser.add_argument("--only", default=None, metavar="NAMES", help="comma-separated: run "
+                        f"only these of {','.join(BENCHES)}; the table has their rows alone")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    raw = {"train": bench("train.py", args.out / "train.json"),
-           "decode": bench("decode.py", args.out / "decode.json")}
-    raw["long"] = bench("long.py", args.out / "long.json", *(["--quick"] if args.quick else []))
-    raw["serve"] = bench("serve.py", args.out / "serve.json")
-    if not args.quick:
-        raw["convert"] = bench("convert_rss.py", args.out / "convert.json")
-    elif (args.out / "convert.json").exists():
+    names = args.only.split(",") if args.only else [
+        n for n in BENCHES if n != "convert" or not args.quick]
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        parser.error(f"--only {args.only}: no benchmark {', '.join(sorted(unknown))}")
+    raw = {}
+    for name in names:
+        extra = ["--quick"] if name == "long" and args.quick else []
+        raw[name] = bench(BENCHES[name], args.out / f"{name}.json", *extra)
+    if args.quick and not args.only and (args.out / "convert.json").exists():
         raw["convert"] = {**json.loads((args.out / "convert.json").read_text()), "earlier": True}
     flat = summary(raw)
+    if args.only:  # a partial run: its own files, the full run's stay
+        args.out = args.out / ("only-" + "-".join(names))
+        args.out.mkdir(exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"summary": flat, **raw}, indent=1) + "\n")
     (args.out / "results.md").write_text(table(raw, flat))
     chart(flat, args.out / "results.png")

@@ -21,7 +21,7 @@ import mistral_jax
 from convert import hf, peft
 from convert.cli import report
 from convert.keymaps import torch_tensors
-from mistral_jax import cli, files, lora, trees
+from mistral_jax import cli, files, lora, quant, trees
 
 
 def hf_tensors(config, weights: dict) -> dict[str, np.ndarray]:
@@ -34,6 +34,10 @@ def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     """Write the HF folder for checkpoint `ckpt` at `out` (whole or not at all)."""
     out = files.check_new(out, overwrite)
     model = mistral_jax.load(ckpt)
+    if quant.is_quantized(model):  # transformers takes float weights: int8 x scale, in float32
+        print(f"note: {ckpt} holds int8 weights; exported dequantized, as float32",
+              file=sys.stderr)
+        model = quant.dequantized(model)
     config = model.config
     weights = jax.tree.map(np.asarray, trees.weights(model))
     tensors = hf_tensors(config, weights)

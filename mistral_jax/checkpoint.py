@@ -171,6 +171,12 @@ def read_config(path: str | os.PathLike) -> Config:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
+def is_quantized(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint `path` holds int8 weights (`convert.from_torch --quantize`)."""
+    stored = trees.flatten(files.stored_shapes(Path(path) / WEIGHTS))
+    return bool(quant.group_counts(stored, quant.table(read_config(path))))
+
+
 def not_a_checkpoint(path: Path) -> str:
     """What `path` (which exists) is instead of a checkpoint, and the command that converts."""
     kind = None

@@ -40,6 +40,9 @@ MATMULS = {
              "embed": ("nk", 1), "lm_head": ("kn", 1)},
 }
 SCALE = "_scale"
+# Above this many rows (tokens x batch) a matmul leaves the CPU kernel for XLA's: the kernel
+# is built for decoding, where reading the weights is the whole cost
+KERNEL_MAX_ROWS = 64
 METHODS = ("int8",)
 
 
@@ -158,7 +161,7 @@ def project(equation: str, x: jax.Array, w, *, kernel: bool) -> jax.Array:
         g = scale.shape[lead] if layout == "kn" else scale.shape[-1]
         scale = scale.reshape((*scale.shape[:lead], *((g, n) if layout == "kn" else (n, g))))
     x2 = x.reshape(-1, k)
-    matmul = kernels.matmul if kernel else kernels.reference
+    matmul = kernels.matmul if kernel and x2.shape[0] <= KERNEL_MAX_ROWS else kernels.reference
     y = matmul(x2, values.reshape(shaped), scale, index=index, layout=layout)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return y.reshape(*x.shape[:x.ndim - n_in], *outs).astype(dtype)

@@ -12,6 +12,7 @@ import pytest
 
 import mistral_jax
 from mistral_jax import engine as eng
+from mistral_jax import quant
 from mistral_jax.engine import Engine, QueueFull
 from mistral_jax.sampling import RowSampling, Sampling, sample, sample_rows
 from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
@@ -105,6 +106,19 @@ def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chu
                if "temperature" in kw]
     assert len({tuple(tokens) for tokens, _ in sampled}) == len(sampled)  # really sampled
     assert eng.TRACES == {"decode": 1, "prefill": buckets}
+
+
+def test_int8_weights_and_kv_cache_serve_what_generate_gives(models_, engines):  # noqa: F811
+    """The engine's per-row cache writes and freed slots with int8 keys, values and scales."""
+    _, model = models_["mistral"]
+    int8 = quant.quantized(model)
+    int8.kv_cache_dtype = "int8"
+    engine = engines(int8, max_batch=2)
+    assert engine._state.cache.k_scale is not None
+    prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 9, 21)]
+    requests = [engine.submit(p, max_tokens=12) for p in prompts]
+    for p, request in zip(prompts, requests, strict=True):
+        assert result(request) == alone(int8, p, 12)
 
 
 def test_prompt_widths_and_their_layout():

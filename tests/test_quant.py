@@ -119,9 +119,11 @@ def test_scales_shard_with_their_columns_on_1x8(tmp_path):
     one = mistral_jax.load(tmp_path / "int8")
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(m, IDS)),
                                np.asarray(mistral_jax.forward(one, IDS)), atol=1e-4)
-    sharded = mistral_jax.generate_tokens(m, IDS, max_new_tokens=6)
-    np.testing.assert_array_equal(sharded, mistral_jax.generate_tokens(one, IDS,
-                                                                       max_new_tokens=6))
+    for cache in (None, "int8"):  # the int8 cache's scales shard like its keys
+        m.kv_cache_dtype = one.kv_cache_dtype = cache
+        sharded = mistral_jax.generate_tokens(m, IDS, max_new_tokens=6)
+        np.testing.assert_array_equal(sharded, mistral_jax.generate_tokens(one, IDS,
+                                                                           max_new_tokens=6))
 
 
 def test_quantizing_a_sharded_model_keeps_it_sharded():
@@ -195,3 +197,24 @@ def test_kernel_off_uses_xla(tmp_path):
                          check=True).stdout
     here = mistral_jax.generate_tokens(mistral_jax.load(tmp_path / "q"), IDS, max_new_tokens=6)
     assert eval(out) == here.tolist()
+
+
+def test_an_int8_checkpoint_exports_dequantized_and_refuses_training(tmp_path, capsys):
+    import torch
+    import transformers
+
+    from convert import to_torch
+    from train import finetune
+
+    q = quant.quantized(model(MISTRAL))
+    mistral_jax.save(q, tmp_path / "q")
+    to_torch.export(tmp_path / "q", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = theirs(torch.tensor(IDS).long()).logits.numpy()
+    np.testing.assert_allclose(logits, np.asarray(mistral_jax.forward(q, IDS)), atol=1e-4)
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    code = finetune.main(["--init", str(tmp_path / "q"), "--data", str(tmp_path / "d.jsonl"),
+                          "--out", str(tmp_path / "run")])
+    assert code != 0 and not (tmp_path / "run").exists()
+    assert "holds int8 weights" in capsys.readouterr().err

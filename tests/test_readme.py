@@ -36,7 +36,8 @@ from train import default
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SECTIONS = ("mistral_jax", "Quickstart", "Generation", "Fine-tuning", "LoRA adapters")
+SECTIONS = ("mistral_jax", "Quickstart", "Generation", "Reduced precision", "Fine-tuning",
+            "LoRA adapters")
 PYTHONS = ("python", ".venv/bin/python")
 SKIPPED = ("pytest",)  # the suite running this test
 # appended to shorten a command: argparse takes the last of a repeated flag
@@ -169,6 +170,18 @@ def test_generation_from_python_and_the_command_line(followed):
     assert out.startswith("My favourite condiment is")
     chat = result(followed, "python -m mistral_jax.generate ckpt/ Hello! --chat --mesh 1x8")
     assert "tokens/s" in chat.stderr and "8 CPU devices" in chat.stderr
+
+
+def test_reduced_precision_as_written(followed):
+    cwd, results, namespace = followed
+    model = mistral_jax.load(cwd / "ckpt-int8")
+    assert model.layers.q[...].dtype == np.int8 and model.layers.q_scale[...].dtype == np.float32
+    for flags in ("ckpt-int8/ My favourite condiment is --kv-cache-dtype int8 --verbose",
+                  "ckpt/ My favourite condiment is --dtype bfloat16 --verbose"):
+        out = results[f"python -m mistral_jax.generate {flags}"]
+        assert out.stdout.startswith("My favourite condiment is") and "tokens/s" in out.stderr
+    quantized = namespace["quantized"]
+    assert quantized.kv_cache_dtype == "int8" and quantized.layers.q[...].dtype == np.int8
 
 
 def test_fine_tuning_resumes_evaluates_and_exports(followed):

@@ -58,6 +58,10 @@ def set_up(args) -> Setup:
         config, tokenizer = default.CONFIG, default.tokenizer()
     else:
         config = checkpoint.read_config(args.init)
+        if checkpoint.is_quantized(args.init):
+            raise UsageError(f"--init {args.init} holds int8 weights, and training needs float "
+                             "ones: start from the float checkpoint (converted without "
+                             "--quantize), and quantize what it gives")
         tokenizer = Tokenizer.from_dir(args.init)
     mesh, mesh_note = devices.mesh_for(args.mesh, config)
     messages = [f"note: {mesh_note}"] if mesh_note else []
