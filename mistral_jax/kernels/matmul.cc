@@ -622,30 +622,27 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::Success();
   }
 
-  // kn: the vector columns [0, Nv) split over threads by rows of w (each thread then streams
-  // one contiguous stretch of memory), each thread summing into its own [M, N] buffer, added
-  // up at the end; the last N % kTile columns by the plain path.
+  // kn: the vector columns [0, Nv) split into units by rows of w (each thread then streams
+  // one contiguous stretch of memory), each unit summing into its own [M, N] buffer, added up
+  // in unit order at the end, so the result does not depend on which thread took which unit;
+  // the last N % kTile columns by the plain path.
   const int64_t Nv = p.N / kern.kTile * kern.kTile;
   if (Nv > 0) {
     const int64_t units = threads == 1 ? 1 : kUnitsPerThread * threads;
     // int8 with groups: chunks of whole groups (KnRows may take several rows of one).
     const int64_t align = p.int8 && p.G > 1 ? p.K / p.G : 1;
     const int64_t per = ((p.K + units - 1) / units + align - 1) / align * align;
-    thread_local std::vector<float> partial_buf;  // slots 1.. of this call
-    partial_buf.assign((threads - 1) * p.M * p.N, 0.f);
+    thread_local std::vector<float> partial_buf;  // units 1.. of this call
+    partial_buf.assign((units - 1) * p.M * p.N, 0.f);
     float* partial = partial_buf.data();
-    std::atomic<bool> used[64];
-    for (auto& u : used) u.store(false, std::memory_order_relaxed);
     std::fill(p.y, p.y + p.M * p.N, 0.f);
-    ParallelFor(pool, threads, units, [&](int64_t i, int slot) {
+    ParallelFor(pool, threads, units, [&](int64_t i, int) {
       const int64_t k0 = std::min(p.K, i * per), k1 = std::min(p.K, k0 + per);
-      float* acc = slot == 0 ? p.y : partial + (slot - 1) * p.M * p.N;
-      if (slot > 0) used[slot].store(true, std::memory_order_relaxed);
+      float* acc = i == 0 ? p.y : partial + (i - 1) * p.M * p.N;
       if (k0 < k1) kern.kn(p, k0, k1, Nv, acc, p.N);
     });
-    for (int t = 1; t < threads; ++t) {
-      if (!used[t].load(std::memory_order_relaxed)) continue;
-      const float* src = partial + (t - 1) * p.M * p.N;
+    for (int64_t u = 1; u < units; ++u) {
+      const float* src = partial + (u - 1) * p.M * p.N;
       for (int64_t m = 0; m < p.M; ++m)
         for (int64_t c = 0; c < Nv; ++c) p.y[m * p.N + c] += src[m * p.N + c];
     }
