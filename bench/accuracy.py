@@ -114,12 +114,13 @@ def reference(paths: dict, ids: np.ndarray) -> np.ndarray:
 def greedy_runs(model, new: int = 64) -> list[np.ndarray]:
     """Each prompt and float32's 64 greedy tokens after it, [1, prompt + 64], and where the
     greedy tokens start."""
-    runs = []
-    for prompt in PROMPTS:
-        ids = np.array([model.tokenizer.encode(prompt)], np.int32)
-        out = mistral_jax.generate_tokens(model, ids, max_new_tokens=new)
-        runs.append((ids.shape[1], np.concatenate([ids, out], axis=1)))
-    return runs
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    out = mistral_jax.generate_tokens(model, ids, mask, max_new_tokens=new)  # one batch
+    return [(len(p), np.array([p + row.tolist()], np.int32))
+            for p, row in zip(prompts, out, strict=True)]
 
 
 def greedy_choices(model, runs, forward: bool = False) -> np.ndarray:
