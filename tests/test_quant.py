@@ -5,6 +5,7 @@ weights read in place) equals the plain forward."""
 
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,14 @@ IDS = np.random.default_rng(0).integers(0, 100, (2, 10)).astype(np.int32)
 
 def model(config):
     return mistral_jax.init(config, seed=3)
+
+
+@partial(jax.jit, static_argnames="fresh")
+def step(m, ids, cache, start, fresh=False):
+    """`Decoder.step` on a [b, c] chunk of ids at `start`, no padding."""
+    b, c = ids.shape
+    positions = start + jnp.tile(jnp.arange(c), (b, 1))
+    return m.step(ids, jnp.ones((b, c), jnp.int32), positions, cache, start, fresh=fresh)
 
 
 @pytest.mark.parametrize("layout,lead,n_in,shape", [
@@ -73,11 +82,9 @@ def test_decode_step_in_the_kernel_equals_the_forward(config, weights):
     assert quant.kernel_ok(m) == kernels.available()
     full = np.asarray(mistral_jax.forward(m, IDS), np.float32)
     cache = kv.KVCache.create(config, 2, 16, m.dtype)
-    logits, cache = m.step(IDS[:, :6], np.ones((2, 6), np.int32),
-                           np.tile(np.arange(6), (2, 1)), cache, 0, fresh=True)
+    logits, cache = step(m, IDS[:, :6], cache, 0, fresh=True)
     for t in range(6, 10):
-        logits, cache = m.step(IDS[:, t:t + 1], np.ones((2, 1), np.int32),
-                               np.full((2, 1), t), cache, t)
+        logits, cache = step(m, IDS[:, t:t + 1], cache, t)
         tol = 2e-4 if weights == "int8" else 0.05 * np.abs(full).max()
         np.testing.assert_allclose(np.asarray(logits[:, :100], np.float32), full[:, t],
                                    atol=tol)
@@ -160,8 +167,7 @@ def test_int8_kv_cache_rolling_buffer_matches_float_logits():
         cache = kv.KVCache.create(config, 1, 20, dtype)
         out = []
         for t in range(20):
-            logits, cache = m.step(ids[:, t:t + 1], np.ones((1, 1), np.int32),
-                                   np.full((1, 1), t), cache, t)
+            logits, cache = step(m, ids[:, t:t + 1], cache, t)
             out.append(np.asarray(logits[:, :100]))
         return np.stack(out), cache
 
