@@ -11,8 +11,10 @@ shard with its columns, by the same rules; a checkpoint holds both as plain arra
 Weights used as `x @ w` are "kn" ([*in, *out], scale [G, *out]); the tied embedding table
 [vocab, d] is "nk" (its rows are the output channels of the LM head; scale [vocab, G]), so an
 embedding lookup takes each row's scales with it. Norms, biases and learned positions stay float.
-The matmul dequantizes inside its kernel (`mistral_jax.kernels` on a CPU; XLA's convert, fused
-into the dot, elsewhere), never a float copy of a whole weight.
+A decode step's matmuls dequantize inside our kernel on a CPU (`mistral_jax.kernels`), and in
+XLA's convert fused into the dot on a GPU: no float copy of a weight. Elsewhere (XLA:CPU for
+prefill chunks of more than KERNEL_MAX_ROWS rows, forward passes, sharded models) XLA converts
+each layer's weight to float before its dot, a copy the many rows share.
 """
 
 from __future__ import annotations
