@@ -51,8 +51,7 @@ class Conversion:
         for key in self.source.keys():
             name = keymap_target(self.keymap, key)
             if name in kinds:
-                blocks = self.source.int8_blocks(key)
-                found.setdefault(name, set()).add(None if blocks is None else blocks[2])
+                found.setdefault(name, set()).add(self.source.int8_block_size(key))
         shapes = trees.flatten(trees.weights(models.abstract(self.config)))
         groups = {}
         for name, sizes in found.items():

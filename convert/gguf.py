@@ -92,9 +92,12 @@ class GGUFSource(TensorSource):
             w = w.copy()
         return w.reshape(shape)
 
+    def int8_block_size(self, key: str) -> int | None:
+        return Q8_0_BLOCK if self.tensors[key].tensor_type.name == "Q8_0" else None
+
     def int8_blocks(self, key: str):
         t = self.tensors[key]
-        if t.tensor_type.name != "Q8_0":
+        if self.int8_block_size(key) is None:
             return None
         shape = tuple(int(n) for n in reversed(t.shape))
         blocks = np.asarray(t.data).reshape(-1, 2 + Q8_0_BLOCK)  # float16 scale, 32 int8

@@ -109,8 +109,17 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
     for key, names, fn, layer in _progress(work, progress):
         wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
         if len(names) == 1 and names[0] in quantized:
+            try:
+                blocks = _int8_blocks(source, key, fn, names[0], config)
+                if blocks.values.shape != wants[0]:
+                    raise ValueError
+            except ValueError:  # the tensor is not the size the config says
+                problems.append(f"{key}: its int8 blocks do not give the {wants[0]} the "
+                                "config needs")
+                continue
             if not problems:
-                sink(names[0], layer, _int8_blocks(source, key, fn, names[0], config))
+                sink(names[0], layer, blocks)
+            del blocks
             source.release(key)
             continue
         raw = source.get(key)
@@ -142,7 +151,7 @@ def _int8_blocks(source: TensorSource, key: str, fn, name: str, config: Config):
     per_block = np.take(scales.reshape(grouped), 0, axis=axis)
     if not np.array_equal(scales.reshape(grouped), np.expand_dims(per_block, axis).repeat(
             block, axis)):
-        raise ConversionError(f"{key}: its int8 blocks do not lie along {name}'s input")
+        raise ValueError(f"{key}: its int8 blocks do not lie along {name}'s input")
     return quant.QWeight(np.ascontiguousarray(values), per_block.astype(np.float32))
 
 

@@ -42,6 +42,11 @@ class TensorSource:
         self.files_by_key = files_by_key
         self._open: dict[Path, object] = {}
 
+    def int8_block_size(self, key: str) -> int | None:
+        """The block size of a tensor stored as int8 blocks (GGUF's Q8_0), else None; read
+        from the header only."""
+        return None
+
     def int8_blocks(self, key: str) -> tuple[np.ndarray, np.ndarray, int] | None:
         """A tensor stored as int8 blocks (GGUF's Q8_0): (its int8 values, each value's block
         scale, float32, both shaped as `get` gives the tensor, the block size); None if not."""

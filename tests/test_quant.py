@@ -224,3 +224,12 @@ def test_an_int8_checkpoint_exports_dequantized_and_refuses_training(tmp_path, c
                           "--out", str(tmp_path / "run")])
     assert code != 0 and not (tmp_path / "run").exists()
     assert "holds int8 weights" in capsys.readouterr().err
+
+
+def test_mixed_dtypes_stay_in_xla():
+    """A bfloat16 embedding over float32 layers: the kernel takes every matmul weight or
+    none, so this model decodes through XLA as before."""
+    m = model(MISTRAL)
+    m.embed[...] = m.embed[...].astype(jnp.bfloat16)
+    assert not quant.kernel_ok(m)
+    assert mistral_jax.generate_tokens(m, IDS, max_new_tokens=3).shape == (2, 3)

@@ -54,7 +54,8 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p)
     add_attention(p)
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights with "
-                   "per-channel scales (a checkpoint converted with --quantize is int8 already)")
+                   "per-channel scales (a checkpoint converted with --quantize is int8 already); "
+                   "activations and the KV cache are then float32 unless --kv-cache-dtype says")
     p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float16", "float32"],
                    default=None, help="the KV cache's dtype (default: the compute dtype); int8 "
                    "keeps a scale per token and head")
