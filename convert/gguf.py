@@ -237,8 +237,8 @@ def conversion(path: Path, *, sliding_window: int | None = None) -> Conversion:
     types = sorted({t.tensor_type.name for t in reader.tensors} - {"F32"})
     if types:
         notes.append(f"{path.name}: {'/'.join(types)} tensors dequantized (stored as float32 "
-                     "unless --dtype says otherwise; with --quantize int8, Q8_0 ones are kept "
-                     "as they are)")
+                     "unless --dtype or --quantize says otherwise; --quantize int8 keeps Q8_0 "
+                     "ones as they are)")
     name = str(meta.get("general.name", ""))
     if config.sliding_window is None and "mistral" in name.lower():
         notes.append(f"{path.name} ({name}) records no sliding window: converted with full "
