@@ -97,6 +97,41 @@ def test_eval_gives_the_numbers_the_run_printed(files, uninterrupted, capsys):
                               f"{np.exp(uninterrupted[1][6]):.2f}, "), printed
 
 
+def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, tmp_path, capsys):
+    """No --seq-len: train.eval on a run's final/, and on the base with its adapters/, packs
+    the data as the run did (32 tokens a row, not 256) and gives the run's eval loss; a flag
+    given still wins."""
+    from train import eval as eval_cli
+
+    def evaluate(*argv):
+        assert eval_cli.main([*argv, "--data", str(files / "eval.jsonl"), "--mesh", "2x4"]) == 0
+        printed = capsys.readouterr()
+        return float(printed.out.split(",")[0].removeprefix("loss ")), printed.err
+
+    full = files / "uninterrupted"
+    loss, said = evaluate(str(full / "final"))
+    assert f"{loss:.4f}" == f"{uninterrupted[1][6]:.4f}"
+    assert "--seq-len 32, --dtype float32, --isolate-documents: as the run in " \
+        f"{full} trained" in said
+    assert evaluate(str(full / "final"), "--seq-len", "256")[0] != pytest.approx(loss, abs=1e-3)
+
+    lora = tmp_path / "lora"
+    assert finetune.main(flags(files, lora, "--lora-rank", "2", "--steps", "2",
+                               "--eval-every", "2", "--dtype", "bfloat16")) == 0
+    run_eval = losses(lora)[1][2]
+    loss, said = evaluate(str(files / "ckpt"), "--adapters", str(lora / "adapters"))
+    assert f"{loss:.4f}" == f"{run_eval:.4f}"
+    assert "--seq-len 32, --dtype bfloat16" in said
+    assert evaluate(str(files / "ckpt"), "--adapters", str(lora / "adapters"), "--seq-len",
+                    "256")[0] != pytest.approx(loss, abs=1e-3)
+    assert eval_cli.main([str(lora / "adapters"), "--data", str(files / "eval.jsonl")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {lora / 'adapters'} holds LoRA adapters, not a checkpoint: evaluate them on "
+        f"their base, python -m train.eval {files / 'ckpt'} --adapters {lora / 'adapters'} ...\n")
+    # a checkpoint outside any run: the defaults, and nothing said about a run
+    assert "as the run" not in evaluate(str(files / "ckpt"), "--seq-len", "32")[1]
+
+
 def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch, capsys):
     """Ctrl-C after step 3: the run says where its last checkpoint is and the command that
     resumes it; that command gives the uninterrupted run's losses."""
