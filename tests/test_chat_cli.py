@@ -1,6 +1,6 @@
 """`python -m mistral_jax.chat` driven through its stdin as a user types: each reply equals
-generate() on the conversation so far; /reset starts again; /exit and Ctrl-D (stdin closed)
-end it with exit code 0."""
+generate() on the conversation so far (with the sampling flags generate takes); /reset starts
+again and says so; /exit and Ctrl-D (stdin closed) end it with exit code 0."""
 
 import os
 import subprocess
@@ -10,11 +10,11 @@ import mistral_jax
 from tests.test_serve import ckpt, model  # noqa: F401 (fixtures)
 
 
-def run_chat(ckpt, stdin):  # noqa: F811
+def run_chat(ckpt, stdin, *flags):  # noqa: F811
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "mistral_jax.chat", ckpt.name, "--system",
-                           "Be brief.", "--max-new-tokens", "8"], input=stdin,
+                           "Be brief.", "--max-new-tokens", "8", *flags], input=stdin,
                           capture_output=True, text=True, timeout=300, env=env,
                           cwd=ckpt.parent)
 
@@ -33,7 +33,20 @@ def test_turns_reset_and_exit(ckpt, model):  # noqa: F811
     fresh = reply("And salt?")
     done = run_chat(ckpt, "Hi\nAnd salt?\n/reset\nAnd salt?\n/exit\nnever read\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{first}\n{second}\n{fresh}\n"
+    assert done.stdout == \
+        f"{first}\n{second}\n(conversation reset: the system message kept)\n{fresh}\n"
     closed = run_chat(ckpt, "Hi\n")  # then Ctrl-D
     assert closed.returncode == 0, closed.stderr
     assert closed.stdout == f"{first}\n\n"
+
+
+def test_repetition_penalty_reaches_the_reply(ckpt, model):  # noqa: F811
+    """--repetition-penalty (one of the sampling flags the chat shares with generate) gives
+    generate()'s reply with the same repetition_penalty, not the plain greedy one."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = mistral_jax.generate(model, messages=messages, max_new_tokens=24,
+                                    repetition_penalty=1.5)
+    assert expected != mistral_jax.generate(model, messages=messages, max_new_tokens=24)
+    done = run_chat(ckpt, "Hi\n", "--max-new-tokens", "24", "--repetition-penalty", "1.5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{expected}\n\n"

@@ -1,5 +1,6 @@
 """What the command lines share: a help formatter that shows defaults, the --mesh / --dtype
-flags, and the rule that bad input ends in one line on stderr and a non-zero exit code."""
+flags, generate()'s sampling flags, and the rule that bad input ends in one line on stderr and
+a non-zero exit code."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="DxT|auto",
                    help="device mesh: D-way data x T-way tensor parallel over D*T devices (T "
                    "must divide the attention heads); on a CPU, fake CPU devices are made for "
-                   "it; auto: every device, the largest T that fits the model"
+                   "a mesh of more than one (they share the cores: slower than one); auto: on a "
+                   "CPU the one real device, elsewhere every device with the largest T that "
+                   "fits the model"
                    + ("" if default else "; default: one device"))
 
 
@@ -59,6 +62,28 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float16", "float32"],
                    default=None, help="the KV cache's dtype (default: the compute dtype); int8 "
                    "keeps a scale per token and head")
+
+
+def add_sampling(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """generate()'s options for what it samples: --max-new-tokens, --temperature, --top-k,
+    --top-p, --repetition-penalty, --seed (`sampling(args)` hands them back as its keywords)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is "
+                   "greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of "
+                   "tokens holding this probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL's penalty on "
+                   "tokens already in the text (> 1 discourages them; 1.2 breaks a greedy loop)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+
+
+def sampling(args) -> dict:
+    """The keywords of generate() that `add_sampling`'s flags set."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def load_model(args):

@@ -18,12 +18,7 @@ def arguments():
     p = cli.parser("python -m mistral_jax.chat", __doc__)
     p.add_argument("ckpt", help="checkpoint directory, with a tokenizer (and a chat template)")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message first")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens of a reply")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is "
-                   "greedy")
-    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of "
-                   "tokens holding this probability")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    cli.add_sampling(p, max_new_tokens=256)
     cli.add_model(p)
     return p
 
@@ -50,15 +45,15 @@ def chat(args) -> None:
             return
         if line.strip() == "/reset":
             messages = list(start)
+            print("(conversation reset" + (": the system message kept)" if start else ")"),
+                  flush=True)
             continue
         if not line.strip():
             continue
         turn = [*messages, {"role": "user", "content": line}]
         reply = ""
         try:
-            for piece in generate(model, messages=turn, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p,
-                                  seed=args.seed, stream=True):
+            for piece in generate(model, messages=turn, stream=True, **cli.sampling(args)):
                 print(piece, end="", flush=True)
                 reply += piece
         except KeyboardInterrupt:  # the reply so far stays in the conversation

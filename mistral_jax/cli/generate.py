@@ -18,17 +18,9 @@ def arguments():
     p.add_argument("ckpt", help="checkpoint directory (convert.from_torch or train.finetune "
                    "writes one)")
     p.add_argument("prompt", help="text to complete (with --chat: the user's message)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is "
-                   "greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of "
-                   "tokens holding this probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL's penalty on "
-                   "tokens already in the text (> 1 discourages them)")
+    cli.add_sampling(p, max_new_tokens=64)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="end at this "
                    "text, not printed (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message "
                    "through the checkpoint's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system "
@@ -51,9 +43,7 @@ def generate(args) -> None:
     start = time.perf_counter()
     model = cli.load_model(args)
     loaded = time.perf_counter()
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                  repetition_penalty=args.repetition_penalty, stream=True)
+    kwargs = dict(cli.sampling(args), stop=args.stop, stream=True)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = [*system, {"role": "user", "content": args.prompt}]
