@@ -10,7 +10,9 @@ its alpha with it, so alpha / r stays what was trained.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -67,8 +69,9 @@ def peft_tensors(kind: str, arrays: dict, layers: int) -> dict[str, np.ndarray]:
     return out
 
 
-def peft_config(kind: str, info: dict) -> dict:
-    """adapter_config.json for PEFT's LoraConfig."""
+def peft_config(kind: str, info: dict, base_model: str | None = None) -> dict:
+    """adapter_config.json for PEFT's LoraConfig; `base_model` the Hugging Face model it
+    names as its base (None: none named)."""
     targets = info["targets"]
     modules = sorted({_target_module(MODULES[kind][t]) for t in targets})
     fused = [t for t in FUSED if t in targets] if kind == "gpt2" else []
@@ -80,16 +83,21 @@ def peft_config(kind: str, info: dict) -> dict:
             "lora_alpha": info["alpha"], "target_modules": modules, "lora_dropout": 0.0,
             "bias": "none", "fan_in_fan_out": kind == "gpt2",  # GPT-2's Conv1D is [in, out]
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "base_model_name_or_path": info.get("base"), "inference_mode": True,
+            "base_model_name_or_path": base_model, "inference_mode": True,
             "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
             "use_dora": False}
 
 
-def export(adapters: str | os.PathLike, out: str | os.PathLike, *,
-           overwrite: bool = False) -> Path:
-    """Write the PEFT folder `out` for our adapters directory `adapters`."""
+def export(adapters: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+           base_model: str | None = None) -> Path:
+    """Write the PEFT folder `out` for our adapters directory `adapters`. `base_model` (a Hub
+    id or a Hugging Face folder: the base exported by `convert.to_torch`, or what it was
+    converted from) is the base adapter_config.json names; without it none is named, and a
+    note says how to name one."""
     out = files.check_new(out, overwrite)
     info = lora.read_info(adapters)
+    if base_model is not None:
+        check_base_model(base_model, info)
     kind = info.get("model_type", "mistral")
     unknown = [t for t in info["targets"] if t not in MODULES[kind]]
     if unknown:
@@ -101,7 +109,41 @@ def export(adapters: str | os.PathLike, out: str | os.PathLike, *,
     layers = next(iter(arrays["layers"].values()))["a"].shape[0]
     tensors = peft_tensors(kind, arrays, layers)
     with files.atomic_directory(out, overwrite=overwrite) as tmp:
-        files.write_json(tmp / "adapter_config.json", peft_config(kind, info))
+        files.write_json(tmp / "adapter_config.json", peft_config(kind, info, base_model))
         save_file({k: v.astype(np.float32) for k, v in tensors.items()},
                   tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        files.as_new_file(tmp / "adapter_model.safetensors")
+    if base_model is None:
+        base = info.get("base") or "BASE"
+        print(f"note: {out / 'adapter_config.json'} names no base model "
+              "(base_model_name_or_path: null), as the adapters' base is a mistral_jax "
+              f"checkpoint that transformers cannot load; export it (python -m convert.to_torch "
+              f"{base} hf-base/) and pass --base-model hf-base/ (or the Hub id it came from), "
+              "or give PeftModel.from_pretrained the base model yourself", file=sys.stderr)
     return out
+
+
+# config.json sizes that must agree between the adapters' base and the model named as it
+SIZES = ("hidden_size", "num_hidden_layers", "n_embd", "n_layer")
+
+
+def check_base_model(name: str, info: dict) -> None:
+    """`name` is something transformers can load as the adapters' base: not one of our
+    checkpoints, and, when it is a local folder, a Hugging Face one of the same sizes."""
+    path = Path(name)
+    if not path.exists():
+        return  # a Hub id (or a folder still to be written): transformers resolves it
+    if (path / "config.json").is_file() and (path / files.WEIGHTS).is_dir():
+        raise lora.LoraError(f"--base-model {name} is a mistral_jax checkpoint, which "
+                             "transformers cannot load: export it first (python -m "
+                             f"convert.to_torch {name} hf-base/) and name the export")
+    if not (path / "config.json").is_file():
+        raise lora.LoraError(f"--base-model {name} is not a Hugging Face model folder (it has "
+                             "no config.json); name the base's export or its Hub id")
+    theirs = json.loads((path / "config.json").read_text())
+    ours = info.get("base_config") or {}
+    differ = [f"{k} {theirs[k]} there, {ours[k]} in the adapters' base" for k in SIZES
+              if k in theirs and k in ours and theirs[k] != ours[k]]
+    if differ:
+        raise lora.LoraError(f"--base-model {name} is not the adapters' base: "
+                             + "; ".join(differ))

@@ -4,7 +4,7 @@ same logits; or LoRA adapters (train.finetune's OUT/adapters) to a PEFT folder t
 `peft.PeftModel.from_pretrained(base, OUT)` loads onto the exported base.
 
     python -m convert.to_torch ckpt/ hf-out/
-    python -m convert.to_torch run/adapters peft-out/
+    python -m convert.to_torch run/adapters peft-out/ --base-model hf-out/
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def export(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
         files.write_config(tmp, config, model.tokenizer,
                            dtype=str(dtype).removeprefix("torch."))
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        files.as_new_file(tmp / "model.safetensors")  # safetensors writes it 0600
     return out
 
 
@@ -57,13 +58,23 @@ def main(argv=None) -> int:
     p.add_argument("ckpt", help="mistral_jax checkpoint directory, or a LoRA adapters directory")
     p.add_argument("out", help="Hugging Face (or PEFT) folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--base-model", metavar="NAME_OR_PATH", help="with an adapters directory: "
+                   "the Hugging Face model the PEFT folder names as its base "
+                   "(base_model_name_or_path), a Hub id or a folder, such as the base "
+                   "checkpoint's own export (default: none named, and a note says so)")
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:  # before any work
         print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose "
               "another OUT", file=sys.stderr)
         return 1
-    write = peft.export if lora.is_adapters(args.ckpt) else export
-    return report(lambda: write(args.ckpt, args.out, overwrite=args.overwrite))
+    if lora.is_adapters(args.ckpt):
+        return report(lambda: peft.export(args.ckpt, args.out, overwrite=args.overwrite,
+                                          base_model=args.base_model))
+    if args.base_model is not None:
+        print(f"error: --base-model goes with an adapters directory, and {args.ckpt} is not "
+              "one (a checkpoint's export is itself the base)", file=sys.stderr)
+        return 1
+    return report(lambda: export(args.ckpt, args.out, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

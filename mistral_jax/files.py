@@ -86,6 +86,22 @@ def write_json(path: Path, record: dict) -> None:
         path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def as_new_file(path: Path) -> None:
+    """Give the file `path` the mode `open` gives a new file: 0666 less the umask (0644 under
+    the usual 022). For files written by libraries that make them 0600 (safetensors)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere: set it to read it, and put it back at once
+        os.umask(mask)
+        return mask
+
+
 def write_arrays(path: Path, tree: dict) -> None:
     """A nested dict of arrays as an Orbax checkpoint at `path` (every process its shards)."""
     with ocp.StandardCheckpointer() as ckptr:

@@ -5,6 +5,8 @@ onto the exported base with our logits, for Mistral and for GPT-2's fused c_attn
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import jax
 import numpy as np
@@ -79,6 +81,50 @@ def test_the_peft_export_loads_in_peft_with_our_logits(setup):
         expected = theirs(torch.tensor(IDS)).logits.numpy()
     ours = mistral_jax.load(d / "base", adapters=d / "adapters")
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(ours, IDS)), expected, atol=1e-4)
+
+
+def test_the_peft_export_names_the_hf_base_it_was_given(setup, tmp_path, capsys):
+    """--base-model goes into adapter_config.json, so peft's AutoPeftModelForCausalLM loads the
+    folder on its own; without it no base is named (not our checkpoint, which transformers
+    cannot load) and a note says how to name one; the safetensors file's mode is the umask's."""
+    kind, d, _, _ = setup
+    assert to_torch.main([str(d / "base"), str(tmp_path / "hf-base")]) == 0
+    peft_out = tmp_path / "peft"
+    assert to_torch.main([str(d / "adapters"), str(peft_out), "--base-model",
+                          str(tmp_path / "hf-base")]) == 0
+    config = json.loads((peft_out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "hf-base")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(peft_out).eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor(IDS)).logits.numpy()
+    ours = mistral_jax.load(d / "base", adapters=d / "adapters")
+    np.testing.assert_allclose(np.asarray(mistral_jax.forward(ours, IDS)), expected, atol=1e-4)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in peft_out.iterdir()} == \
+        {oct(0o666 & ~umask)}
+    capsys.readouterr()
+
+    assert to_torch.main([str(d / "adapters"), str(tmp_path / "unnamed")]) == 0
+    config = json.loads((tmp_path / "unnamed" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None
+    note = capsys.readouterr().err
+    assert note.startswith(f"note: {tmp_path / 'unnamed' / 'adapter_config.json'} names no base "
+                           "model") and "--base-model hf-base/" in note and note.count("\n") == 1
+
+    ckpt, not_hf = d / "base", d / "adapters"
+    for base, error in ((ckpt, f"--base-model {ckpt} is a mistral_jax checkpoint, which "
+                         "transformers cannot load: export it first (python -m convert.to_torch "
+                         f"{ckpt} hf-base/) and name the export"),
+                        (not_hf, f"--base-model {not_hf} is not a Hugging Face model folder (it "
+                         "has no config.json); name the base's export or its Hub id")):
+        assert to_torch.main([str(d / "adapters"), str(tmp_path / "refused"), "--base-model",
+                              str(base)]) == 1
+        assert capsys.readouterr().err == f"error: {error}\n"
+    assert to_torch.main([str(d / "base"), str(tmp_path / "refused"), "--base-model",
+                          str(tmp_path / "hf-base")]) == 1
+    assert "--base-model goes with an adapters directory" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_merge_lora_writes_what_load_applies(setup, tmp_path, capsys):

@@ -211,6 +211,7 @@ def test_lora_adapters_go_everywhere(followed):
     assert (cwd / "merged" / "weights").is_dir()
     peft_config = json.loads((cwd / "peft-out" / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 8
+    assert peft_config["base_model_name_or_path"] == "hf-out/"  # the Quickstart's export
     adapted = result(followed, "python -m mistral_jax.generate ckpt/ My favourite condiment "
                      "is --adapters").stdout
     assert adapted.startswith("My favourite condiment is")
