@@ -1,7 +1,10 @@
 """Does our model give transformers' logits? Runs the Hugging Face torch model in HF_FOLDER and
-ours (the checkpoint CKPT, or HF_FOLDER converted in memory) on the same random token ids, in
-float32, and prints how far apart they are: the largest logit difference, against the largest
-logit, the top-1 agreement and the two perplexities.
+ours (the checkpoint CKPT, or HF_FOLDER converted in memory) on the same tokens, in float32, and
+prints how far apart they are: the largest logit difference, against the largest logit, the
+top-1 agreement and the two perplexities. The tokens are a passage of The Devil's Dictionary
+(train/corpus) tokenized with the checkpoint's tokenizer, so the perplexity is a model's on
+text; without a tokenizer, random token ids, on which every model's perplexity is high (about
+the vocabulary's size, or more).
 
 The verdict scales with the model: float32 rounding over many layers grows with the logits, so
 the largest difference may be --atol plus --rtol times the largest logit; the top-1 agreement
@@ -30,6 +33,7 @@ import mistral_jax
 from convert import from_torch, hf
 from mistral_jax import models, trees
 from mistral_jax.cli import HelpFormatter
+from mistral_jax.tokenizer import Tokenizer
 
 # Tiny configs for --demo and the tests: a 4-token window so 16 tokens span 4 windows.
 TINY = {
@@ -63,10 +67,37 @@ def random_hf_model(kind: str, *, seed: int = 0, **overrides):
     return model
 
 
-def compare(theirs, model, *, batch: int = 2, length: int = 32, seed: int = 0) -> dict:
-    """How far our logits and loss are from a torch model's on random ids."""
+def tokens(model, tokenizer, *, batch: int = 2, length: int = 32,
+           seed: int = 0) -> tuple[np.ndarray, str]:
+    """[batch, length] ids to compare on, and what they are: the dictionary from its entry
+    PASSAGE on, tokenized with `tokenizer`, cut into rows; random ids without a tokenizer."""
     length = min(length, model.config.max_position_embeddings)
+    if tokenizer is not None:
+        ids = np.asarray(tokenizer.encode_text(passage()), np.int64)[:batch * length]
+        if len(ids) == batch * length and ids.max() < model.config.vocab_size:
+            return ids.reshape(batch, length), (
+                f"{batch} x {length} tokens of text (The Devil's Dictionary from its entry "
+                f"{PASSAGE} on, in train/corpus, with the checkpoint's tokenizer)")
+    why = "no tokenizer" if tokenizer is None else "the tokenizer's ids do not fit the model"
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, length))
+    return ids, (f"{batch} x {length} random token ids ({why}; on random ids a perplexity "
+                 "near the vocabulary's size, or above, is expected)")
+
+
+PASSAGE = "LAWYER"  # the dictionary entry the text compared on starts at
+
+
+def passage(entries: int = 20) -> str:
+    """`entries` entries of the dictionary from PASSAGE on: plain prose, hundreds of tokens."""
+    from train import default
+
+    found = default.entries(default.CORPUS.read_text(encoding="utf-8"))
+    first = next(i for i, e in enumerate(found) if e.startswith(PASSAGE + ","))
+    return "\n\n".join(found[first:first + entries])
+
+
+def compare(theirs, model, ids: np.ndarray) -> dict:
+    """How far our logits and loss are from a torch model's on the token ids `ids`."""
     with torch.no_grad():
         out = theirs(torch.tensor(ids), labels=torch.tensor(ids))
     ref, ref_loss = out.logits.float().numpy(), out.loss.item()
@@ -96,13 +127,17 @@ class Tolerance:
 
 
 def check(hf_folder: Path, ckpt: Path | None) -> dict:
+    """`compare`'s figures, and under "tokens" what they were measured on."""
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     if ckpt is not None:
         model = mistral_jax.load(ckpt, dtype=np.float32)
+        tokenizer = model.tokenizer
     else:
         config, weights = hf.convert(hf_folder, np.float32)
         model = trees.with_weights(models.abstract(config), weights)
-    return compare(theirs.eval(), model)
+        tokenizer = Tokenizer.from_dir(hf_folder)
+    ids, what = tokens(model, tokenizer)
+    return {**compare(theirs.eval(), model, ids), "tokens": what}
 
 
 def demo(tolerance: Tolerance) -> bool:
@@ -124,8 +159,8 @@ def report(name: str, r: dict, tolerance: Tolerance) -> bool:
     missed = [k for k, v in verdict.items() if not v]
     print(f"{name}: max |logit diff| {r['max_abs_logit_diff']:.2e} (allowed {allowed:.1e} for "
           f"logits up to {r['max_abs_logit']:.1f}), top-1 agreement {r['top1_agreement']:.1%}, "
-          f"perplexity {r['perplexity']:.6g} vs transformers' {r['their_perplexity']:.6g} "
-          + (f"[FAIL: {', '.join(missed)}]" if missed else "[ok]"))
+          f"perplexity {r['perplexity']:.6g} vs transformers' {r['their_perplexity']:.6g}, "
+          f"on {r['tokens']} " + (f"[FAIL: {', '.join(missed)}]" if missed else "[ok]"))
     return not missed
 
 

@@ -166,6 +166,12 @@ def test_smollm_converted_and_exported_back_passes_parity(smollm, tmp_path, caps
     line = capsys.readouterr().out.strip().splitlines()[-1]
     print(line)
     assert "top-1 agreement 100.0%" in line and line.endswith("[ok]")
+    # measured on text with the checkpoint's tokenizer, and said so: a language model's
+    # perplexity, not the 2.6e6 of random ids
+    assert ", on 2 x 32 tokens of text (The Devil's Dictionary from its entry LAWYER on, in " \
+        "train/corpus, with the checkpoint's tokenizer) [ok]" in line
+    perplexity = float(line.split(", perplexity ")[1].split()[0])
+    assert 1 < perplexity < 1000, line
 
 
 def test_smollm_tokenizer(smollm):

@@ -146,3 +146,25 @@ def test_bfloat16_top1_agrees_with_torch(kind, tmp_path):
     got = np.asarray(mistral_jax.forward(mine, ids))
     assert top1_agreement(got, ref) >= 0.99
     assert top1_agreement(got, ref_bf16) >= 0.99
+
+
+def test_convert_parity_names_the_tokens_it_measured_on(tmp_path, capsys):
+    """convert.parity's line says what its perplexity is of: text, tokenized with the
+    checkpoint's tokenizer, when there is one (in CKPT, or in the HF folder converted in
+    memory); random ids, whose perplexity is high for any model, only without one."""
+    from convert import from_torch, parity
+    from tests.reference import text_model
+
+    text_model(tmp_path / "hf")
+    assert from_torch.main([str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    text = ", on 2 x 32 tokens of text (The Devil's Dictionary from its entry LAWYER on, in " \
+        "train/corpus, with the checkpoint's tokenizer) [ok]\n"
+    for argv in ([tmp_path / "hf", tmp_path / "ckpt"], [tmp_path / "hf"]):
+        assert parity.main([str(a) for a in argv]) == 0
+        assert capsys.readouterr().out.endswith(text)
+    assert parity.main(["--demo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.endswith(
+        ", on 2 x 32 random token ids (no tokenizer; on random ids a perplexity near the "
+        "vocabulary's size, or above, is expected) [ok]") for line in lines), lines
