@@ -38,7 +38,8 @@ from mistral_jax.checkpoint import StreamingWriter
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Each format is a module with `detect(path) -> bool` and `conversion(path, **options) ->
 # Conversion`; a module with options adds their flags in `add_arguments(parser)`, and the flags
-# the user sets reach its `conversion` as keyword arguments.
+# the user sets reach its `conversion` as keyword arguments. A module whose tensors may be
+# stored quantized says what --dtype / --quantize make of them in `storage_notes`.
 FORMATS = {"hf": hf, "mistral": mistral_original, "gguf": gguf, "megatron": megatron}
 
 
@@ -68,13 +69,17 @@ def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,
     if not module.detect(src):
         raise ConversionError(f"{src} is not in the {format!r} format; try --format auto")
     conversion = module.conversion(src, **options)
-    for note in conversion.notes:
+    quant.check_method(quantize)
+    groups = conversion.quantized_groups() if quantize else {}
+    notes = list(conversion.notes)
+    if hasattr(module, "storage_notes"):  # what the flags make of a quantized source's tensors
+        notes += module.storage_notes(conversion, dtype=dtype, quantize=quantize,
+                                      kept=set(groups))
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if conversion.tokenizer is None:
         print(f"warning: {src} has no tokenizer; the checkpoint will take token ids only",
               file=sys.stderr)
-    quant.check_method(quantize)
-    groups = conversion.quantized_groups() if quantize else {}
     with StreamingWriter(conversion.config, out, tokenizer=conversion.tokenizer,
                          overwrite=overwrite, quantize=quantize, groups=groups) as writer:
         conversion.convert(dtype=DTYPES[dtype] if dtype else None, progress=progress,

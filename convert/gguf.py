@@ -14,6 +14,7 @@ config and the tokenizer; tensors are memory-mapped and dequantized one at a tim
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,10 @@ from convert.conversion import Conversion
 from convert.errors import ConversionError
 from convert.gguf_tokenizer import read_tokenizer
 from convert.hf import mistral_keymap
-from convert.keymaps import KeyMap, renamed
+from convert.keymaps import KeyMap, keymap_target, renamed
 from convert.layouts import rope_halves
 from convert.sources import TensorSource
+from mistral_jax import quant
 from mistral_jax.configs import ConfigError, MistralConfig
 
 ARCHITECTURES = ("llama", "mistral")
@@ -233,15 +235,38 @@ def conversion(path: Path, *, sliding_window: int | None = None) -> Conversion:
                               f"does not dequantize: {', '.join(unsupported[:8])}"
                               f"{' ...' if len(unsupported) > 8 else ''}; supported: "
                               f"{', '.join(SUPPORTED_TYPES)}")
-    notes = []
-    types = sorted({t.tensor_type.name for t in reader.tensors} - {"F32"})
-    if types:
-        notes.append(f"{path.name}: {'/'.join(types)} tensors dequantized (stored as float32 "
-                     "unless --dtype or --quantize says otherwise; --quantize int8 keeps Q8_0 "
-                     "ones as they are)")
+    notes = []  # what becomes of the quantized tensors depends on the flags: `storage_notes`
     name = str(meta.get("general.name", ""))
     if config.sliding_window is None and "mistral" in name.lower():
         notes.append(f"{path.name} ({name}) records no sliding window: converted with full "
                      "attention, as llama.cpp runs it (--sliding-window 4096 for Mistral-7B's)")
     return Conversion(config, GGUFSource(path, reader), keymap(config), (),
                       read_tokenizer(path, meta), notes, origin=str(path))
+
+
+def storage_notes(conversion: Conversion, *, dtype: str | None, quantize: str | None,
+                  kept: Collection[str]) -> list[str]:
+    """What is done with the file's tensors in types other than F32 under the flags given:
+    dequantized and stored in --dtype (float32 without it); with --quantize, the matmul weights
+    requantized, except those `kept` as the file's own int8 blocks (Q8_0)."""
+    matmuls = quant.table(conversion.config) if quantize else {}
+    fates: dict[str, list[str]] = {}  # what is done -> the tensor types it is done to
+    for key, tensor in conversion.source.tensors.items():
+        kind = tensor.tensor_type.name
+        if kind == "F32":
+            continue
+        target = keymap_target(conversion.keymap, key)
+        if target in kept:
+            fate = "kept as they are, int8 with their own block scales"
+        elif target in matmuls:
+            fate = f"dequantized and requantized to {quantize} with a scale per output channel"
+        else:
+            fate = f"dequantized and stored as {dtype or 'float32'}"
+        if kind not in fates.setdefault(fate, []):
+            fates[fate].append(kind)
+    if not fates:
+        return []
+    done = "; ".join(f"{'/'.join(sorted(kinds))} tensors {fate}" for fate, kinds in fates.items())
+    hint = " (--dtype bfloat16 or --quantize int8 store fewer bytes; --quantize int8 keeps " \
+        "Q8_0 tensors as they are)" if dtype is None and quantize is None else ""
+    return [f"{conversion.source.path.name}: {done}{hint}"]

@@ -174,6 +174,20 @@ def test_smollm_converted_and_exported_back_passes_parity(smollm, tmp_path, caps
     assert 1 < perplexity < 1000, line
 
 
+@pytest.mark.parametrize("flags,note", [
+    ([], "Q4_1/Q8_0 tensors dequantized and stored as float32 (--dtype bfloat16 or --quantize "
+         "int8 store fewer bytes; --quantize int8 keeps Q8_0 tensors as they are)"),
+    (["--quantize", "int8"], "Q8_0 tensors kept as they are, int8 with their own block scales; "
+     "Q4_1 tensors dequantized and requantized to int8 with a scale per output channel")])
+def test_smollm_conversion_note_says_what_the_flags_did(smollm, flags, note, tmp_path, capsys):
+    """SmolLM2's Q4_1 file holds a Q8_0 embedding: what the converter's note says becomes of
+    each, for the flags given (it said "stored as float32" under --quantize int8 too)."""
+    path, *_ = smollm
+    assert from_torch.main([str(path), str(tmp_path / "ckpt"), "--no-progress", *flags]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {path.name}: {note}"]
+
+
 def test_smollm_tokenizer(smollm):
     _, params, _, tok, _ = smollm
     ours_tok = params.tokenizer  # rebuilt from the metadata, saved and loaded with the checkpoint
