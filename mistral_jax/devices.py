@@ -1,9 +1,15 @@
-"""Devices for the command lines: fake CPU devices for a mesh larger than the machine (set
-before JAX starts), JAX's own multi-controller runtime (`jax.distributed`) for multi-host runs,
-and a `--mesh` value turned into a mesh that fits both the devices and the model.
+"""Devices for the command lines: which devices `--mesh` runs on, fake CPU devices only for a
+mesh of more CPU devices than there are (set before JAX starts), JAX's own multi-controller
+runtime (`jax.distributed`) for multi-host runs, and a `--mesh` value turned into a mesh that
+fits both the devices and the model.
 
-XLA reads `--xla_force_host_platform_device_count` when its CPU backend starts, so `prepare`
-must run before anything touches `jax.devices()`; importing this module does not import JAX.
+On a CPU, `--mesh auto` is the real device: XLA's CPU client is one device per process, whose
+programs use every core. Fake devices (`--xla_force_host_platform_device_count`) split those
+same cores into programs that run side by side and exchange copies, which costs time and memory
+on a small CPU; they exist to show and test tensor parallelism (`--mesh 1x8`), and are made only
+when a mesh asks for more devices than the process has. On GPUs and TPUs, auto takes every
+device. XLA reads the flag when its CPU backend starts, so `prepare` must run before anything
+touches `jax.devices()`; importing this module does not import JAX.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import re
 
 FLAG = "--xla_force_host_platform_device_count"
 AUTO = "auto"
-AUTO_CPU_DEVICES = 8  # what `--mesh auto` spreads over on a CPU: fake devices, as in the tests
 
 
 def parse(spec: str) -> tuple[int, int] | None:
@@ -24,14 +29,15 @@ def parse(spec: str) -> tuple[int, int] | None:
 
 
 def prepare(spec: str | None, num_processes: int = 1) -> None:
-    """Before JAX starts: ask XLA for as many CPU devices as the mesh `spec` needs (split over
-    `num_processes`), unless XLA_FLAGS already sets a count. A GPU or TPU backend ignores it."""
-    if spec is None:
+    """Before JAX starts: for a mesh "DxT" of more than one device per process, ask XLA for
+    D*T / `num_processes` CPU devices in each process (fake ones: a CPU is one device), unless
+    XLA_FLAGS already sets a count. "auto" and None ask for none. GPU and TPU backends ignore
+    the flag."""
+    shape = None if spec is None else parse(spec)
+    if shape is None:
         return
-    shape = parse(spec)
-    count = AUTO_CPU_DEVICES if shape is None else shape[0] * shape[1]
+    per_process = shape[0] * shape[1] // num_processes
     flags = os.environ.get("XLA_FLAGS", "")
-    per_process = count // num_processes
     if FLAG in flags or per_process <= 1:
         return
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={per_process}".strip()
@@ -46,6 +52,20 @@ def initialize_distributed(coordinator: str | None, num_processes: int, process_
     if os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def real_devices() -> list:
+    """The devices `--mesh auto` runs on: every GPU or TPU; on a CPU, each process's one real
+    device (the first, whatever fake ones XLA_FLAGS made)."""
+    import jax
+
+    devices = jax.devices()
+    if devices[0].platform != "cpu":
+        return devices
+    first = {}
+    for device in devices:
+        first.setdefault(device.process_index, device)
+    return list(first.values())
 
 
 def fitting_model_axes(config, devices: int) -> list[int]:
@@ -67,35 +87,46 @@ def mesh_for(spec: str | None, config, *, flag: str = "--mesh"):
     """(the mesh `spec` asks for, checked against `config`, or None for one device; a note on
     what was chosen for the user, or None).
 
-    "auto" takes every device with the largest model axis that fits the model (the rest goes to
-    data). A mesh that does not fit the model is an error that names a mesh that would.
+    "auto" is the real devices (`real_devices`) with the largest model axis that fits the model
+    (the rest goes to data). A mesh that does not fit the model is an error that names a mesh
+    that would.
     """
-    import jax
-
     from mistral_jax.sharding import ShardingError, check_layout, make_mesh
 
     if spec is None:
         return None, None
-    shape, available = parse(spec), jax.device_count()
-    said = []
+    shape = parse(spec)
     if shape is None:
-        model = fitting_model_axes(config, available)[0]
-        spec = f"{available // model}x{model}"
-        said.append(f"{flag} auto: {spec} ({available // model}-way data, {model}-way tensor "
-                    f"parallel over {available} {jax.devices()[0].platform} devices)")
-    else:
-        try:
-            check_layout(config, shape[1])
-        except ShardingError as e:
-            fits = fitting_model_axes(config, shape[0] * shape[1])
-            hint = f"; {flag} {shape[0] * shape[1] // fits[0]}x{fits[0]} fits" if fits else ""
-            raise ShardingError(f"{flag} {spec}: {e}{hint}") from None
+        return _auto(config, flag)
+    try:
+        check_layout(config, shape[1])
+    except ShardingError as e:
+        fits = fitting_model_axes(config, shape[0] * shape[1])
+        hint = f"; {flag} {shape[0] * shape[1] // fits[0]}x{fits[0]} fits" if fits else ""
+        raise ShardingError(f"{flag} {spec}: {e}{hint}") from None
     mesh = make_mesh(spec)
-    if mesh.devices.flat[0].platform == "cpu" and mesh.size > 1 and fake_cpu_count() \
-            and shape is not None:
-        said.append(f"{flag} {spec}: {mesh.size} CPU devices ({FLAG}={fake_cpu_count()} in "
-                    "XLA_FLAGS)")
-    return mesh, "; ".join(said) or None
+    note = None
+    if mesh.devices.flat[0].platform == "cpu" and mesh.size > 1 and fake_cpu_count():
+        note = f"{flag} {spec}: {mesh.size} CPU devices ({FLAG}={fake_cpu_count()} in XLA_FLAGS)"
+    return mesh, note
+
+
+def _auto(config, flag: str):
+    import jax
+
+    from mistral_jax.sharding import make_mesh
+
+    devices = real_devices()
+    model = fitting_model_axes(config, len(devices))[0]
+    data, platform = len(devices) // model, devices[0].platform
+    spec = f"{data}x{model}"
+    mesh = make_mesh(spec, devices)
+    if platform == "cpu" and jax.process_count() == 1:
+        return mesh, (f"{flag} auto: {spec} (the one CPU device; a larger {flag} makes fake "
+                      "CPU devices, which share its cores and run slower)")
+    return mesh, (f"{flag} auto: {spec} ({data}-way data, {model}-way tensor parallel over "
+                  f"{len(devices)} {platform} devices"
+                  + (", one per process)" if platform == "cpu" else ")"))
 
 
 def fake_cpu_count() -> int | None:

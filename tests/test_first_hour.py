@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -84,12 +85,16 @@ NINE_HEADS = configs.MistralConfig(vocab_size=300, hidden_size=36, intermediate_
                                    max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
 
 
-def test_auto_mesh_takes_the_largest_model_axis_that_fits():
+def test_auto_mesh_is_the_one_real_cpu_device_and_elsewhere_the_largest_model_axis():
+    """On a CPU, auto is the real device even with the 8 fake ones of this process; for a count
+    of GPUs or TPUs, every device with the largest model axis that fits."""
     mesh, said = devices.mesh_for("auto", NINE_HEADS)  # SmolLM2's 9 heads, 3 kv heads
-    assert dict(mesh.shape) == {"data": 8, "model": 1}
-    assert said == "--mesh auto: 8x1 (8-way data, 1-way tensor parallel over 8 cpu devices)"
-    mesh, _ = devices.mesh_for("auto", configs.preset("mistral-20m"))
-    assert dict(mesh.shape) == {"data": 1, "model": 8}
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert list(mesh.devices.flat) == jax.devices()[:1]
+    assert said == ("--mesh auto: 1x1 (the one CPU device; a larger --mesh makes fake CPU "
+                    "devices, which share its cores and run slower)")
+    assert devices.fitting_model_axes(NINE_HEADS, 8) == [1]
+    assert devices.fitting_model_axes(configs.preset("mistral-20m"), 8) == [8, 4, 2, 1]
     with pytest.raises(mistral_jax.ShardingError, match="--mesh 1x8: num_attention_heads=9 is "
                        "not divisible by the model axis 8; .*--mesh 8x1 fits"):
         devices.mesh_for("1x8", NINE_HEADS)
@@ -105,7 +110,7 @@ def test_fine_tuning_a_nine_head_model_picks_a_mesh_and_says_which(text_ckpt, tm
                           "--out", str(tmp_path / "out"), "--steps", "1", "--seq-len", "32",
                           "--batch-size", "8"]) == 0
     err = capsys.readouterr().err
-    assert "note: --mesh auto: 8x1 (8-way data, 1-way tensor parallel over 8 cpu devices)" in err
+    assert "note: --mesh auto: 1x1 (the one CPU device; " in err
     assert (tmp_path / "out" / "final" / "weights").is_dir()
 
 

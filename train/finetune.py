@@ -7,7 +7,8 @@
 With no --init and no --data it trains a small Mistral on The Devil's Dictionary (shipped in
 train/corpus) for a few minutes. OUT receives checkpoints/ (Orbax, for --resume), metrics.jsonl,
 loss.png and, at the end, final/ (a checkpoint `python -m mistral_jax.generate` loads).
-On a CPU, a mesh of more devices than there are is made of fake CPU devices (XLA_FLAGS).
+On a CPU, --mesh auto is the one real CPU device; a mesh of more devices than there are is
+made of fake CPU devices (XLA_FLAGS), which show tensor parallelism but run slower.
 Multi-host: start one process per host with --coordinator, --num-processes and --process-id.
 """
 
@@ -46,9 +47,10 @@ def parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--mesh", default="auto", metavar="DxT|auto", help="device mesh DxT: D-way data "
         "parallel x T-way tensor (Megatron) parallel over D*T devices; T must divide the "
-        "attention heads. On a CPU, fake CPU devices are made for it. auto: every device (8 "
-        "on a CPU) with the largest T that fits the model, 1x8 for the default run "
-        "(default auto)")
+        "attention heads, D the micro-batch. On a CPU, a mesh of more than one device is made "
+        "of fake CPU devices, which share the cores and run slower than one. auto: on a CPU "
+        "the one real device (1x1), elsewhere every device with the largest T that fits the "
+        "model (default auto)")
     add("--init", metavar="CKPT", help="checkpoint directory to start from (convert.from_torch "
         "writes one); default: a small random Mistral, the embedded default run")
     add("--data", nargs="+", metavar="FILE", help="training data: .txt files (each one "
