@@ -136,7 +136,7 @@ def test_the_readme_sections_have_commands():
 
 
 def test_the_main_job_trains_and_generate_loads_what_it_wrote(followed):
-    cwd, _, _ = followed
+    cwd, results, _ = followed
     (run_dir,) = (cwd / "runs").iterdir()  # the default --out, relative to where it ran
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -145,6 +145,9 @@ def test_the_main_job_trains_and_generate_loads_what_it_wrote(followed):
     assert mistral_jax.load(run_dir / "final").config == default.CONFIG
     assert result(followed, "python -m mistral_jax.generate runs/").stdout.startswith(
         "LAWYER, n.")
+    # the command README suggests first samples: the 5M model's greedy text is `the` per line
+    (first,) = [argv for argv in results if argv.startswith("python -m mistral_jax.generate runs/")]
+    assert "--temperature 0.8" in first, first
     assert "[FAIL" not in result(followed, "python -m convert.parity --demo").stdout
 
 
