@@ -93,8 +93,8 @@ def test_auto_mesh_is_the_one_real_cpu_device_and_elsewhere_the_largest_model_ax
     assert list(mesh.devices.flat) == jax.devices()[:1]
     assert said == ("--mesh auto: 1x1 (the one CPU device; a larger --mesh makes fake CPU "
                     "devices, which share its cores and run slower)")
-    assert devices.fitting_model_axes(NINE_HEADS, 8) == [1]
-    assert devices.fitting_model_axes(configs.preset("mistral-20m"), 8) == [8, 4, 2, 1]
+    assert next(devices.fitting_meshes(NINE_HEADS, [8])) == (8, 1)
+    assert next(devices.fitting_meshes(configs.preset("mistral-20m"), [8])) == (1, 8)
     with pytest.raises(mistral_jax.ShardingError, match="--mesh 1x8: num_attention_heads=9 is "
                        "not divisible by the model axis 8; .*--mesh 8x1 fits"):
         devices.mesh_for("1x8", NINE_HEADS)

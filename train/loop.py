@@ -63,7 +63,8 @@ def set_up(args) -> Setup:
                              "ones: start from the float checkpoint (converted without "
                              "--quantize), and quantize what it gives")
         tokenizer = Tokenizer.from_dir(args.init)
-    mesh, mesh_note = devices.mesh_for(args.mesh, config)
+    micro = args.batch_size // args.grad_accum if args.batch_size % args.grad_accum == 0 else None
+    mesh, mesh_note = devices.mesh_for(args.mesh, config, micro_batch=micro)
     messages = [f"note: {mesh_note}"] if mesh_note else []
     D.check_batch(args.batch_size, args.grad_accum, mesh.shape["data"])
     if config.learned_positions is not None and args.seq_len > config.learned_positions:
