@@ -112,6 +112,8 @@ def test_fine_tuning_a_nine_head_model_picks_a_mesh_and_says_which(text_ckpt, tm
     err = capsys.readouterr().err
     assert "note: --mesh auto: 1x1 (the one CPU device; " in err
     assert (tmp_path / "out" / "final" / "weights").is_dir()
+    rows = [json.loads(r) for r in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [0 < r["mfu"] < 1 for r in rows if "loss" in r] == [True]
 
 
 # --- no silent wrong answers ---------------------------------------------------------------------
@@ -322,6 +324,8 @@ def test_keep_holds_the_last_checkpoints(text_ckpt, tmp_path):
                           str(tmp_path / "run"), "--steps", "4", "--save-every", "1", "--keep",
                           "2", "--seq-len", "32", "--mesh", "1x8", "--remat", "dots"]) == 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3", "4"]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [0 < r["mfu"] < 1 for r in rows if "loss" in r] == [True] * 4  # remat: not counted
 
 
 def test_eval_gives_transformers_loss_on_the_same_tokens(text_ckpt, tmp_path, capsys):

@@ -141,6 +141,7 @@ def test_the_main_job_trains_and_generate_loads_what_it_wrote(followed):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert loss[3] < loss[1]
+    assert all(0 < r["mfu"] < 1 for r in rows if "loss" in r)  # the default model's MFU
     assert (run_dir / "final" / "weights").is_dir() and not list(run_dir.glob(".final*"))
     assert mistral_jax.load(run_dir / "final").config == default.CONFIG
     assert result(followed, "python -m mistral_jax.generate runs/").stdout.startswith(

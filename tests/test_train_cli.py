@@ -53,10 +53,19 @@ def flags(files, out, *extra):
 
 
 def losses(out):
-    """{step: loss} and {step: eval_loss}; a resumed run's rows replace the earlier ones."""
+    """{step: loss} and {step: eval_loss}; a resumed run's rows replace the earlier ones. Each
+    run's MFU is checked on the way (`assert_mfu_is_a_fraction`)."""
     rows = report.read_metrics(Path(out))
+    assert_mfu_is_a_fraction(rows)
     return ({r["step"]: r["loss"] for r in rows if "loss" in r},
             {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
+
+
+def assert_mfu_is_a_fraction(rows):
+    """Every training row has an MFU above 0 and below 1 (train/flops.py: model FLOPs over the
+    measured peak of the run's own devices)."""
+    mfu = [r["mfu"] for r in rows if "loss" in r]
+    assert mfu and all(0 < m < 1 for m in mfu), mfu
 
 
 def assert_same_losses(got, expected):
@@ -323,3 +332,12 @@ def test_errors_from_the_command_line_are_one_line(tmp_path):
     assert proc.stderr.strip() == f"error: --resume: {tmp_path / 'none'} holds no checkpoint " \
         "to resume from"
     assert not (tmp_path / "none").exists()
+
+
+def test_every_run_here_recorded_an_mfu_below_one(files, uninterrupted):
+    """The runs this module made (full, resumed, killed, two processes, LoRA in bfloat16 with
+    remat and accumulation, on 2x4 and 1x8): MFU below 100% at every step."""
+    runs = sorted(files.rglob("metrics.jsonl"))
+    assert runs
+    for path in runs:
+        assert_mfu_is_a_fraction(report.read_metrics(path.parent))

@@ -136,7 +136,7 @@ def run(args) -> None:
     files.write_json(out / RUN_FILE, setup.run_record)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    peak = flops.peak_flops_per_s(list(mesh.devices.flat), dtype)  # outside the mesh: one device
+    peak = flops.peak_flops_per_s(list(mesh.devices.flat), dtype)  # before any step: alone
     with jax.set_mesh(mesh):
         trainer = Trainer(args, setup, mesh, dtype, peak)
         checkpoints = RunCheckpoints(out, args.keep)
@@ -174,7 +174,7 @@ class Trainer:
     """The model, optimizer and jitted steps of one run, and its state."""
 
     def __init__(self, args, setup: Setup, mesh, dtype, peak: float):
-        self.args, self.setup, self.mesh, self.peak = args, setup, mesh, peak
+        self.args, self.setup, self.mesh, self.dtype, self.peak = args, setup, mesh, dtype, peak
         self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
         if args.init is None:
             model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
@@ -209,7 +209,15 @@ class Trainer:
         if setup.eval_rows is not None:
             self.eval_data = D.eval_batch(setup.eval_rows, batch_size=args.batch_size,
                                           max_batches=args.eval_batches, mesh=mesh)
-        self.flops_per_token = flops.training_flops_per_token(setup.config, args.seq_len)
+        self.flops = flops.training_flops(setup.config, lora_targets=args.lora_targets,
+                                          lora_rank=args.lora_rank or 0)
+
+    def model_flops(self, batches: D.Batches) -> float:
+        """The model FLOPs of the step on the batch `batches` hands out next (train.flops)."""
+        segments = batches.rows.segments[batches.row_indices(batches.position)]
+        pairs = flops.attention_pairs(segments, self.setup.config.sliding_window,
+                                      self.args.isolate_documents)
+        return self.flops.of(int((segments >= 0).sum()), pairs)
 
     def evaluate(self) -> tuple[float, float]:
         return S.mean_loss(*self.eval_step(self.state.params, self.frozen, self.eval_data))
@@ -222,6 +230,7 @@ class Trainer:
         self.steps_done = step
         try:
             while step < args.steps:
+                step_flops = self.model_flops(batches)
                 start = time.perf_counter()
                 self.state, m = self.train_step(self.state, self.frozen, next(batches))
                 loss, finite, grad_norm = jax.device_get((m["loss"], m["finite"],
@@ -241,8 +250,11 @@ class Trainer:
                                       f"{where}. Lower --lr, or check the data and --init")
                     continue
                 bad = 0
-                rate = tokens / seconds
-                mfu = self.flops_per_token * rate / self.peak
+                rate, achieved = tokens / seconds, step_flops / seconds
+                if achieved > self.peak:  # measured while other work slowed the machine
+                    self.peak = flops.peak_flops_per_s(list(self.mesh.devices.flat),
+                                                       self.dtype, at_least=achieved)
+                mfu = achieved / self.peak
                 progress.update(step, float(loss), rate, mfu)
                 if metrics is not None and step % args.log_every == 0:
                     metrics.write({"step": step, "loss": float(loss), "tokens_per_s": rate,
