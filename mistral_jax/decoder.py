@@ -129,7 +129,7 @@ class Decoder(nnx.Module):
         """Rows of the embedding table, [*input_ids.shape, d] in the compute dtype."""
         if quant.is_quantized(self):
             return quant.rows(self.embed[...], self.embed_scale[...], input_ids, self.dtype)
-        return jnp.take(self.embed[...], input_ids, axis=0)
+        return L.rows(self.embed[...], input_ids)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
                  output_hidden_states: bool = False, output_attentions: bool = False):
@@ -194,18 +194,22 @@ class Decoder(nnx.Module):
         attentions = tuple(probs) if output_attentions else None
         return self.constrain(x, GATHERED), hidden, attentions
 
-    def step(self, input_ids, valid, positions, cache, start, fresh: bool = False):
+    def step(self, input_ids, valid, positions, cache, start, fresh: bool = False, rows=None):
         """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
         the cache with the chunk written). input_ids/valid/positions: [b, c]; start: the sequence
         index of the chunk's first token, a scalar (every row left-aligned at it) or [b] (each
         row at its own index: continuous batching). `fresh`: the cache holds nothing yet (the
-        first chunk), so it is not read."""
+        first chunk), so it is not read. `rows` [b]: the cache's batch rows the chunk's rows
+        are (continuous batching steps the live rows of a larger cache); default: all of them,
+        in order."""
+        if rows is not None:
+            start = jnp.broadcast_to(start, rows.shape)
         x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = kv.sequence_indices(start, input_ids.shape[1])  # [c] or [b, c]
         first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
-        blocks = kv.blocks_in_use(cache)
+        blocks = kv.blocks_in_use(cache, rows)
         kernel = quant.kernel_ok(self)
 
         def body(x, layer_and_index):
@@ -218,7 +222,7 @@ class Decoder(nnx.Module):
                     out = first(q, k, v)[0]
                 else:
                     out = kv.attend_cached(q, cache, i, blocks, k, v, new_index, query_index,
-                                           self.config.sliding_window)
+                                           self.config.sliding_window, rows)
                 return out, (k, v)
 
             x, (k, v) = self.block(layer, x, positions, attend)
@@ -232,7 +236,7 @@ class Decoder(nnx.Module):
         x, (k, v) = jax.lax.scan(body, x, (None if kernel else self.layers, layers))
         x = self.final_norm(x[:, -1:])
         logits = self.lm_logits(self.constrain(x, GATHERED), kernel=kernel)[:, 0]
-        return logits, kv.write(cache, k, v, new_index, start)
+        return logits, kv.write(cache, k, v, new_index, start, rows)
 
     def attend_with(self, masking, *, weights: bool = False, left_padded: bool | None = None):
         """This model's `attend(q, k, v)` under `masking` (see `attention.attend_with`)."""

@@ -57,7 +57,7 @@ class GPT2(Decoder):
     def embed_inputs(self, input_ids, inputs_embeds, positions):
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
-        return inputs_embeds.astype(self.dtype) + jnp.take(self.pos_embed[...], positions, axis=0)
+        return inputs_embeds.astype(self.dtype) + L.rows(self.pos_embed[...], positions)
 
     def block(self, w: GPT2Layers, x, positions, attend):
         c = self.config
