@@ -56,21 +56,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
-    def row(self, i, index: jax.Array | None = None) -> KVCache:
-        """Batch row `i` (traced) as a cache of one row, its index replaced by `index`."""
-        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i, 1, axis)  # noqa: E731
-        return self._each(take, take(self.index, 0) if index is None else index)
-
-    def put_row(self, i, row: KVCache) -> KVCache:
-        """This cache with batch row `i` replaced by the one-row cache `row`."""
-        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(
-            x, y, i, 0 if x.ndim == 2 else 1), self, row)
-
-    def _each(self, f, index) -> KVCache:
-        scales = (None, None) if self.k_scale is None else (f(self.k_scale, 1),
-                                                            f(self.v_scale, 1))
-        return KVCache(f(self.k, 1), f(self.v, 1), index, *scales)
-
 
 DTYPES = ("int8", "bfloat16", "float16", "float32")
 
@@ -99,11 +84,13 @@ def block_size(slots: int) -> int:
     return size if size >= 16 else slots
 
 
-def blocks_in_use(cache: KVCache) -> jax.Array:
-    """How many blocks of the cache hold anything: the loop in `attend_cached` reads only those,
-    so a step costs what the sequences hold, not what the cache could hold."""
+def blocks_in_use(cache: KVCache, rows: jax.Array | None = None) -> jax.Array:
+    """How many blocks of the cache (of its batch rows `rows`, default all) hold anything: the
+    loop in `attend_cached` reads only those, so a step costs what the sequences hold, not what
+    the cache could hold."""
     size = block_size(cache.slots)
-    used = jnp.max(jnp.where(cache.index >= 0, jnp.arange(cache.slots) + 1, 0))
+    index = cache.index if rows is None else cache.index[rows]
+    used = jnp.max(jnp.where(index >= 0, jnp.arange(cache.slots) + 1, 0))
     return (used + size - 1) // size
 
 
@@ -120,7 +107,7 @@ def chunk_indices(start: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, query_index,
-                  window):
+                  window, rows: jax.Array | None = None):
     """A chunk's attention over layer `layer` of the cache as it was plus the chunk's own keys:
     the chunk's keys first, then a loop over only the cache's first `blocks` blocks
     (`blocks_in_use`), one softmax carried across them (flash attention's running maximum and
@@ -129,8 +116,9 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
     `Decoder.step`.)
 
     q: [b, c, n, h]; k_new/v_new: [b, c, kv, h], new_index: [b, c] (-1: padding);
-    query_index: [c], or [b, c] when each row is at its own index. A query that may see no key
-    (padding) gets an average, never NaN.
+    query_index: [c], or [b, c] when each row is at its own index; `rows` [b]: the cache's
+    batch row each query row reads (default: row i reads row i, and the cache has b rows). A
+    query that may see no key (padding) gets an average, never NaN.
     """
     b, c, kv, h = k_new.shape
     f32, lowest = jnp.float32, jnp.finfo(jnp.float32).min
@@ -160,20 +148,25 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
     total, out = weigh(s, jnp.swapaxes(v_new, 1, 2), m)
     size = block_size(cache.slots)
 
+    def read(x, at, size):  # layer `layer`'s block at `at` of each row: [b, *size]
+        if rows is None:
+            return jax.lax.dynamic_slice(x, (layer, 0, *at), (1, b, *size))[0]
+        one = lambda r: jax.lax.dynamic_slice(x, (layer, r, *at), (1, 1, *size))[0, 0]  # noqa: E731
+        return jax.vmap(one)(rows)  # one gather of the rows' blocks
+
     def block(j, carry):
         m, total, out = carry
         at = j * size
-        keys = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, 0, at), (1, b, kv, h, size))[0]
-        values = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, at, 0), (1, b, kv, size, h))[0]
+        keys = read(cache.k, (0, 0, at), (kv, h, size))
+        values = read(cache.v, (0, at, 0), (kv, size, h))
         key_scale = value_scale = None
         if cache.k_scale is not None:  # int8: a key's scale multiplies its scores, a value's
             #                            scale its probabilities (no float copy of the block)
-            key_scale, value_scale = (
-                jax.lax.dynamic_slice(x, (layer, 0, 0, at), (1, b, kv, size))[0]
-                .astype(f32)[:, :, None, :] for x in (cache.k_scale, cache.v_scale))
+            key_scale, value_scale = (read(x, (0, at), (kv, size)).astype(f32)[:, :, None, :]
+                                      for x in (cache.k_scale, cache.v_scale))
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        s = scores(keys, jax.lax.dynamic_slice_in_dim(cache.index, at, size, axis=1),
-                   key_scale)
+        index = cache.index if rows is None else cache.index[rows]
+        s = scores(keys, jax.lax.dynamic_slice_in_dim(index, at, size, axis=1), key_scale)
         new_m = jnp.maximum(m, s.max(-1, keepdims=True))
         scale = jnp.exp(m - new_m)
         more, seen = weigh(s, values, new_m, value_scale)
@@ -183,10 +176,11 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
     return L.ungroup((out / total).astype(v_new.dtype), c)
 
 
-def write(cache: KVCache, k, v, new_index, start) -> KVCache:
+def write(cache: KVCache, k, v, new_index, start, rows: jax.Array | None = None) -> KVCache:
     """Every layer's chunk k/v [layers, b, c, kv, h] and indices written at slot `start mod slots`
     (in place when the cache is donated; chunks never wrap, see `generation.prefill_chunks`).
-    A per-row `start` [b] writes each row at its own slot."""
+    A per-row `start` [b] writes each row at its own slot; `rows` [b] (with a per-row start):
+    the cache rows written (default: 0 .. b - 1)."""
     slot = start % cache.slots
     k_scale = v_scale = None
     if cache.k_scale is not None:
@@ -204,7 +198,7 @@ def write(cache: KVCache, k, v, new_index, start) -> KVCache:
     # dynamic_update_slice over the batch instead moved the whole cache's batch axis (8
     # concurrent SmolLM2 requests of 64 tokens through the engine: 71 s with it, 49 s without)
     c = new_index.shape[1]
-    rows = jnp.arange(new_index.shape[0])[:, None]  # [b, 1]
+    rows = (jnp.arange(new_index.shape[0]) if rows is None else rows)[:, None]  # [b, 1]
     slots = slot[:, None] + jnp.arange(c)  # [b, c]
     scales = (None, None) if k_scale is None else (
         cache.k_scale.at[:, rows, :, slots].set(jnp.moveaxis(k_scale, (1, 3), (0, 1))),

@@ -2,21 +2,22 @@
 one KV cache, and requests come and go between decode steps.
 
 A background thread loops: admit waiting requests into free slots; run prefill chunks of
-prompts, one chunk per prompt and up to PREFILL_TURN chunks' tokens a turn (each in its slot's
-cache row, sliced out, stepped as a batch of one, written back), so running requests keep
-decoding while a long prompt goes in and a burst of prompts gets its first tokens together;
-then one decode step over every slot, each row at its own sequence index (`Decoder.step` with a
-per-row start), inactive rows masked. A finished or cancelled request frees its slot at once.
-Sampling options and seeds are arrays over the slots, so the decode step compiles once and
-prefill once per chunk width.
+prompts, one chunk per prompt and up to PREFILL_TURN chunks' tokens a turn (each stepped as a
+batch of one in its slot's cache row, where it lies), so running requests keep decoding while a
+long prompt goes in and a burst of prompts gets its first tokens together; then one decode step
+over the live slots only (`Decoder.step` with their `rows`, each at its own sequence index),
+padded to the next of a few compiled widths (1, 2, 4, ... max_batch): a step costs the work of
+its live rows, not of every slot. A finished or cancelled request frees its slot at once.
+Sampling options and seeds are arrays over the rows, so the decode step compiles once per
+width and prefill once per chunk width (`warm_up` does both ahead).
 
 A prompt's first chunk holds the remainder, left-padded (`first_width`). In a window's rolling
 buffer the chunks start at multiples of the chunk (which divides the window), so no chunk wraps
 around it, as in `generation`; otherwise the prompt starts at index 0, and a step reads only the
-cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). An
-inactive row's write in a decode step lands at its next sequence index, marked empty (-1); a
-slot still being prefilled has that index rewritten by its next chunk before any query can see
-it.
+cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). A
+padding row's write in a decode step (a slot not decoding) lands at its next sequence index,
+marked empty (-1); a slot still being prefilled has that index rewritten by its next chunk
+before any query can see it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -61,34 +63,39 @@ class Slots:
 
 @partial(jax.jit, donate_argnums=(1,))
 def _prefill(model, state: Slots, slot, ids, valid, positions, start, first) -> Slots:
-    """One chunk [1, c] of the prompt in `slot` (traced: one compilation per chunk length).
-    `first`: the slot's previous request is forgotten (its keys masked, its tokens unseen)."""
+    """One chunk [1, c] of the prompt in `slot` (traced: one compilation per chunk length),
+    stepped in the slot's cache row where it lies. `first`: the slot's previous request is
+    forgotten (its keys masked, its tokens unseen)."""
     TRACES["prefill"] += 1
-    row = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)  # noqa: E731
-    put = lambda x, y, axis: jax.lax.dynamic_update_slice_in_dim(x, y, slot, axis)  # noqa: E731
-    old, vocab = state.cache, state.seen.shape[1]
-    cache = old.row(slot, jnp.where(first, -1, row(old.index, 0)))
-    logits, cache = model.step(ids, valid, positions, cache, start)
-    seen = jnp.where(first, False, row(state.seen, 0))
-    seen = seen.at[0, jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
-    return Slots(old.put_row(slot, cache), put(state.logits, logits[:, :vocab], 0),
-                 put(state.seen, seen, 0))
+    vocab, cache = state.seen.shape[1], state.cache
+    cache = replace(cache, index=cache.index.at[slot].set(
+        jnp.where(first, -1, cache.index[slot])))
+    logits, cache = model.step(ids, valid, positions, cache, start, rows=slot[None])
+    seen = jnp.where(first, False, state.seen[slot])
+    seen = seen.at[jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
+    return Slots(cache, state.logits.at[slot].set(logits[0, :vocab]),
+                 state.seen.at[slot].set(seen))
 
 
 @partial(jax.jit, donate_argnums=(1,))
-def _decode(model, state: Slots, live, index, position, seed, count, sampling: RowSampling):
-    """Sample every slot's next token, then feed it: (state, tokens [slots], logprobs [slots]).
-    A row's key depends only on its request's seed and the token's number."""
+def _decode(model, state: Slots, rows, live, index, position, seed, count,
+            sampling: RowSampling):
+    """Sample the next token of the slots `rows` [n] (n: a bucket of `decode_widths`, padded
+    with slots that are not live), then feed it: (state, tokens [n], logprobs [n]). The step
+    does the work of n rows, whatever the number of slots. A row's key depends only on its
+    request's seed and the token's number."""
     TRACES["decode"] += 1
     vocab = state.seen.shape[1]
+    logits, seen = state.logits[rows], state.seen[rows]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
-    token = jnp.where(live, sample_rows(state.logits, keys, state.seen, sampling), 0)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits), token[:, None], axis=1)
+    token = jnp.where(live, sample_rows(logits, keys, seen, sampling), 0)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)
     logits, cache = model.step(token[:, None], live[:, None].astype(jnp.int32),
-                               position[:, None], state.cache, index)
-    rows = jnp.arange(token.shape[0])
-    seen = state.seen.at[rows, jnp.where(live, token, vocab)].set(True, mode="drop")
-    return Slots(cache, logits[:, :vocab], seen), token, logprob[:, 0]
+                               position[:, None], state.cache, index, rows=rows)
+    seen = seen.at[jnp.arange(rows.shape[0]), jnp.where(live, token, vocab)].set(
+        True, mode="drop")
+    return (Slots(cache, state.logits.at[rows].set(logits[:, :vocab]),
+                  state.seen.at[rows].set(seen)), token, logprob[:, 0])
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -96,6 +103,13 @@ def _forget(state: Slots, slot) -> Slots:
     """A freed slot's cache row marked empty, so the steps after it do not read it."""
     cache = replace(state.cache, index=state.cache.index.at[slot].set(-1))
     return Slots(cache, state.logits, state.seen)
+
+
+def decode_widths(max_batch: int) -> list[int]:
+    """The row counts the decode step compiles for: powers of two below `max_batch`, and
+    `max_batch` (a step over n live slots runs at the smallest width >= n)."""
+    return [w for w in (1 << i for i in range(max_batch.bit_length())) if w < max_batch] + \
+        [max_batch]
 
 
 @dataclass
@@ -171,9 +185,11 @@ class Engine:
         self.rolling = cache.slots < self.max_len + self.chunk  # a window's rolling buffer
         self._state = Slots(cache, jnp.zeros((max_batch, vocab), jnp.float32),
                             jnp.zeros((max_batch, vocab), bool))
+        self._widths = decode_widths(max_batch)
         self._slots: list[Slot | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
+        self._device = threading.Lock()  # held by whoever steps the state (the thread, warm_up)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
@@ -210,14 +226,36 @@ class Engine:
                 self._lock.notify_all()
         return request
 
-    def warm_up(self, timeout: float | None = None) -> None:
-        """Compile the decode step and every prefill width now (a server does, before it
-        listens), by running a one-token completion of a prompt of each width."""
-        widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)})
-        for width in widths:
-            n = min(width, self.max_len - 1)  # (a prompt one short of max_len pads to its width)
-            if n >= 1 and first_width(n, self.chunk) == width:
-                self.submit([0] * n, max_tokens=1).tokens(timeout)
+    def warm_up(self, report=None) -> None:
+        """Compile the decode step at every width (`decode_widths`) and the prefill at every
+        first-chunk width now, before any request (a server does, before it listens), so no
+        request waits for a compilation. `report(done, total, what, seconds)` hears of each
+        as it finishes."""
+        prefill = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)
+                          if n < self.max_len})
+        jobs = [(f"decode step, {w} row{'s' * (w > 1)}", partial(self._compile_decode, w))
+                for w in self._widths]
+        jobs += [(f"prefill, {w} tokens", partial(self._compile_prefill, w)) for w in prefill]
+        for done, (what, job) in enumerate(jobs, 1):
+            start = time.perf_counter()
+            with self._device:
+                if any(self._slots) or self._waiting:
+                    raise RuntimeError("warm_up() runs before the first request")
+                job()
+                jax.block_until_ready(self._state)
+            if report is not None:
+                report(done, len(jobs), what, time.perf_counter() - start)
+
+    def _compile_decode(self, width: int) -> None:  # (every slot is free: nothing is read)
+        zeros = lambda dtype: np.zeros(width, dtype)  # noqa: E731
+        self._state = _decode(self.model, self._state, np.arange(width, dtype=np.int32),
+                              zeros(bool), zeros(np.int32), zeros(np.int32), zeros(np.uint32),
+                              zeros(np.int32), RowSampling.of([Sampling()] * width))[0]
+
+    def _compile_prefill(self, width: int) -> None:
+        zeros = np.zeros((1, width), np.int32)
+        self._state = _prefill(self.model, self._state, np.int32(0), zeros, zeros, zeros,
+                               np.int32(0), np.bool_(True))
 
     def _cancel(self, request: Request) -> None:
         with self._lock:
@@ -276,6 +314,12 @@ class Engine:
             self._lock.wait_for(lambda: self._stopping or self._waiting or any(self._slots))
             if self._stopping:
                 return False
+        with self._device:
+            self._turn()
+        return True
+
+    def _turn(self) -> None:
+        with self._lock:
             for i, slot in enumerate(self._slots):
                 if slot is not None and slot.request.done:  # cancelled
                     self._free(i)
@@ -299,36 +343,44 @@ class Engine:
             budget -= width
         if any(s and not s.chunks for s in self._slots):
             self._decode()
-        return True
 
     def _prefill(self, i: int) -> None:
         slot = self._slots[i]
         chunk = slot.chunks.pop(0)
         first = slot.position == 0  # nothing of this request is in the row yet
-        self._state = _prefill(self.model, self._state, jnp.int32(i), chunk.ids, chunk.valid,
-                               chunk.positions, jnp.int32(chunk.start), jnp.bool_(first))
+        self._state = _prefill(self.model, self._state, np.int32(i), chunk.ids, chunk.valid,
+                               chunk.positions, np.int32(chunk.start), np.bool_(first))
         slot.position = int(chunk.positions[0, -1]) + 1
         slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
 
     def _decode(self) -> None:
         slots = self._slots
-        live = np.array([s is not None and not s.chunks for s in slots])
-        per_slot = lambda f, dtype: np.array([f(s) if s else 0 for s in slots], dtype)  # noqa: E731
+        live = [i for i, s in enumerate(slots) if s is not None and not s.chunks]
+        width = next(w for w in self._widths if w >= len(live))
+        # padding rows: free slots first, then slots being prefilled (their write, marked
+        # empty, lands where their next chunk writes)
+        idle = sorted((i for i in range(self.max_batch) if i not in live),
+                      key=lambda i: slots[i] is not None)
+        rows = live + idle[:width - len(live)]
+        per_row = lambda f, dtype: np.array([f(slots[i]) if i in live else 0 for i in rows],  # noqa: E731
+                                            dtype)
         greedy = Sampling()
-        sampling = RowSampling.of([s.request.sampling if s else greedy for s in slots])
+        sampling = RowSampling.of([slots[i].request.sampling if i in live else greedy
+                                   for i in rows])
+        index = np.array([slots[i].index if slots[i] else 0 for i in rows], np.int32)
         self._state, token, logprob = _decode(
-            self.model, self._state, live, per_slot(lambda s: s.index, np.int32),
-            np.where(live, per_slot(lambda s: s.position, np.int32), 0),
-            per_slot(lambda s: s.request.seed, np.uint32),
-            per_slot(lambda s: s.request.completion_tokens, np.int32), sampling)
+            self.model, self._state, np.array(rows, np.int32),
+            np.arange(width) < len(live), index, per_row(lambda s: s.position, np.int32),
+            per_row(lambda s: s.request.seed, np.uint32),
+            per_row(lambda s: s.request.completion_tokens, np.int32), sampling)
         token, logprob = np.asarray(token), np.asarray(logprob)
-        for i in np.flatnonzero(live):
+        for j, i in enumerate(live):
             slot = slots[i]
             slot.index, slot.position = slot.index + 1, slot.position + 1
-            slot.request.take(int(token[i]), float(logprob[i]), self.eos)
+            slot.request.take(int(token[j]), float(logprob[j]), self.eos)
             if slot.request.done:
                 self._free(i)
 
     def _free(self, i: int) -> None:
         self._slots[i] = None
-        self._state = _forget(self._state, jnp.int32(i))
+        self._state = _forget(self._state, np.int32(i))
