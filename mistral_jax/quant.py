@@ -266,16 +266,16 @@ def dequantized(model, dtype=jnp.float32):
 
 
 def kernel_ok(model) -> bool:
-    """Whether the decode step's matmuls go to the CPU kernel: every matmul weight int8 or
-    bfloat16, the kernel built, and no mesh to split them over (a sharded matmul stays
-    XLA's)."""
+    """Whether the decode step's matmuls go to the CPU kernel: every matmul weight int8,
+    bfloat16 or float32, the kernel built, and no mesh to split them over (a sharded matmul
+    stays XLA's)."""
     dtypes = set()
     for name in table(model):
         owner, attr = _split(name)
         param = getattr(model.layers if owner else model, attr, None)
         if param is not None:  # (a tied model has no lm_head)
             dtypes.add(param[...].dtype)
-    if not dtypes <= {jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16)} or not kernels.available():
+    if not dtypes <= set(map(jnp.dtype, kernels.WEIGHT_DTYPES)) or not kernels.available():
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.size == 1

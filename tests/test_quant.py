@@ -226,10 +226,14 @@ def test_an_int8_checkpoint_exports_dequantized_and_refuses_training(tmp_path, c
     assert "holds int8 weights" in capsys.readouterr().err
 
 
-def test_mixed_dtypes_stay_in_xla():
-    """A bfloat16 embedding over float32 layers: the kernel takes every matmul weight or
-    none, so this model decodes through XLA as before."""
+def test_mixed_dtypes_decode_in_the_kernel_as_in_xla(monkeypatch):
+    """A bfloat16 embedding over float32 layers: every matmul weight is one the kernel reads,
+    so the decode step takes it, and gives XLA's greedy tokens."""
     m = model(MISTRAL)
     m.embed[...] = m.embed[...].astype(jnp.bfloat16)
+    assert quant.kernel_ok(m) == kernels.available()
+    got = mistral_jax.generate_tokens(m, IDS, max_new_tokens=6)
+    monkeypatch.setenv("MISTRAL_JAX_CPU_KERNEL", "off")
+    jax.clear_caches()
     assert not quant.kernel_ok(m)
-    assert mistral_jax.generate_tokens(m, IDS, max_new_tokens=3).shape == (2, 3)
+    np.testing.assert_array_equal(got, mistral_jax.generate_tokens(m, IDS, max_new_tokens=6))

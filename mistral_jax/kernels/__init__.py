@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-__all__ = ["available", "isa", "matmul", "reference"]
+__all__ = ["WEIGHT_DTYPES", "available", "isa", "matmul", "reference"]
+
+WEIGHT_DTYPES = ("int8", "bfloat16", "float32")  # the weights `matmul` reads
 
 _SOURCE = Path(__file__).with_name("matmul.cc")
 _TARGET = "mistral_jax_matmul"
@@ -157,11 +159,11 @@ def _check(x, w, scale, index, layout):
         if n != N or G < 1 or K % G:
             raise ValueError(f"scale {scale.shape}: expected [G, N] (kn) or [N, G] (nk) "
                              f"with G dividing K={K}, N={N}")
-    elif w.dtype == jnp.bfloat16:
+    elif w.dtype in (jnp.bfloat16, jnp.float32):
         if scale is not None:
-            raise ValueError("bfloat16 w takes no scale")
+            raise ValueError(f"{w.dtype} w takes no scale")
     else:
-        raise ValueError(f"w must be bfloat16 or int8, not {w.dtype}")
+        raise ValueError(f"w must be bfloat16, int8 or float32, not {w.dtype}")
     return N
 
 

@@ -65,13 +65,15 @@ float Bf16ToF32(uint16_t v) {
 }
 float ToF32(uint16_t v) { return Bf16ToF32(v); }
 float ToF32(int8_t v) { return float(v); }
+float ToF32(float v) { return v; }
 
 // One call's operands, the layer already selected.
 struct Problem {
   int64_t M, K, N;
   int64_t G;          // scale groups along K (1 for bf16, which has no scale)
   bool nk;            // layout: w [N, K] (else [K, N])
-  bool int8;          // else bf16
+  bool int8;          // else bf16 or f32
+  bool f32;           // float32 weights (no widening: read in place, at its bandwidth)
   const float* x;     // [M, K]
   const float* xp;    // nk bf16 vector paths: x with each 2W-chunk split into even, odd k
   const void* w;      // the layer's weights
@@ -125,10 +127,12 @@ void NkScalarT(const Problem& p, int64_t r0, int64_t r1) {
 }
 
 void KnScalar(const Problem& p, int64_t c0, int64_t c1) {
-  p.int8 ? KnScalarT<int8_t>(p, c0, c1) : KnScalarT<uint16_t>(p, c0, c1);
+  p.int8 ? KnScalarT<int8_t>(p, c0, c1)
+         : p.f32 ? KnScalarT<float>(p, c0, c1) : KnScalarT<uint16_t>(p, c0, c1);
 }
 void NkScalar(const Problem& p, int64_t r0, int64_t r1) {
-  p.int8 ? NkScalarT<int8_t>(p, r0, r1) : NkScalarT<uint16_t>(p, r0, r1);
+  p.int8 ? NkScalarT<int8_t>(p, r0, r1)
+         : p.f32 ? NkScalarT<float>(p, r0, r1) : NkScalarT<uint16_t>(p, r0, r1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -157,6 +161,10 @@ constexpr int64_t kManyRowsM = 8;
 template <class I>
 inline void WidenRow(const uint16_t* p, typename I::F* v) {
   for (int j = 0; j < I::kTile / I::W / 2; ++j) I::Bf16x2(p + 2 * I::W * j, v[2 * j], v[2 * j + 1]);
+}
+template <class I>
+inline void WidenRow(const float* p, typename I::F* v) {
+  for (int j = 0; j < I::kTile / I::W; ++j) v[j] = I::Load(p + I::W * j);
 }
 template <class I>
 inline void WidenRow(const int8_t* p, typename I::F* v) {
@@ -276,7 +284,20 @@ inline void NkTile(const Problem& p, int64_t m0, int64_t n) {
       for (int u = 0; u < A; ++u) a[m][r][u] = I::Zero();
   const int64_t K = p.K;
   int64_t kv;
-  if (!p.int8) {  // bf16: 2W k per step, x pre-split into even and odd k
+  if (p.f32) {  // f32: A vectors of k per step, into accumulator u
+    kv = K / (A * W) * (A * W);
+    const float* w = static_cast<const float*>(p.w) + n * K;
+    const float* x = p.x + m0 * K;
+    for (int64_t k = 0; k < kv; k += A * W)
+      for (int u = 0; u < A; ++u) {
+        F xv[MC];
+        for (int m = 0; m < MC; ++m) xv[m] = I::Load(x + m * K + k + u * W);
+        for (int r = 0; r < NR; ++r) {
+          const F wv = I::Load(w + r * K + k + u * W);
+          for (int m = 0; m < MC; ++m) a[m][r][u] = I::Fma(xv[m], wv, a[m][r][u]);
+        }
+      }
+  } else if (!p.int8) {  // bf16: 2W k per step, x pre-split into even and odd k
     kv = K / (2 * W) * (2 * W);
     const uint16_t* w = static_cast<const uint16_t*>(p.w) + n * K;
     const float* xp = p.xp + m0 * kv;
@@ -337,6 +358,9 @@ inline void NkTile(const Problem& p, int64_t m0, int64_t n) {
         const int8_t* wr = static_cast<const int8_t*>(p.w) + (n + r) * K;
         for (int64_t k = kv; k < K; ++k) v += xr[k] * float(wr[k]);
         if (p.G == 1) v *= p.s[n + r];
+      } else if (p.f32) {
+        const float* wr = static_cast<const float*>(p.w) + (n + r) * K;
+        for (int64_t k = kv; k < K; ++k) v += xr[k] * wr[k];
       } else {
         const uint16_t* wr = static_cast<const uint16_t*>(p.w) + (n + r) * K;
         for (int64_t k = kv; k < K; ++k) v += xr[k] * Bf16ToF32(wr[k]);
@@ -359,7 +383,7 @@ inline void NkTileRows(const Problem& p, int64_t m, int64_t n) {
 template <class I>
 void NkRows(const Problem& p, int64_t r0, int64_t r1) {
   int64_t n = r0;
-  if (p.K * (p.int8 ? 1 : 2) >= kLongRow || p.M >= kManyRowsM)
+  if (p.K * (p.int8 ? 1 : p.f32 ? 4 : 2) >= kLongRow || p.M >= kManyRowsM)
     for (; n + I::kNR <= r1; n += I::kNR) NkTileRows<I, I::kMC, I::kNR>(p, 0, n);
   for (; n < r1; ++n) NkTileRows<I, I::kMC, 1>(p, 0, n);
 }
@@ -367,7 +391,9 @@ void NkRows(const Problem& p, int64_t r0, int64_t r1) {
 template <class I>
 void KnRowsAny(const Problem& p, int64_t k0, int64_t k1, int64_t Nv, float* acc,
                int64_t ldacc) {
-  if (!p.int8)
+  if (p.f32)
+    KnRows<I, float, false, kLanes, 1>(p, k0, k1, Nv, acc, ldacc);
+  else if (!p.int8)
     KnRows<I, uint16_t, false, kLanes, 1>(p, k0, k1, Nv, acc, ldacc);
   else if (p.G == 1)
     KnRows<I, int8_t, false, kLanes, 1>(p, k0, k1, Nv, acc, ldacc);
@@ -544,8 +570,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3))
     return ffi::Error::InvalidArgument("matmul: x must be 2-D and w 2-D or 3-D");
   const bool int8 = w.element_type() == ffi::DataType::S8;
-  if (!int8 && w.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("matmul: w must be bfloat16 or int8");
+  const bool f32 = w.element_type() == ffi::DataType::F32;
+  if (!int8 && !f32 && w.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("matmul: w must be bfloat16, int8 or float32");
   const int64_t r = wd.size(), L = r == 3 ? wd[0] : 1;
   Problem p;
   p.M = xd[0];
@@ -553,6 +580,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   p.N = nk ? wd[r - 2] : wd[r - 1];
   p.nk = nk != 0;
   p.int8 = int8;
+  p.f32 = f32;
   if ((nk ? wd[r - 1] : wd[r - 2]) != p.K)
     return ffi::Error::InvalidArgument("matmul: x and w disagree on K");
   const int64_t layer = r == 3 ? std::clamp<int64_t>(index.typed_data()[0], 0, L - 1) : 0;
@@ -567,7 +595,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
       return ffi::Error::InvalidArgument("matmul: scale must be [G, N] (kn) or [N, G] (nk), G | K");
     p.s = scale.typed_data() + layer * p.G * p.N;
   }
-  const int64_t esize = int8 ? 1 : 2;
+  const int64_t esize = int8 ? 1 : f32 ? 4 : 2;
   p.w = static_cast<const char*>(w.untyped_data()) + layer * p.K * p.N * esize;
   p.x = x.typed_data();
   p.y = y->typed_data();
@@ -591,7 +619,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   if (p.nk) {
     // Rows of w (contiguous) are split over threads.
     thread_local std::vector<float> xp;
-    if (kern.nk && !p.int8) {  // x with each 2W chunk of k split into even and odd k
+    if (kern.nk && !p.int8 && !p.f32) {  // x with each 2W chunk of k split into even and odd k
       const int W = kern.W;
       const int64_t kv = p.K / (2 * W) * (2 * W);
       xp.resize(p.M * kv);
@@ -646,7 +674,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
       for (int64_t m = 0; m < p.M; ++m)
         for (int64_t c = 0; c < Nv; ++c) p.y[m * p.N + c] += src[m * p.N + c];
     }
-    if (!p.int8) KnUnpermute(p.y, p.M, p.N, Nv, kern.W);
+    if (!p.int8 && !p.f32) KnUnpermute(p.y, p.M, p.N, Nv, kern.W);
     if (p.int8 && p.G == 1)
       for (int64_t m = 0; m < p.M; ++m)
         for (int64_t c = 0; c < Nv; ++c) p.y[m * p.N + c] *= p.s[c];
