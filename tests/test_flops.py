@@ -1,6 +1,8 @@
 """MFU's two halves: the model FLOPs of a step against a count by hand, the attention pairs a
 batch's masks let through, and the peak (the faster of the compute dtype and float32, measured
-once per process)."""
+once per process, never below a rate a step reached nor the best an earlier run measured)."""
+
+import json
 
 import jax
 import numpy as np
@@ -74,10 +76,10 @@ def test_attention_pairs_follow_the_mask():
 class Chip:
     """A device as the peak sees one."""
 
-    platform, process_index = "gpu", 0
+    platform, process_index, device_kind = "gpu", 0, "a chip the test made up"
 
 
-def test_the_peak_is_the_faster_dtype_measured_once_per_process(monkeypatch):
+def test_the_peak_is_the_faster_dtype_measured_once_per_process(monkeypatch, tmp_path):
     """A step in bfloat16 keeps norms, softmax and the loss in float32: on a CPU whose bfloat16
     matmul is slower, the float32 one is the peak the step can reach. A step seen faster than
     the peak means the machine was busy when it was measured: it is measured again, and the
@@ -89,6 +91,7 @@ def test_the_peak_is_the_faster_dtype_measured_once_per_process(monkeypatch):
         return {"float32": 100.0, "bfloat16": 40.0}[dtype]
 
     monkeypatch.setattr(flops, "matmul_flops_per_s", measured)
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path))
     chips = [Chip(), Chip()]
     assert flops.peak_flops_per_s(chips, "bfloat16") == 100.0
     assert flops.peak_flops_per_s(chips, "bfloat16", at_least=90.0) == 100.0
@@ -97,6 +100,22 @@ def test_the_peak_is_the_faster_dtype_measured_once_per_process(monkeypatch):
     assert flops.peak_flops_per_s(chips, "float32", at_least=150.0) == 150.0
     assert flops.peak_flops_per_s(chips, "float32") == 150.0
     assert len(calls) == 4  # measured again once, for the step that reached 150
+
+
+def test_a_run_on_a_busy_machine_divides_by_the_best_an_earlier_run_measured(monkeypatch,
+                                                                            tmp_path):
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path))
+    rates = iter([100.0, 60.0, 130.0])
+    monkeypatch.setattr(flops, "matmul_flops_per_s", lambda *args: next(rates))
+    chips = [Chip()]
+    assert flops.peak_flops_per_s(chips, "float32") == 100.0
+    monkeypatch.setattr(flops, "_PEAKS", {})  # the next run: a new process, a busier machine
+    assert flops.peak_flops_per_s(chips, "float32") == 100.0
+    monkeypatch.setattr(flops, "_PEAKS", {})  # a quieter one
+    assert flops.peak_flops_per_s(chips, "float32") == 130.0
+    (kept,) = json.loads((tmp_path / "peaks.json").read_text()).items()
+    assert kept[0].startswith("gpu a chip the test made up x1; ") and kept[1] == 130.0
+    assert kept[0].endswith(f"; jax {jax.__version__}; float32")
 
 
 def test_a_cpu_peak_is_the_real_device_that_fake_ones_share():
