@@ -71,10 +71,12 @@ SCALE_DTYPE = jnp.float16  # 2 bytes a scale: an int8 cache is (h + 2) / 2h of a
 
 
 def cache_slots(config, length: int) -> int:
-    """`length` rounded up to a multiple of 16 (so the cache is read in blocks), or the window's
-    rolling buffer when the window is shorter."""
+    """`length` rounded up to a multiple of BLOCK, or the window's rolling buffer when the
+    window is shorter. Every cache is then read in blocks of BLOCK keys (or of the whole
+    window), whatever its length: a sequence's attention sums in the same order in
+    `generate`'s cache and in a server's longer one, so both give the same bits."""
     window = config.sliding_window
-    return -(-length // 16) * 16 if window is None or length <= window else window
+    return -(-length // BLOCK) * BLOCK if window is None or length <= window else window
 
 
 def block_size(slots: int) -> int:

@@ -15,8 +15,8 @@ from flax import nnx
 
 from mistral_jax import attention as A
 from mistral_jax import cache as kv
+from mistral_jax import kernels, quant
 from mistral_jax import layers as L
-from mistral_jax import quant
 from mistral_jax.masking import Masking
 from mistral_jax.sharding import RULES, ShardingRules, constrain
 
@@ -105,7 +105,7 @@ class Decoder(nnx.Module):
         return constrain(x, axes, self.rules)
 
     # -- what a subclass provides --
-    def embed_inputs(self, input_ids, inputs_embeds, positions):  # -> [b, t, d]
+    def embed_inputs(self, input_ids, inputs_embeds, positions, kernel=False):  # -> [b, t, d]
         raise NotImplementedError
 
     def block(self, layer, x, positions, attend):  # -> (x, what attend returned beside its output)
@@ -125,11 +125,20 @@ class Decoder(nnx.Module):
         dtype = self.embed[...].dtype
         return jnp.float32 if dtype == jnp.int8 else dtype
 
-    def embedding(self, input_ids):
-        """Rows of the embedding table, [*input_ids.shape, d] in the compute dtype."""
-        if quant.is_quantized(self):
-            return quant.rows(self.embed[...], self.embed_scale[...], input_ids, self.dtype)
-        return L.rows(self.embed[...], input_ids)
+    def embedding(self, input_ids, kernel: bool = False):
+        """Rows of the embedding table, [*input_ids.shape, d] in the compute dtype; `kernel`:
+        read by the CPU kernel (the decode step: see `kernels.rows`)."""
+        return self.lookup("embed", input_ids, kernel)
+
+    def lookup(self, name: str, ids, kernel: bool = False):
+        """Rows `ids` of table `name` (int8 with its scales, or float) in the compute dtype."""
+        table, scale = getattr(self, name)[...], getattr(self, name + quant.SCALE, None)
+        if kernel:
+            return kernels.rows(table, ids, None if scale is None else scale[...]) \
+                .astype(self.dtype)
+        if scale is not None:
+            return quant.rows(table, scale[...], ids, self.dtype)
+        return jnp.take(table, ids, axis=0)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
                  output_hidden_states: bool = False, output_attentions: bool = False):
@@ -204,13 +213,13 @@ class Decoder(nnx.Module):
         in order."""
         if rows is not None:
             start = jnp.broadcast_to(start, rows.shape)
-        x = self.constrain(self.embed_inputs(input_ids, None, positions), ACT)
+        kernel = quant.kernel_ok(self)
+        x = self.constrain(self.embed_inputs(input_ids, None, positions, kernel), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = kv.sequence_indices(start, input_ids.shape[1])  # [c] or [b, c]
         first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
         blocks = kv.blocks_in_use(cache, rows)
-        kernel = quant.kernel_ok(self)
 
         def body(x, layer_and_index):
             layer, i = layer_and_index

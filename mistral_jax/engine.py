@@ -23,6 +23,8 @@ before any query can see it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import os
 import random
 import threading
 import time
@@ -36,7 +38,7 @@ import numpy as np
 from mistral_jax import sharding
 from mistral_jax.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.cache import KVCache
-from mistral_jax.generation import MAX_CHUNK, bucket, new_cache, window_chunk
+from mistral_jax.generation import MAX_CHUNK, beside, bucket, new_cache, window_chunk
 from mistral_jax.request import Event, Request
 from mistral_jax.sampling import RowSampling, Sampling, sample_rows
 
@@ -44,7 +46,6 @@ __all__ = ["Engine", "Event", "QueueFull", "Request"]
 
 DEFAULT_MAX_LEN = 4096  # the cache's sequence length when the model allows more
 PREFILL_TURN = 4  # prefill chunks (of different prompts) between two decode steps, at most
-TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
 
 
 class QueueFull(RuntimeError):
@@ -61,17 +62,19 @@ class Slots:
     seen: jax.Array  # [slots, vocab] bool: the tokens of the row's sequence (repetition penalty)
 
 
-@partial(jax.jit, donate_argnums=(1,))
-def _prefill(model, state: Slots, slot, ids, valid, positions, start, first) -> Slots:
-    """One chunk [1, c] of the prompt in `slot` (traced: one compilation per chunk length),
-    stepped in the slot's cache row where it lies. `first`: the slot's previous request is
-    forgotten (its keys masked, its tokens unseen)."""
-    TRACES["prefill"] += 1
+@partial(jax.jit, donate_argnums=(1,), static_argnames=("first",))
+def _prefill(model, state: Slots, slot, ids, valid, positions, start, first: bool) -> Slots:
+    """One chunk [1, c] of the prompt in `slot` (one compilation per chunk length), stepped in
+    the slot's cache row where it lies. `first`: the request's first chunk, which attends to
+    itself alone, as `generate`'s first chunk does (the same numbers: a served completion
+    equals generate's); the slot's previous request is forgotten (its keys masked, its
+    tokens unseen)."""
     vocab, cache = state.seen.shape[1], state.cache
-    cache = replace(cache, index=cache.index.at[slot].set(
-        jnp.where(first, -1, cache.index[slot])))
-    logits, cache = model.step(ids, valid, positions, cache, start, rows=slot[None])
-    seen = jnp.where(first, False, state.seen[slot])
+    if first:
+        cache = replace(cache, index=cache.index.at[slot].set(-1))
+    logits, cache = model.step(ids, valid, positions, cache, start, fresh=first,
+                               rows=slot[None])
+    seen = jnp.zeros_like(state.seen[slot]) if first else state.seen[slot]
     seen = seen.at[jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
     return Slots(cache, state.logits.at[slot].set(logits[0, :vocab]),
                  state.seen.at[slot].set(seen))
@@ -84,7 +87,6 @@ def _decode(model, state: Slots, rows, live, index, position, seed, count,
     with slots that are not live), then feed it: (state, tokens [n], logprobs [n]). The step
     does the work of n rows, whatever the number of slots. A row's key depends only on its
     request's seed and the token's number."""
-    TRACES["decode"] += 1
     vocab = state.seen.shape[1]
     logits, seen = state.logits[rows], state.seen[rows]
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
@@ -183,9 +185,9 @@ class Engine:
         with on_mesh_of(model):  # a prompt's padding takes up to `chunk` - 1 indices more
             cache = new_cache(model, max_batch, self.max_len + self.chunk, sharding.mesh_of(model))
         self.rolling = cache.slots < self.max_len + self.chunk  # a window's rolling buffer
-        self._state = Slots(cache, jnp.zeros((max_batch, vocab), jnp.float32),
-                            jnp.zeros((max_batch, vocab), bool))
-        self._widths = decode_widths(max_batch)
+        self._state = Slots(cache, *beside((np.zeros((max_batch, vocab), np.float32),
+                                            np.zeros((max_batch, vocab), bool)), cache))
+        self.decode_widths = decode_widths(max_batch)
         self._slots: list[Slot | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
@@ -226,36 +228,51 @@ class Engine:
                 self._lock.notify_all()
         return request
 
-    def warm_up(self, report=None) -> None:
+    def warm_up(self, report=None, threads: int | None = None) -> None:
         """Compile the decode step at every width (`decode_widths`) and the prefill at every
-        first-chunk width now, before any request (a server does, before it listens), so no
-        request waits for a compilation. `report(done, total, what, seconds)` hears of each
-        as it finishes."""
-        prefill = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)
-                          if n < self.max_len})
-        jobs = [(f"decode step, {w} row{'s' * (w > 1)}", partial(self._compile_decode, w))
-                for w in self._widths]
-        jobs += [(f"prefill, {w} tokens", partial(self._compile_prefill, w)) for w in prefill]
-        for done, (what, job) in enumerate(jobs, 1):
+        first-chunk width now, before the first request (a server does, before it listens),
+        so that no request waits for a compilation. The compilations run ahead of time,
+        `threads` at once (default: one per core); then each step runs once on free slots, so
+        that its first call is behind it too. `report(done, total, what, seconds)` hears of
+        each compilation as it finishes."""
+        widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)
+                         if n < self.max_len})
+        jobs = [(f"decode step, {w} row{'s' * (w > 1)}", _decode, self._decode_args(w), {})
+                for w in self.decode_widths]
+        jobs += [(f"prefill, {w} tokens", _prefill, self._prefill_args(w), {"first": True})
+                 for w in widths]
+        if self.max_len > self.chunk:  # a prompt of more than one chunk: its later chunks
+            jobs.append((f"prefill, {self.chunk} tokens after the first chunk", _prefill,
+                         self._prefill_args(self.chunk), {"first": False}))
+
+        def compile_one(job):
+            what, step, args, static = job
             start = time.perf_counter()
-            with self._device:
-                if any(self._slots) or self._waiting:
-                    raise RuntimeError("warm_up() runs before the first request")
-                job()
-                jax.block_until_ready(self._state)
-            if report is not None:
-                report(done, len(jobs), what, time.perf_counter() - start)
+            with on_mesh_of(self.model):
+                step.lower(self.model, self._state, *args, **static).compile()
+            return what, time.perf_counter() - start
 
-    def _compile_decode(self, width: int) -> None:  # (every slot is free: nothing is read)
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            for done, (what, seconds) in enumerate(pool.map(compile_one, jobs), 1):
+                if report is not None:
+                    report(done, len(jobs), what, seconds)
+        with self._device, on_mesh_of(self.model):
+            if any(self._slots) or self._waiting:
+                raise RuntimeError("warm_up() runs before the first request")
+            for _, step, args, static in jobs:
+                out = step(self.model, self._state, *args, **static)
+                self._state = out[0] if isinstance(out, tuple) else out
+            jax.block_until_ready(self._state)
+
+    def _decode_args(self, width: int) -> tuple:  # (every slot is free: nothing is read)
         zeros = lambda dtype: np.zeros(width, dtype)  # noqa: E731
-        self._state = _decode(self.model, self._state, np.arange(width, dtype=np.int32),
-                              zeros(bool), zeros(np.int32), zeros(np.int32), zeros(np.uint32),
-                              zeros(np.int32), RowSampling.of([Sampling()] * width))[0]
+        return (np.arange(width, dtype=np.int32), zeros(bool), zeros(np.int32),
+                zeros(np.int32), zeros(np.uint32), zeros(np.int32),
+                RowSampling.of([Sampling()] * width))
 
-    def _compile_prefill(self, width: int) -> None:
+    def _prefill_args(self, width: int) -> tuple:
         zeros = np.zeros((1, width), np.int32)
-        self._state = _prefill(self.model, self._state, np.int32(0), zeros, zeros, zeros,
-                               np.int32(0), np.bool_(True))
+        return np.int32(0), zeros, zeros, zeros, np.int32(0)
 
     def _cancel(self, request: Request) -> None:
         with self._lock:
@@ -349,14 +366,14 @@ class Engine:
         chunk = slot.chunks.pop(0)
         first = slot.position == 0  # nothing of this request is in the row yet
         self._state = _prefill(self.model, self._state, np.int32(i), chunk.ids, chunk.valid,
-                               chunk.positions, np.int32(chunk.start), np.bool_(first))
+                               chunk.positions, np.int32(chunk.start), first=first)
         slot.position = int(chunk.positions[0, -1]) + 1
         slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
 
     def _decode(self) -> None:
         slots = self._slots
         live = [i for i, s in enumerate(slots) if s is not None and not s.chunks]
-        width = next(w for w in self._widths if w >= len(live))
+        width = next(w for w in self.decode_widths if w >= len(live))
         # padding rows: free slots first, then slots being prefilled (their write, marked
         # empty, lands where their next chunk writes)
         idle = sorted((i for i in range(self.max_batch) if i not in live),

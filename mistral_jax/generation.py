@@ -10,10 +10,10 @@ strings or to stream text. The command line is `python -m mistral_jax.generate`
 
 from __future__ import annotations
 
-import collections
 import math
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import jax
@@ -31,7 +31,6 @@ from mistral_jax.sampling import Sampling, sample
 
 MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
 MIN_BUCKET = 16  # the shortest padded prompt (or prefill chunk): few lengths, few compilations
-TRACES: collections.Counter = collections.Counter()  # compilations of each jitted step (tests)
 
 
 @jax.tree_util.register_dataclass
@@ -48,6 +47,7 @@ class State:
     key: jax.Array
     out: jax.Array  # [b, capacity] generated tokens
     n: jax.Array  # [] how many tokens have been generated
+    token: jax.Array  # [b] the last token generated (a stream reads it without a dispatch)
 
 
 def bucket(length: int) -> int:
@@ -76,13 +76,11 @@ def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
 
 @partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
 def _prefill(model, cache, ids, valid, positions, start, fresh):
-    TRACES["prefill"] += 1
     return model.step(ids, valid, positions, cache, start, fresh)
 
 
 @partial(jax.jit, static_argnames=("sampling",), donate_argnums=(1,))
 def _decode(model, state: State, limit, eos, sampling: Sampling) -> State:
-    TRACES["decode"] += 1
     rows = jnp.arange(state.out.shape[0])
 
     def body(s: State) -> State:
@@ -92,7 +90,8 @@ def _decode(model, state: State, limit, eos, sampling: Sampling) -> State:
         logits, cache = model.step(token[:, None], jnp.ones_like(token[:, None]),
                                    s.position[:, None], s.cache, s.index)
         return State(cache, logits[:, : model.config.vocab_size], s.position + 1, s.index + 1,
-                     s.done | (token == eos), s.seen.at[rows, token].set(True), key, out, s.n + 1)
+                     s.done | (token == eos), s.seen.at[rows, token].set(True), key, out, s.n + 1,
+                     token)
 
     return jax.lax.while_loop(lambda s: (s.n < limit) & ~jnp.all(s.done), body, state)
 
@@ -132,16 +131,20 @@ class Generation:
                 part = slice(start, start + chunk)
                 logits, cache = _prefill(model, cache, ids[:, part], mask[:, part],
                                          positions[:, part], jnp.int32(start), fresh=start == 0)
-        self.state = State(cache, logits[:, : config.vocab_size],
-                           jnp.asarray(mask.sum(axis=1), jnp.int32), jnp.int32(padded),
-                           jnp.zeros(b, bool), jnp.asarray(seen), jax.random.key(seed),
-                           jnp.full((b, capacity), self.eos, jnp.int32), jnp.int32(0))
+        state = State(cache, logits[:, : config.vocab_size],
+                      np.asarray(mask.sum(axis=1), np.int32), np.int32(padded), np.zeros(b, bool),
+                      seen, jax.random.key(seed), np.full((b, capacity), self.eos, np.int32),
+                      np.int32(0), np.zeros(b, np.int32))
+        # placed as the decode step's outputs are, so its second call finds the first's
+        # compilation (an uncommitted input compiles it again: a streamed token took 2 s)
+        self.state = _place(state)
+        self.n = 0  # tokens asked for so far (the rows may have stopped sooner)
 
     def advance(self, steps: int) -> None:
         """Generate up to `steps` more tokens (fewer once every row is done or at the limit)."""
-        limit = jnp.int32(min(int(self.state.n) + steps, self.max_new))
+        self.n = min(self.n + steps, self.max_new)
         with on_mesh_of(self.model):
-            self.state = _decode(self.model, self.state, limit, jnp.int32(self.eos),
+            self.state = _decode(self.model, self.state, np.int32(self.n), np.int32(self.eos),
                                  self.sampling)
 
     def stop_rows(self, rows: np.ndarray) -> None:
@@ -149,7 +152,7 @@ class Generation:
 
     @property
     def finished(self) -> bool:
-        return int(self.state.n) >= self.max_new or bool(jnp.all(self.state.done))
+        return self.n >= self.max_new or bool(np.asarray(self.state.done).all())
 
     def tokens(self) -> np.ndarray:
         """[b, max_new_tokens] generated ids; after EOS (or an early stop), EOS."""
@@ -158,13 +161,31 @@ class Generation:
         return out
 
 
+def _place(state: State) -> State:
+    """The state's host values placed where the decode step's outputs are."""
+    return replace(state, **{f.name: beside(getattr(state, f.name), state.cache)
+                             for f in fields(state) if f.name not in ("cache", "logits")})
+
+
+def beside(tree, cache: KVCache):
+    """`tree`'s arrays committed to the cache's device, or replicated over its mesh: where a
+    jitted step's outputs land. (A step called first with uncommitted inputs, then with its
+    own outputs, compiles twice.)"""
+    sharding = cache.k.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P())
+    return jax.device_put(tree, sharding)
+
+
 def new_cache(model, batch: int, length: int, mesh) -> KVCache:
     config = model.config
     tp = sharding.model_axis_size(mesh) if mesh is not None else 1
     kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
     cache = KVCache.create(config, batch, length, model.kv_cache_dtype or model.dtype, kv_heads)
-    if mesh is None:
-        return cache
+    if mesh is None:  # committed, where the weights are (see `beside`)
+        weight = model.embed[...]
+        return jax.device_put(cache, weight.sharding if isinstance(weight, jax.Array)
+                              else jax.devices()[0])
     data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
     model = sharding.MODEL if kv_heads % tp == 0 else None
     # [layers, batch, kv heads, ...]: batch over data, kv heads over model; index [batch, slots]
@@ -246,11 +267,12 @@ def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
 
 class Stream:
     """The iterator `generate(..., stream=True)` returns: text pieces as soon as they are
-    complete; `tokens` counts the tokens generated so far."""
+    complete. `times` holds when each token of the completion (EOS not counted) came off the
+    device, so `tokens` = len(times) counts tokens, not pieces (a piece may hold several)."""
 
     def __init__(self, run: Generation, tokenizer, stops: list[str], prompt: list[int]):
-        self.run = run
-        self._pieces = _stream(run, tokenizer, stops, prompt)
+        self.run, self.times = run, []
+        self._pieces = self._stream(tokenizer, stops, prompt)
 
     def __iter__(self) -> Stream:
         return self
@@ -260,17 +282,19 @@ class Stream:
 
     @property
     def tokens(self) -> int:
-        return int(self.run.state.n)
+        return len(self.times)
 
-
-def _stream(run: Generation, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
-    text = CompletionText(tokenizer, prompt, stops)
-    while not run.finished and not text.stopped:
-        run.advance(1)
-        token = int(run.state.out[0, int(run.state.n) - 1])
-        if token == run.eos:
-            break
-        if piece := text.push(token):
+    def _stream(self, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
+        """One decode call and one read of its token per token: nothing else goes to the
+        device."""
+        run, text = self.run, CompletionText(tokenizer, prompt, stops)
+        while run.n < run.max_new and not text.stopped:
+            run.advance(1)
+            token = int(np.asarray(run.state.token)[0])
+            if token == run.eos:
+                break
+            self.times.append(time.perf_counter())
+            if piece := text.push(token):
+                yield piece
+        if piece := text.flush():
             yield piece
-    if piece := text.flush():
-        yield piece

@@ -54,10 +54,10 @@ class GPT2(Decoder):
         self.norm_bias = make((c.n_embd,), ("embed",), "zeros")
         self.lm_head = None if c.tie_word_embeddings else make((c.n_embd, v), ("embed", "vocab"))
 
-    def embed_inputs(self, input_ids, inputs_embeds, positions):
+    def embed_inputs(self, input_ids, inputs_embeds, positions, kernel=False):
         if inputs_embeds is None:
-            inputs_embeds = self.embedding(input_ids)
-        return inputs_embeds.astype(self.dtype) + L.rows(self.pos_embed[...], positions)
+            inputs_embeds = self.embedding(input_ids, kernel)
+        return inputs_embeds.astype(self.dtype) + self.lookup("pos_embed", positions, kernel)
 
     def block(self, w: GPT2Layers, x, positions, attend):
         c = self.config

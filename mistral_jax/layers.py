@@ -86,31 +86,6 @@ _einsum.defvjp(_project_fwd, _project_bwd)
 # --- norms and activations ---------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """`table[ids]` ([*ids.shape, d]; ids in range): an embedding lookup. A 16-bit table is
-    gathered as uint16 bits: XLA's CPU backend otherwise converts the whole bfloat16 table to
-    float32 before its gather, and hoists that out of a decode loop, so every call of a decode
-    step paid it (SmolLM2's 49152 x 576 table: 57 MB read, 113 MB written, about 70 ms a call
-    on 2 cores, measured in the streamed decode of issue 23)."""
-    if table.dtype.itemsize != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
-        return jnp.take(table, ids, axis=0)
-    bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
-    return jax.lax.bitcast_convert_type(bits, table.dtype)
-
-
-def _rows_fwd(table, ids):
-    return rows(table, ids), (table, ids)
-
-
-def _rows_bwd(residuals, g):  # take's own gradient: the rows' gradients added into the table's
-    table, ids = residuals
-    return jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)[1](g)[0], None
-
-
-rows.defvjp(_rows_fwd, _rows_bwd)
-
-
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)

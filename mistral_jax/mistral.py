@@ -54,10 +54,10 @@ class Mistral(Decoder):
         self.lm_head = None if c.tie_word_embeddings else make((c.hidden_size, v),
                                                                 ("embed", "vocab"))
 
-    def embed_inputs(self, input_ids, inputs_embeds, positions):
+    def embed_inputs(self, input_ids, inputs_embeds, positions, kernel=False):
         if inputs_embeds is not None:
             return inputs_embeds.astype(self.dtype)
-        return self.embedding(input_ids)
+        return self.embedding(input_ids, kernel)
 
     def block(self, w: MistralLayers, x, positions, attend):
         c = self.config

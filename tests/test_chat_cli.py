@@ -3,6 +3,7 @@ generate() on the conversation so far (with the sampling flags generate takes); 
 again and says so; /exit and Ctrl-D (stdin closed) end it with exit code 0."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,9 @@ def test_turns_reset_and_exit(ckpt, model):  # noqa: F811
     assert done.returncode == 0, done.stderr
     assert done.stdout == \
         f"{first}\n{second}\n(conversation reset: the system message kept)\n{fresh}\n"
+    # before the prompt: what it compiles, each with its time (the decode step at one width)
+    assert re.search(r"\(1/\d+\) decode step, 1 row: [\d.]+ s\n", done.stderr), done.stderr
+    assert re.search(r"compiled in [\d.]+ s", done.stderr)
     closed = run_chat(ckpt, "Hi\n")  # then Ctrl-D
     assert closed.returncode == 0, closed.stderr
     assert closed.stdout == f"{first}\n\n"
@@ -50,3 +54,11 @@ def test_repetition_penalty_reaches_the_reply(ckpt, model):  # noqa: F811
     done = run_chat(ckpt, "Hi\n", "--max-new-tokens", "24", "--repetition-penalty", "1.5")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{expected}\n\n"
+
+
+def test_verbose_says_each_replys_rate(ckpt):  # noqa: F811
+    done = run_chat(ckpt, "Hi\nAnd salt?\n", "--verbose", "--max-new-tokens", "6")
+    assert done.returncode == 0, done.stderr
+    rates = re.findall(r"(\d+) tokens, ([\d.]+) tokens/s after the first; first token "
+                       r"([\d.]+) s after the message", done.stderr)
+    assert len(rates) == 2 and all(1 <= int(n) <= 6 for n, _, _ in rates), done.stderr

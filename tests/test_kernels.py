@@ -19,6 +19,7 @@ MS = (1, 3, 8, 17)
 # (1.2 MB of bf16 is over the kernel's one-thread limit), K not a multiple of 16; long kn rows.
 SHAPES = ((96, 40), (224, 202), (1000, 600), (64, 4100))
 L = 3  # layers in the stacked weights
+KINDS = ("bf16", "f32", "int8-g1", "int8-groups")
 
 
 def _needs_kernel():
@@ -40,8 +41,8 @@ def _weights(rng, kind, layout, K, N, stacked):
     [K, N] matrices, one per layer (built in numpy: no XLA compilations)."""
     lead = (L,) if stacked else ()
     shape = lead + ((K, N) if layout == "kn" else (N, K))
-    if kind == "bf16":
-        w = rng.standard_normal(shape).astype(jnp.bfloat16)
+    if kind in ("bf16", "f32"):
+        w = rng.standard_normal(shape).astype(jnp.bfloat16 if kind == "bf16" else np.float32)
         scale = None
         dense = w.astype(np.float64)
         if layout == "nk":
@@ -69,7 +70,7 @@ def _assert_close(y, x, dense):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[0]}N{s[1]}")
 @pytest.mark.parametrize("layout", ("kn", "nk"))
-@pytest.mark.parametrize("kind", ("bf16", "int8-g1", "int8-groups"))
+@pytest.mark.parametrize("kind", KINDS)
 def test_matches_float64(isa, kind, layout, shape):
     """Each M of MS, plain and with a traced index in a jitted scan over stacked layers."""
     K, N = shape
@@ -97,7 +98,7 @@ def test_matches_float64(isa, kind, layout, shape):
 
 
 @pytest.mark.parametrize("layout", ("kn", "nk"))
-@pytest.mark.parametrize("kind", ("bf16", "int8-g1", "int8-groups"))
+@pytest.mark.parametrize("kind", KINDS)
 def test_reference_matches_kernel(kind, layout):
     """The plain-jnp reference: the same float64 check, and close to the kernel."""
     K, N = SHAPES[1]
@@ -138,6 +139,43 @@ def test_the_same_inputs_give_the_same_bits(kind):
     first = np.asarray(f(x, w, scale))
     for _ in range(30):
         np.testing.assert_array_equal(np.asarray(f(x, w, scale)), first)
+
+
+@pytest.mark.parametrize("layout", ("kn", "nk"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_gets_the_same_bits_in_any_batch(isa, kind, layout):
+    """Each row of x computes its outputs in the same order whatever M is (tiles, accumulators
+    and the thread split depend on the weight, not on M): a batched decode step gives each
+    request what it gets alone, bit for bit. The LM head's shape (nk, long N) included."""
+    rng = np.random.default_rng(7)
+    for K, N in (SHAPES[2], (576, 4096)):
+        w, scale, _ = _weights(rng, kind, layout, K, N, stacked=False)
+        x = jnp.asarray(rng.standard_normal((32, K)).astype(np.float32))
+        f = jax.jit(lambda x, w, s: kernels.matmul(x, w, s, layout=layout))
+        alone = np.concatenate([np.asarray(f(x[i:i + 1], w, scale)) for i in range(4)])
+        for m in (2, 4, 8, 32):
+            np.testing.assert_array_equal(np.asarray(f(x[:m], w, scale))[:4], alone[:m][:4])
+
+
+@pytest.mark.parametrize("kind", ("bf16", "f32", "int8"))
+def test_rows_are_the_tables_rows(kind):
+    """kernels.rows: an embedding lookup read in place, float32, int8 times its row's scales
+    (groups of D/G); the reference where the kernel is off."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((50, 64))
+    scale = None
+    if kind == "int8":
+        table = np.clip(np.round(table * 40), -127, 127).astype(np.int8)
+        scale = rng.uniform(0.01, 0.02, (50, 2)).astype(np.float32)
+        want = (table.astype(np.float64).reshape(50, 2, 32) * scale[:, :, None]).reshape(50, 64)
+    else:
+        table = table.astype(jnp.bfloat16 if kind == "bf16" else np.float32)
+        want = table.astype(np.float64)
+    ids = np.array([[3, 49, 0], [3, 7, 7]], np.int32)
+    for rows in (jax.jit(kernels.rows), kernels.rows):
+        got = rows(jnp.asarray(table), ids, None if scale is None else jnp.asarray(scale))
+        assert got.shape == (2, 3, 64) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got, np.float64), want[ids], rtol=1e-6)
 
 
 def test_bfloat16_x_and_reference_agree():

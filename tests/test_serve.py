@@ -206,6 +206,34 @@ def test_concurrent_requests_get_what_they_get_alone(server, model):
     assert len(set(sampled)) == len(sampled)
 
 
+PROMPTS = ["My favourite condiment is", "Once upon a time", "The capital of", "Hi",
+           "A long time ago, in a galaxy far", "Soup", "Ketchup or mustard? I", "1, 2, 3,"]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_greedy_serving_equals_generate_in_every_precision(ckpt, precision):
+    """One request, then 8 at once, each equal to generate(); after warm_up the requests
+    compile nothing (each decode width and prefill width was compiled once, before)."""
+    from mistral_jax import engine as eng
+
+    model = mistral_jax.load(ckpt, **({"quantize": "int8"} if precision == "int8" else
+                                      {"dtype": precision}))
+    want = [mistral_jax.generate(model, p, max_new_tokens=10) for p in PROMPTS]
+    with serving(model, max_batch=8) as (url, engine):
+        engine.warm_up()
+        compiled = eng._decode._cache_size(), eng._prefill._cache_size()
+
+        async def ask(prompts):
+            c = client(url, openai.AsyncOpenAI)
+            got = await asyncio.gather(*[c.completions.create(
+                model="tiny", prompt=p, max_tokens=10, temperature=0) for p in prompts])
+            return [g.choices[0].text for g in got]
+
+        assert asyncio.run(ask(PROMPTS[:1])) == want[:1]
+        assert asyncio.run(ask(PROMPTS)) == want
+        assert (eng._decode._cache_size(), eng._prefill._cache_size()) == compiled
+
+
 def recording(engine):
     """The engine requests its server submits, in order."""
     submitted, submit = [], engine.submit

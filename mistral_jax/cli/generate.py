@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 from mistral_jax import cli, devices
@@ -38,12 +37,17 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> None:
+    from mistral_jax.cli import progress
     from mistral_jax.generation import generate as complete
 
+    progress.watch_compilation()
     start = time.perf_counter()
     model = cli.load_model(args)
     loaded = time.perf_counter()
+    built = progress.build_kernel()
     kwargs = dict(cli.sampling(args), stop=args.stop, stream=True)
+    compiled = progress.compile_seconds()
+    asked = time.perf_counter()
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = [*system, {"role": "user", "content": args.prompt}]
@@ -53,16 +57,15 @@ def generate(args) -> None:
             raise ValueError("--system goes with --chat")
         pieces = complete(model, args.prompt, **kwargs)
         print(args.prompt, end="", flush=True)
-    first = None
     for piece in pieces:
-        first = first or time.perf_counter()
         print(piece, end="", flush=True)
     print()
     if args.verbose:
-        end = time.perf_counter()
-        first = first or end
-        n = pieces.tokens
-        rate = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
-        print(f"loaded in {loaded - start:.2f} s; first token {first - loaded:.2f} s after "
-              f"(compilation included); {n} tokens, {rate:.1f} tokens/s after the first",
-              file=sys.stderr)
+        times, n = pieces.times, pieces.tokens
+        compiling = progress.compile_seconds() - compiled  # (all before the first token)
+        first = f"{times[0] - asked - compiling:.2f} s" if times else "none"
+        rate = f"{(n - 1) / (times[-1] - times[0]):.1f}" if n > 1 else "-"
+        progress.say(f"loaded in {loaded - start:.2f} s; one-time work {built + compiling:.2f} "
+                     f"s (compiling {compiling:.2f} s, the CPU kernel's build {built:.2f} s); "
+                     f"first token {first} after the prompt, one-time work not counted; {n} "
+                     f"tokens, {rate} tokens/s after the first")

@@ -49,13 +49,15 @@ def serve(args) -> None:
         from mistral_jax.server.run import Server
     except ImportError as e:
         raise ValueError(f"{e.name} is missing: pip install 'mistral_jax[serve]'") from None
+    from mistral_jax.cli import progress
     from mistral_jax.engine import Engine
 
     model = cli.load_model(args)
+    progress.build_kernel()
     with Engine(model, max_batch=args.max_batch, max_len=args.max_len,
                 max_queue=args.max_queue) as engine:
         app = create_app(engine, args.name or Path(args.ckpt).resolve().name)
-        engine.warm_up()  # compile the decode step and each prefill width before listening
+        progress.warm_up(engine)  # every step a request needs compiled before listening
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                 timeout_graceful_shutdown=args.shutdown_grace + 10)
         Server(config, engine, args.shutdown_grace).run()

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shlex
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -46,12 +48,13 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-__all__ = ["WEIGHT_DTYPES", "available", "isa", "matmul", "reference"]
+__all__ = ["WEIGHT_DTYPES", "available", "isa", "matmul", "reference", "rows"]
 
 WEIGHT_DTYPES = ("int8", "bfloat16", "float32")  # the weights `matmul` reads
 
 _SOURCE = Path(__file__).with_name("matmul.cc")
 _TARGET = "mistral_jax_matmul"
+_ROWS = "mistral_jax_rows"
 _ISA_CODES = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 _ISA_NAMES = {1: "avx512", 2: "avx2", 3: "scalar"}
 _max_threads = 0  # 0: all of XLA's intra-op pool; for measurements
@@ -59,6 +62,7 @@ _max_threads = 0  # 0: all of XLA's intra-op pool; for measurements
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_built_in = 0.0
 
 
 def _mode() -> str:
@@ -69,9 +73,13 @@ def _mode() -> str:
     return mode
 
 
-def _build() -> ctypes.CDLL:
-    """Compiles matmul.cc (once per source, compiler and jaxlib) and loads it."""
-    cxx = shlex.split(os.environ.get("CXX", "") or "g++")
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX", "") or "g++")
+
+
+def _library_path() -> Path:
+    """Where the build of this source, compiler and jaxlib lives."""
+    cxx = _compiler()
     try:
         version = subprocess.run([*cxx, "--version"], capture_output=True, text=True,
                                  check=True, timeout=60).stdout
@@ -80,8 +88,31 @@ def _build() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + jaxlib.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MISTRAL_JAX_CACHE") or Path.home() / ".cache/mistral_jax")
-    out = cache / "kernels" / f"matmul-{key}.so"
+    return cache / "kernels" / f"matmul-{key}.so"
+
+
+def needs_build() -> bool:
+    """Whether the first use of the kernel will compile it (once per machine; tens of
+    seconds), rather than load it."""
+    if _tried or _mode() == "off" or jax.default_backend() != "cpu":
+        return False
+    try:
+        return not _library_path().exists()
+    except RuntimeError:
+        return False
+
+
+def build_seconds() -> float:
+    """Seconds this process spent compiling the kernel (0 when it was loaded, or not used)."""
+    return _built_in
+
+
+def _build() -> ctypes.CDLL:
+    """Compiles matmul.cc (once per source, compiler and jaxlib) and loads it."""
+    global _built_in
+    cxx, out = _compiler(), _library_path()
     if not out.exists():
+        start = time.perf_counter()
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + "-", suffix=".tmp")
         os.close(fd)
@@ -94,6 +125,7 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on {_SOURCE.name} "
                                    f"(exit {proc.returncode}): {err}")
             os.replace(tmp, out)  # atomic: another process may be building the same file
+            _built_in = time.perf_counter() - start
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on {_SOURCE.name}: {e}") \
                 from None
@@ -105,6 +137,7 @@ def _build() -> ctypes.CDLL:
     lib.MistralJaxCpuIsa.argtypes = [ctypes.c_int64]
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MistralJaxMatmul),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_ROWS, jax.ffi.pycapsule(lib.MistralJaxRows), platform="cpu")
     return lib
 
 
@@ -219,3 +252,22 @@ def matmul(x, w, scale=None, *, index=None, layout="kn"):
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], N), jnp.float32))
     return call(x, w, scale.astype(jnp.float32), idx, nk=np.int64(layout == "nk"),
                 isa=np.int64(_ISA_CODES[_mode()]), threads=np.int64(_max_threads))
+
+
+def rows(table, ids, scale=None):
+    """Rows `ids` (int, any shape) of an embedding table [V, D] (float32, bfloat16, or int8
+    with `scale` [V, G]), as float32 [*ids.shape, D], read in place where `available()`.
+    (XLA:CPU gathers a bfloat16 table by converting the whole table to float32 first, and
+    hoists that out of a decode loop: a call of the loop then paid for the whole table.)"""
+    shape = (*jnp.shape(ids), table.shape[1])
+    if not available() or _multi_device(table, ids):
+        got = jnp.take(table, ids, axis=0).astype(jnp.float32)
+        if scale is None:
+            return got
+        s = jnp.take(scale, ids, axis=0)  # [*ids, G]
+        got = got.reshape(*got.shape[:-1], s.shape[-1], -1) * s[..., None]
+        return got.reshape(shape)
+    call = jax.ffi.ffi_call(_ROWS, jax.ShapeDtypeStruct((math.prod(shape[:-1]), shape[-1]),
+                                                        jnp.float32))
+    scale = jnp.zeros((0, 0), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    return call(table, scale, jnp.asarray(ids, jnp.int32).reshape(-1)).reshape(shape)

@@ -138,7 +138,8 @@ void NkScalar(const Problem& p, int64_t r0, int64_t r1) {
 // ---------------------------------------------------------------------------------------
 // Vector paths, generic over the ISA traits I:
 //   I::W floats per vector; I::kTile kn columns per register tile; I::kMC rows of x per
-//   register tile; I::kNR rows of w per nk tile on long rows; and the vector operations.
+//   register tile; I::kNR rows of w per nk tile on long rows, against I::kMCnk rows of x (its
+//   2 * kNR * kMCnk accumulators fit the registers); and the vector operations.
 //
 // Memory order matters more than instruction count here: the hardware prefetchers keep up
 // with a few long ascending streams, not with many short ones. Measured on the AMD EPYC
@@ -272,12 +273,14 @@ void KnRows(const Problem& p, int64_t k0, int64_t k1, int64_t Nv, float* acc, in
 }
 
 // nk register tile: MC rows of x against NR rows of w over the vector part [0, kv) of K,
-// then the scalar rest. Writes y[m, n..n+NR). One row at a time (NR = 1) keeps two
-// accumulators per output, so that the FMA latency does not bound a single stream.
+// then the scalar rest. Writes y[m, n..n+NR). Two accumulators per output (so that the FMA
+// latency does not bound a single stream), whatever NR and MC: each output then sums its
+// products in the same order at any M, so a row of a batch gets the bits it gets alone
+// (a server's batched decode step equals generate(), greedy token for token).
 template <class I, int MC, int NR>
 inline void NkTile(const Problem& p, int64_t m0, int64_t n) {
   using F = typename I::F;
-  constexpr int W = I::W, A = NR == 1 ? 2 : 1;
+  constexpr int W = I::W, A = 2;
   F a[MC][NR][A];
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < NR; ++r)
@@ -384,7 +387,7 @@ template <class I>
 void NkRows(const Problem& p, int64_t r0, int64_t r1) {
   int64_t n = r0;
   if (p.K * (p.int8 ? 1 : p.f32 ? 4 : 2) >= kLongRow || p.M >= kManyRowsM)
-    for (; n + I::kNR <= r1; n += I::kNR) NkTileRows<I, I::kMC, I::kNR>(p, 0, n);
+    for (; n + I::kNR <= r1; n += I::kNR) NkTileRows<I, I::kMCnk, I::kNR>(p, 0, n);
   for (; n < r1; ++n) NkTileRows<I, I::kMC, 1>(p, 0, n);
 }
 
@@ -417,7 +420,7 @@ void KnRowsAny(const Problem& p, int64_t k0, int64_t k1, int64_t Nv, float* acc,
 #define MJ_AVX2 __attribute__((target("avx2,fma")))
 
 struct Avx512 {
-  static constexpr int W = 16, kTile = 64, kMC = 4, kNR = 4;
+  static constexpr int W = 16, kTile = 64, kMC = 4, kNR = 4, kMCnk = 2;
   using F = __m512;
   MJ_AVX512 static F Zero() { return _mm512_setzero_ps(); }
   MJ_AVX512 static F Load(const float* p) { return _mm512_loadu_ps(p); }
@@ -439,7 +442,7 @@ struct Avx512 {
 };
 
 struct Avx2 {
-  static constexpr int W = 8, kTile = 32, kMC = 2, kNR = 4;
+  static constexpr int W = 8, kTile = 32, kMC = 2, kNR = 4, kMCnk = 1;
   using F = __m256;
   MJ_AVX2 static F Zero() { return _mm256_setzero_ps(); }
   MJ_AVX2 static F Load(const float* p) { return _mm256_loadu_ps(p); }
@@ -696,6 +699,67 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MistralJaxMatmul, MatmulImpl,
                                   .Attr<int64_t>("nk")
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
+
+// ---------------------------------------------------------------------------------------
+// Rows of an embedding table, widened to float32: y[i, :] = table[ids[i], :] (times the row's
+// scales for int8, per group of D/G). XLA:CPU gathers a bfloat16 table by converting all of
+// it to float32 first, and hoists that convert out of a decode loop, so each call of the
+// loop paid for the whole table; this reads only the rows asked for.
+
+namespace {
+
+template <class Wt>
+void RowsT(const Wt* table, const float* scale, int64_t G, const int32_t* ids, int64_t n,
+           int64_t D, float* y) {
+  const int64_t gs = D / G;
+  for (int64_t i = 0; i < n; ++i) {
+    const Wt* row = table + int64_t(ids[i]) * D;
+    float* out = y + i * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = ToF32(row[d]);
+    if (scale)
+      for (int64_t d = 0; d < D; ++d) out[d] *= scale[int64_t(ids[i]) * G + d / gs];
+  }
+}
+
+ffi::Error RowsImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> y) {
+  const auto td = table.dimensions();
+  if (td.size() != 2) return ffi::Error::InvalidArgument("rows: table must be 2-D");
+  const int64_t V = td[0], D = td[1], n = ids.element_count();
+  const int32_t* id = ids.typed_data();
+  for (int64_t i = 0; i < n; ++i)
+    if (id[i] < 0 || id[i] >= V)
+      return ffi::Error::InvalidArgument("rows: a token id is outside the table");
+  float* out = y->typed_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      RowsT(static_cast<const float*>(table.untyped_data()), nullptr, 1, id, n, D, out);
+      break;
+    case ffi::DataType::BF16:
+      RowsT(static_cast<const uint16_t*>(table.untyped_data()), nullptr, 1, id, n, D, out);
+      break;
+    case ffi::DataType::S8: {
+      const auto sd = scale.dimensions();
+      if (sd.size() != 2 || sd[0] != V || sd[1] < 1 || D % sd[1] != 0)
+        return ffi::Error::InvalidArgument("rows: int8 needs scales [V, G], G | D");
+      RowsT(static_cast<const int8_t*>(table.untyped_data()), scale.typed_data(), sd[1], id, n,
+            D, out);
+      break;
+    }
+    default:
+      return ffi::Error::InvalidArgument("rows: table must be float32, bfloat16 or int8");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MistralJaxRows, RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // table [V, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [V, G] (int8), else empty
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids [n]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y [n, D]
 
 // The ISA a call with `isa = requested` runs on this CPU (an Isa code).
 extern "C" int64_t MistralJaxCpuIsa(int64_t requested) { return Resolve(requested); }
