@@ -62,10 +62,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, *flags: str) -> subprocess.Popen:
+    """`python -m mistral_jax.serve CKPT` on 127.0.0.1:`port` with `flags` (default: this
+    benchmark's slots and length), once it answers /health."""
+    flags = flags or ("--max-batch", str(SLOTS), "--max-len", "1024")
     proc = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", str(ckpt), "--host",
-                             "127.0.0.1", "--port", str(port), "--max-batch", str(SLOTS),
-                             "--max-len", "1024"], cwd=Path(__file__).resolve().parents[1])
+                             "127.0.0.1", "--port", str(port), *flags],
+                            cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
