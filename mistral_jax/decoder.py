@@ -203,23 +203,21 @@ class Decoder(nnx.Module):
         attentions = tuple(probs) if output_attentions else None
         return self.constrain(x, GATHERED), hidden, attentions
 
-    def step(self, input_ids, valid, positions, cache, start, fresh: bool = False, rows=None):
+    def step(self, input_ids, valid, positions, cache, start, fresh: bool = False, first=None):
         """A chunk of tokens against a KV cache -> (the last position's logits [b, vocab_padded],
         the cache with the chunk written). input_ids/valid/positions: [b, c]; start: the sequence
         index of the chunk's first token, a scalar (every row left-aligned at it) or [b] (each
         row at its own index: continuous batching). `fresh`: the cache holds nothing yet (the
-        first chunk), so it is not read. `rows` [b]: the cache's batch rows the chunk's rows
-        are (continuous batching steps the live rows of a larger cache); default: all of them,
-        in order."""
-        if rows is not None:
-            start = jnp.broadcast_to(start, rows.shape)
+        first chunk), so it is not read. The chunk's rows are the cache's batch rows first ..
+        first + b - 1 (default: the first b; continuous batching steps the rows in use of a
+        larger cache, and prefills one row of it: `first` (traced), with a per-row `start`)."""
         kernel = quant.kernel_ok(self)
         x = self.constrain(self.embed_inputs(input_ids, None, positions, kernel), ACT)
         new_index = kv.chunk_indices(start, valid)
         query_index = kv.sequence_indices(start, input_ids.shape[1])  # [c] or [b, c]
-        first = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
+        alone = self.attend_with(Masking(new_index >= 0, None, self.config.sliding_window),
                                  left_padded=True) if fresh else None
-        blocks = kv.blocks_in_use(cache, rows)
+        blocks = kv.blocks_in_use(cache, input_ids.shape[0], first)
 
         def body(x, layer_and_index):
             layer, i = layer_and_index
@@ -228,10 +226,10 @@ class Decoder(nnx.Module):
 
             def attend(q, k, v):
                 if fresh:  # the chunk attends to itself alone: as in training
-                    out = first(q, k, v)[0]
+                    out = alone(q, k, v)[0]
                 else:
                     out = kv.attend_cached(q, cache, i, blocks, k, v, new_index, query_index,
-                                           self.config.sliding_window, rows)
+                                           self.config.sliding_window, first, kernel)
                 return out, (k, v)
 
             x, (k, v) = self.block(layer, x, positions, attend)
@@ -245,7 +243,7 @@ class Decoder(nnx.Module):
         x, (k, v) = jax.lax.scan(body, x, (None if kernel else self.layers, layers))
         x = self.final_norm(x[:, -1:])
         logits = self.lm_logits(self.constrain(x, GATHERED), kernel=kernel)[:, 0]
-        return logits, kv.write(cache, k, v, new_index, start, rows)
+        return logits, kv.write(cache, k, v, new_index, start, first)
 
     def attend_with(self, masking, *, weights: bool = False, left_padded: bool | None = None):
         """This model's `attend(q, k, v)` under `masking` (see `attention.attend_with`)."""

@@ -72,8 +72,8 @@ def _prefill(model, state: Slots, slot, ids, valid, positions, start, first: boo
     vocab, cache = state.seen.shape[1], state.cache
     if first:
         cache = replace(cache, index=cache.index.at[slot].set(-1))
-    logits, cache = model.step(ids, valid, positions, cache, start, fresh=first,
-                               rows=slot[None])
+    logits, cache = model.step(ids, valid, positions, cache, start[None], fresh=first,
+                               first=slot)
     seen = jnp.zeros_like(state.seen[slot]) if first else state.seen[slot]
     seen = seen.at[jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
     return Slots(cache, state.logits.at[slot].set(logits[0, :vocab]),
@@ -81,23 +81,35 @@ def _prefill(model, state: Slots, slot, ids, valid, positions, start, first: boo
 
 
 @partial(jax.jit, donate_argnums=(1,))
-def _decode(model, state: Slots, rows, live, index, position, seed, count,
-            sampling: RowSampling):
-    """Sample the next token of the slots `rows` [n] (n: a bucket of `decode_widths`, padded
-    with slots that are not live), then feed it: (state, tokens [n], logprobs [n]). The step
-    does the work of n rows, whatever the number of slots. A row's key depends only on its
-    request's seed and the token's number."""
-    vocab = state.seen.shape[1]
-    logits, seen = state.logits[rows], state.seen[rows]
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
+def _decode(model, state: Slots, live, index, position, seed, count, sampling: RowSampling):
+    """Sample the next token of slots 0 .. n - 1 (n = live.shape[0], a width of
+    `decode_widths`; the slots not decoding are `live` False), then feed it: (state, tokens
+    [n], logprobs [n]). The step does the work of n rows, whatever the number of slots, and
+    reads them where they lie. A row's key depends only on its request's seed and the token's
+    number."""
+    n, vocab = live.shape[0], state.seen.shape[1]
+    logits, seen = state.logits[:n], state.seen[:n]
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed, count)
     token = jnp.where(live, sample_rows(logits, keys, seen, sampling), 0)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)
     logits, cache = model.step(token[:, None], live[:, None].astype(jnp.int32),
-                               position[:, None], state.cache, index, rows=rows)
-    seen = seen.at[jnp.arange(rows.shape[0]), jnp.where(live, token, vocab)].set(
-        True, mode="drop")
-    return (Slots(cache, state.logits.at[rows].set(logits[:, :vocab]),
-                  state.seen.at[rows].set(seen)), token, logprob[:, 0])
+                               position[:, None], state.cache, index)
+    seen = seen.at[jnp.arange(n), jnp.where(live, token, vocab)].set(True, mode="drop")
+    return (Slots(cache, state.logits.at[:n].set(logits[:, :vocab]), state.seen.at[:n].set(seen)),
+            token, logprob[:, 0])
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _move(state: Slots, src, dst) -> Slots:
+    """Slot `src`'s row (its cache, logits, tokens seen) moved to the free slot `dst`, `src`
+    left empty: the slots decoding stay at the front, so a step's width stays theirs."""
+    def move(x, axis):
+        row = jax.lax.dynamic_slice_in_dim(x, src, 1, axis)
+        return jax.lax.dynamic_update_slice_in_dim(x, row, dst, axis)
+
+    cache = jax.tree.map(lambda x: move(x, 0 if x.ndim == 2 else 1), state.cache)
+    cache = replace(cache, index=cache.index.at[src].set(-1))
+    return Slots(cache, move(state.logits, 0), move(state.seen, 0))
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -244,12 +256,18 @@ class Engine:
         if self.max_len > self.chunk:  # a prompt of more than one chunk: its later chunks
             jobs.append((f"prefill, {self.chunk} tokens after the first chunk", _prefill,
                          self._prefill_args(self.chunk), {"first": False}))
+        jobs += [("freeing a slot", _forget, (np.int32(0),), {}),
+                 ("moving a slot", _move, (np.int32(0), np.int32(0)), {})]
+
+        def call(step, how, args, static):  # how: jitted `step`, or its `.lower`
+            lead = () if step in (_forget, _move) else (self.model,)
+            return how(*lead, self._state, *args, **static)
 
         def compile_one(job):
             what, step, args, static = job
             start = time.perf_counter()
             with on_mesh_of(self.model):
-                step.lower(self.model, self._state, *args, **static).compile()
+                call(step, step.lower, args, static).compile()
             return what, time.perf_counter() - start
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -260,15 +278,14 @@ class Engine:
             if any(self._slots) or self._waiting:
                 raise RuntimeError("warm_up() runs before the first request")
             for _, step, args, static in jobs:
-                out = step(self.model, self._state, *args, **static)
+                out = call(step, step, args, static)
                 self._state = out[0] if isinstance(out, tuple) else out
             jax.block_until_ready(self._state)
 
     def _decode_args(self, width: int) -> tuple:  # (every slot is free: nothing is read)
         zeros = lambda dtype: np.zeros(width, dtype)  # noqa: E731
-        return (np.arange(width, dtype=np.int32), zeros(bool), zeros(np.int32),
-                zeros(np.int32), zeros(np.uint32), zeros(np.int32),
-                RowSampling.of([Sampling()] * width))
+        return (zeros(bool), zeros(np.int32), zeros(np.int32), zeros(np.uint32),
+                zeros(np.int32), RowSampling.of([Sampling()] * width))
 
     def _prefill_args(self, width: int) -> tuple:
         zeros = np.zeros((1, width), np.int32)
@@ -371,32 +388,47 @@ class Engine:
         slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
 
     def _decode(self) -> None:
+        self._compact()
         slots = self._slots
-        live = [i for i, s in enumerate(slots) if s is not None and not s.chunks]
-        width = next(w for w in self.decode_widths if w >= len(live))
-        # padding rows: free slots first, then slots being prefilled (their write, marked
-        # empty, lands where their next chunk writes)
-        idle = sorted((i for i in range(self.max_batch) if i not in live),
-                      key=lambda i: slots[i] is not None)
-        rows = live + idle[:width - len(live)]
-        per_row = lambda f, dtype: np.array([f(slots[i]) if i in live else 0 for i in rows],  # noqa: E731
-                                            dtype)
-        greedy = Sampling()
-        sampling = RowSampling.of([slots[i].request.sampling if i in live else greedy
+        decoding = [s is not None and not s.chunks for s in slots]
+        width = self._width()
+        # the rows of slots not decoding (free, or being prefilled) are padding: their write,
+        # marked empty, lands where a free slot holds nothing, or where the next chunk writes
+        rows = range(width)
+        per_row = lambda f, dtype: np.array([f(slots[i]) if decoding[i] else 0  # noqa: E731
+                                             for i in rows], dtype)
+        sampling = RowSampling.of([slots[i].request.sampling if decoding[i] else Sampling()
                                    for i in rows])
         index = np.array([slots[i].index if slots[i] else 0 for i in rows], np.int32)
         self._state, token, logprob = _decode(
-            self.model, self._state, np.array(rows, np.int32),
-            np.arange(width) < len(live), index, per_row(lambda s: s.position, np.int32),
-            per_row(lambda s: s.request.seed, np.uint32),
+            self.model, self._state, np.array(decoding[:width]), index,
+            per_row(lambda s: s.position, np.int32), per_row(lambda s: s.request.seed, np.uint32),
             per_row(lambda s: s.request.completion_tokens, np.int32), sampling)
         token, logprob = np.asarray(token), np.asarray(logprob)
-        for j, i in enumerate(live):
-            slot = slots[i]
-            slot.index, slot.position = slot.index + 1, slot.position + 1
-            slot.request.take(int(token[j]), float(logprob[j]), self.eos)
-            if slot.request.done:
-                self._free(i)
+        for i in rows:
+            if decoding[i]:
+                slot = slots[i]
+                slot.index, slot.position = slot.index + 1, slot.position + 1
+                slot.request.take(int(token[i]), float(logprob[i]), self.eos)
+                if slot.request.done:
+                    self._free(i)
+
+    def _width(self) -> int:
+        """The decode step's rows: the smallest width that holds every decoding slot."""
+        last = max(i for i, s in enumerate(self._slots) if s is not None and not s.chunks)
+        return next(w for w in self.decode_widths if w > last)
+
+    def _compact(self) -> None:
+        """Move decoding slots down into free ones while that narrows the step."""
+        while True:
+            decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.chunks]
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            if not free or free[0] > decoding[-1] or \
+                    self._width() == next(w for w in self.decode_widths if w >= len(decoding)):
+                return
+            src, dst = decoding[-1], free[0]
+            self._state = _move(self._state, np.int32(src), np.int32(dst))
+            self._slots[dst], self._slots[src] = self._slots[src], None
 
     def _free(self, i: int) -> None:
         self._slots[i] = None

@@ -156,9 +156,10 @@ def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engin
     engine.warm_up(lambda done, total, what, seconds: heard.append((done, total, what)))
     # decode widths 1 and 2; prefill widths 16, 32 and 64 (a 63-token prompt)
     assert compiled() == {"decode": 2, "prefill": 3}
-    assert heard == [(1, 5, "decode step, 1 row"), (2, 5, "decode step, 2 rows"),
-                     (3, 5, "prefill, 16 tokens"), (4, 5, "prefill, 32 tokens"),
-                     (5, 5, "prefill, 64 tokens")]
+    assert heard == [(1, 7, "decode step, 1 row"), (2, 7, "decode step, 2 rows"),
+                     (3, 7, "prefill, 16 tokens"), (4, 7, "prefill, 32 tokens"),
+                     (5, 7, "prefill, 64 tokens"), (6, 7, "freeing a slot"),
+                     (7, 7, "moving a slot")]
     requests = [engine.submit(prompt(n, seed=n)[0].tolist(), max_tokens=3)
                 for n in (1, 9, 17, 31, 40, 60)]
     for request in requests:
@@ -166,6 +167,22 @@ def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engin
     assert compiled() == {"decode": 2, "prefill": 3}  # the requests compiled nothing
     engine.stop()  # (its thread ends after the turn that freed the last slot)
     assert (np.asarray(engine._state.cache.index) == -1).all()  # nothing left to read
+
+
+def test_a_request_left_in_a_high_slot_moves_down_and_still_gets_what_it_gets_alone(
+        models_, engines):  # noqa: F811
+    """Three short requests end; the long one in the last slot moves to the first, so the
+    step narrows to one row, and its tokens are those it gets alone."""
+    _, model = models_["gpt2"]
+    model = copy.copy(model)
+    model.config = dataclasses.replace(model.config, eos_token_id=None)
+    engine = engines(model, max_batch=4)
+    prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 5, 7, 9)]
+    requests = [engine.submit(p, max_tokens=n) for p, n in zip(prompts, (2, 3, 4, 30),
+                                                                 strict=True)]
+    got = [result(r)[0] for r in requests]
+    assert got[3] == alone(model, prompts[3], 30)[0] and len(got[3]) == 30
+    assert eng._move._cache_size() == 1  # it was moved (compiled, and run)
 
 
 def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):  # noqa: F811

@@ -238,3 +238,43 @@ def test_broken_compiler_warns_and_falls_back(tmp_path):
     got = _child(tmp_path, CXX="/bin/false", MISTRAL_JAX_CPU_KERNEL="auto")
     assert not got["available"] and got["isa"] == "unavailable" and got["equal"]
     assert len(got["warnings"]) == 1 and "/bin/false" in got["warnings"][0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("window,c", [(None, 1), (None, 3), (5, 1), (5, 4)])
+def test_attention_reads_the_cache_as_xla_does(dtype, window, c):
+    """kernels.attention (the decode step's, reading the cache in place) against the XLA path
+    of cache.attend_cached: rows 1..2 of a 4-row cache, slots in use, an empty slot, a padded
+    key of the chunk, a window, grouped queries, chunks of 1 to 4 queries."""
+    from mistral_jax import cache as kv
+    from mistral_jax import configs
+
+    _needs_kernel()
+    config = configs.MistralConfig(vocab_size=16, hidden_size=32, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, head_dim=8, sliding_window=None,
+                                   max_position_embeddings=512)
+    rng = np.random.default_rng(11)
+    cache = kv.KVCache.create(config, 4, 300, dtype)
+    b, n, k, h = 2, 6, 2, 8
+    index = np.full((4, cache.slots), -1, np.int32)
+    index[:, :40] = np.arange(40)
+    index[:, 7] = -1  # an empty slot among them
+    new_k = jnp.asarray(rng.normal(size=(2, 4, 40, k, h)), jnp.float32)  # [L, rows, c, kv, h]
+    cache = kv.write(cache, jnp.concatenate([new_k, new_k], 1), jnp.concatenate(
+        [new_k, new_k], 1) * 0.5, jnp.asarray(index[:, :40]), jnp.zeros(4, jnp.int32))
+    cache = kv.KVCache(cache.k, cache.v, jnp.asarray(index), cache.k_scale, cache.v_scale,
+                       cache.bits_of)
+    q = jnp.asarray(rng.normal(size=(b, c, n, h)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(b, c, k, h)), jnp.float32)
+    new_index = np.tile(np.arange(40, 40 + c, dtype=np.int32), (b, 1))
+    new_index[1, 0] = -1  # padding
+    query_index = jnp.asarray(np.tile(np.arange(40, 40 + c, dtype=np.int32), (b, 1)))
+    blocks = kv.blocks_in_use(cache, b, 1)
+    got, want = (jax.jit(lambda q, layer, kernel=kernel: kv.attend_cached(
+        q, cache, layer, blocks, k_new, k_new * 2, jnp.asarray(new_index), query_index, window,
+        first=1, kernel=kernel))(q, 1) for kernel in (True, False))
+    # (XLA's path weighs 16-bit values with 16-bit probabilities; the kernel in float32)
+    tol = 2e-5 if dtype in ("float32", "int8") else 3e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+    assert np.abs(np.asarray(got)).max() > 0.1

@@ -151,9 +151,9 @@ def test_int8_kv_cache_is_close_and_small():
     bf16 = kv.KVCache.create(MISTRAL, 4, 256, jnp.bfloat16)
     int8 = kv.KVCache.create(MISTRAL, 4, 256, jnp.int8)
     kv_bytes = lambda c: c.nbytes() - c.index.nbytes  # noqa: E731
-    h = MISTRAL.head_dim  # 8 here: a scale per head and token costs 2 bytes beside h
-    assert kv_bytes(int8) / kv_bytes(bf16) == (h + 2) / (2 * h)
-    assert kv_bytes(int8) / kv_bytes(f32) == (h + 2) / (4 * h)
+    h = MISTRAL.head_dim  # 8 here: a float32 scale per head and token, 4 bytes beside h
+    assert kv_bytes(int8) / kv_bytes(bf16) == (h + 4) / (2 * h)
+    assert kv_bytes(int8) / kv_bytes(f32) == (h + 4) / (4 * h)
 
 
 def test_int8_kv_cache_rolling_buffer_matches_float_logits():

@@ -48,13 +48,16 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-__all__ = ["WEIGHT_DTYPES", "available", "isa", "matmul", "reference", "rows"]
+__all__ = ["WEIGHT_DTYPES", "attention", "available", "isa", "matmul", "reference", "rows"]
 
 WEIGHT_DTYPES = ("int8", "bfloat16", "float32")  # the weights `matmul` reads
 
-_SOURCE = Path(__file__).with_name("matmul.cc")
+_SOURCES = sorted(Path(__file__).parent.glob("*.cc"))  # one library of them all
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _TARGET = "mistral_jax_matmul"
 _ROWS = "mistral_jax_rows"
+_ATTENTION = "mistral_jax_attention"
+KV_TYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3}  # attention.cc's KvType
 _ISA_CODES = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 _ISA_NAMES = {1: "avx512", 2: "avx2", 3: "scalar"}
 _max_threads = 0  # 0: all of XLA's intra-op pool; for measurements
@@ -85,10 +88,10 @@ def _library_path() -> Path:
                                  check=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"compiler {' '.join(cxx)!r} not usable ({e})") from None
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(source + version.encode() + jaxlib.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MISTRAL_JAX_CACHE") or Path.home() / ".cache/mistral_jax")
-    return cache / "kernels" / f"matmul-{key}.so"
+    return cache / "kernels" / f"cpu-{key}.so"
 
 
 def needs_build() -> bool:
@@ -116,18 +119,18 @@ def _build() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + "-", suffix=".tmp")
         os.close(fd)
-        cmd = [*cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+        cmd = [*cxx, "-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w",
+               "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on {_SOURCE.name} "
+                raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on the kernels "
                                    f"(exit {proc.returncode}): {err}")
             os.replace(tmp, out)  # atomic: another process may be building the same file
             _built_in = time.perf_counter() - start
         except (OSError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on {_SOURCE.name}: {e}") \
+            raise RuntimeError(f"compiler {' '.join(cxx)!r} failed on the kernels: {e}") \
                 from None
         finally:
             if os.path.exists(tmp):
@@ -138,6 +141,8 @@ def _build() -> ctypes.CDLL:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MistralJaxMatmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_ROWS, jax.ffi.pycapsule(lib.MistralJaxRows), platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.MistralJaxAttention),
+                                platform="cpu")
     return lib
 
 
@@ -271,3 +276,22 @@ def rows(table, ids, scale=None):
                                                         jnp.float32))
     scale = jnp.zeros((0, 0), jnp.float32) if scale is None else scale.astype(jnp.float32)
     return call(table, scale, jnp.asarray(ids, jnp.int32).reshape(-1)).reshape(shape)
+
+
+def attention(q, k, v, k_scale, v_scale, index, layer, first, k_new, v_new, new_index,
+              query_index, *, kv_type: str, window: int | None):
+    """A chunk's attention over layer `layer` of a KV cache and its own keys, read in place
+    (attention.cc): q [b, c, n, h]; the cache's k [L, B, kv, h, S] and v [L, B, kv, S, h]
+    (16-bit floats as their bits; int8 with float32 scales [L, B, kv, S]), its index [B, S];
+    the chunk's rows are the cache's rows first .. first + b - 1. k_new / v_new [b, c, kv, h],
+    new_index [b, c] (-1: padding), query_index [b, c]. Float32 [b, c, n, h]; a query that
+    sees no key gets zeros. Only where `available()` (see `cache.attend_cached`)."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    empty = jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(f32(q), k, v, empty if k_scale is None else f32(k_scale),
+                empty if v_scale is None else f32(v_scale), i32(index), f32(k_new), f32(v_new),
+                i32(new_index), i32(jnp.broadcast_to(query_index, new_index.shape)),
+                i32(layer).reshape(()), i32(first).reshape(()), window=np.int64(window or 0),
+                type=np.int64(KV_TYPES[kv_type]), isa=np.int64(_ISA_CODES[_mode()]))
