@@ -170,19 +170,24 @@ def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engin
 
 
 def test_a_request_left_in_a_high_slot_moves_down_and_still_gets_what_it_gets_alone(
-        models_, engines):  # noqa: F811
+        models_, engines, monkeypatch):  # noqa: F811
     """Three short requests end; the long one in the last slot moves to the first, so the
     step narrows to one row, and its tokens are those it gets alone."""
     _, model = models_["gpt2"]
     model = copy.copy(model)
     model.config = dataclasses.replace(model.config, eos_token_id=None)
+    moves = []
+    real_move = eng._move
+    monkeypatch.setattr(eng, "_move", lambda state, src, dst: (
+        moves.append((int(src), int(dst))), real_move(state, src, dst))[1])
     engine = engines(model, max_batch=4)
     prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 5, 7, 9)]
     requests = [engine.submit(p, max_tokens=n) for p, n in zip(prompts, (2, 3, 4, 30),
                                                                  strict=True)]
     got = [result(r)[0] for r in requests]
     assert got[3] == alone(model, prompts[3], 30)[0] and len(got[3]) == 30
-    assert eng._move._cache_size() == 1  # it was moved (compiled, and run)
+    assert moves and all(src > dst for src, dst in moves)  # always down, to a free slot
+    assert moves[0][0] == 3  # the long request left the last slot first
 
 
 def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):  # noqa: F811
