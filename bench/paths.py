@@ -146,7 +146,7 @@ def chat(ckpt: Path, options: dict, new: int) -> dict:
                            "--max-new-tokens", str(new), *flags], cwd=ROOT, timeout=900,
                           input="Tell me the history of Paris.\n/exit\n", capture_output=True,
                           text=True, check=True)
-    found = re.search(r"(\d+) tokens, ([\d.]+) tokens/s after the first .*?first token "
+    found = re.search(r"(\d+) tokens, ([\d.]+) tokens/s after the first; first token "
                       r"([\d.]+) s", proc.stderr)
     if not found:
         raise RuntimeError(f"no rate in the chat's output: {proc.stderr[-500:]}")

@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -67,6 +68,35 @@ def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1
         return run
 
 
+def user(ids: np.ndarray, config=CONFIG):
+    """A user's own step, as the public API invites: `jax.jit` of `jax.value_and_grad` of a
+    cross-entropy over `mistral_jax.forward`'s logits, optax AdamW on the model itself (clipped
+    at 1.0, as the others)."""
+    import optax
+
+    model = mistral_jax.init(config, seed=0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(LR, b1=0.9, b2=0.95, weight_decay=0.1))
+    holder = {"model": model, "opt": tx.init(model)}
+    x = jnp.asarray(ids)
+
+    def loss_fn(model, ids):
+        logits = mistral_jax.forward(model, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(model, opt, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(model, ids)
+        updates, opt = tx.update(grads, opt, model)
+        return optax.apply_updates(model, updates), opt, loss
+
+    def run():
+        holder["model"], holder["opt"], loss = step(holder["model"], holder["opt"], x)
+        loss.block_until_ready()
+
+    return run
+
+
 def theirs(ids: np.ndarray, config=CONFIG, device: str = "cpu", dtype=torch.float32):
     hf = transformers.MistralConfig(**configs.to_hf_dict(config))
     torch.manual_seed(0)
@@ -107,8 +137,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device for transformers")
     parser.add_argument("--window", type=int, default=None, help="a sliding window (Mistral's)")
     parser.add_argument("--attention", default="auto", help="our attention implementation")
-    parser.add_argument("--only", choices=["ours", "transformers"], help="time one side only "
-                        "(its peak RSS is then its own: bench/long.py runs each in a process)")
+    parser.add_argument("--only", choices=["ours", "user", "transformers"], help="time one "
+                        "side only (its peak RSS is then its own: bench/long.py runs each in a "
+                        "process)")
+    parser.add_argument("--no-user", action="store_true", help="leave out the user's own "
+                        "jax.grad step")
     args = parser.parse_args()
     config = CONFIG
     if args.preset:
@@ -125,10 +158,12 @@ def main() -> None:
     tokens = args.batch * args.seq
     step_flops = flops.training_flops_per_token(config, args.seq) * tokens
     runs = {}
-    if args.only != "transformers":
+    if args.only in (None, "ours"):
         runs["ours"] = ours(ids, args.remat, config, getattr(jnp, args.dtype), args.unroll,
                             args.attention)
-    if not args.skip_torch and args.only != "ours":
+    if args.only in (None, "user") and not args.no_user and args.dtype == "float32":
+        runs["user"] = user(ids, config)
+    if not args.skip_torch and args.only in (None, "transformers"):
         runs["transformers"] = theirs(ids, config, args.device, getattr(torch, args.dtype))
     for run in runs.values():
         timed(run, args.warmup, 0)
@@ -158,7 +193,7 @@ def main() -> None:
     for name, seconds in times.items():
         s = float(np.median(seconds))
         mfu = float(np.median([step_flops / t / g for t, g in zip(seconds, gemm, strict=True)]))
-        short = "ours" if name == "ours" else "theirs"  # flat keys, as bench/run.py reads them
+        short = {"transformers": "theirs"}.get(name, name)  # flat keys, as bench/run.py reads
         result.update({f"{short}_s": s, f"{short}_tokens_per_s": tokens / s,
                        f"{short}_mfu": mfu})
         chip_mfu = ""
@@ -168,11 +203,12 @@ def main() -> None:
         print(f"{name:>12}: {s:.3f} s/step  {tokens / s:8.1f} tok/s  MFU {100 * mfu:.1f}%"
               f"{chip_mfu} (rounds: " + ", ".join(f"{t:.2f}" for t in seconds) + " s)")
     print(f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
-    if len(times) == 2:
-        ratios = [t / o for o, t in zip(times["ours"], times["transformers"], strict=True)]
-        result["speedup"] = float(np.median(ratios))
-        print(f"ours / transformers tokens/s: {result['speedup']:.2f}x (median of per-round "
-              "ratios)")
+    for name, key in (("ours", "speedup"), ("user", "user_speedup")):
+        if name in times and "transformers" in times:
+            ratios = [t / o for o, t in zip(times[name], times["transformers"], strict=True)]
+            result[key] = float(np.median(ratios))
+            print(f"{name} / transformers tokens/s: {result[key]:.2f}x (median of per-round "
+                  "ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
