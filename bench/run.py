@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     ("train step tokens/s, ours / transformers", ("train", "speedup"), 1.25, "min"),
     ("train step GEMM-relative MFU", ("train", "ours_mfu"), 0.75, "min"),
+    ("a user's own jax.value_and_grad step, tokens/s / transformers", ("train", "user_speedup"),
+     1.25, "min"),
     ("decode batch 1, ours / transformers (SmolLM2-135M)", ("smollm2", "decode1"), 3.0, "min"),
     ("decode batch 8, ours / transformers (SmolLM2-135M)", ("smollm2", "decode8"), 4.0, "min"),
     ("decode batch-1 MBU (SmolLM2-135M)", ("smollm2", "mbu_batch1"), 0.60, "min"),
@@ -51,6 +53,23 @@ TARGETS = [
     ("serving throughput / transformers generate in static batches of 8",
      ("serve", "vs_transformers"), 1.5, "min"),
     ("serving p99 time to first token under load, s", ("serve", "ttft_p99_s"), 2.0, "max"),
+    ("int8 serving throughput / one by one", ("serve_int8", "vs_one_by_one"), 3.0, "min"),
+    ("int8 serving throughput / transformers float32 static 8",
+     ("serve_int8", "vs_transformers"), 2.0, "min"),
+    ("int8 serving p99 time to first token under load, s", ("serve_int8", "ttft_p99_s"), 2.0,
+     "max"),
+    # issue 23: the paths a user runs (bench/paths.py, SmolLM2-135M, batch 1), and fine-tuning
+    # as a user starts it (bench/finetune.py)
+    *[(f"{p} {what}", ("paths", f"{key}_{p}"), target, "min")
+      for p in ("float32", "bfloat16", "int8")
+      for what, key, target in (
+          ("generate(stream=True) / generate_tokens", "stream", 0.85),
+          ("engine one request / generate_tokens", "engine", 0.85),
+          ("chat / generate_tokens", "chat", 0.85),
+          ("server one request (openai client) / generate_tokens", "server", 0.8),
+          ("generate_tokens / llama.cpp at the same bytes", "loop_llama", 1.0),
+          ("server one request / llama.cpp at the same bytes", "server_llama", 0.8))],
+    ("LoRA fine-tuning, default mesh / --mesh 1x1 tokens/s", ("finetune", "lora"), 0.9, "min"),
     # reduced precision (bench/precision.py, bench/accuracy.py: SmolLM2-135M's Q4_1 GGUF)
     ("bfloat16 decode batch 1 / our float32", ("precision", "bf16_vs_f32"), 1.6, "min"),
     ("int8 decode batch 1 / our float32", ("precision", "int8_vs_f32"), 2.2, "min"),
@@ -69,8 +88,13 @@ TARGETS = [
 ]
 
 
-BENCHES = {"train": "train.py", "decode": "decode.py", "long": "long.py", "serve": "serve.py",
-           "precision": "precision.py", "accuracy": "accuracy.py", "convert": "convert_rss.py"}
+# name: (script, its arguments)
+BENCHES = {"train": ("train.py",), "decode": ("decode.py",), "long": ("long.py",),
+           "serve": ("serve.py", "--intervals", "2,1,0.5"),
+           "serve_int8": ("serve.py", "--precision", "int8", "--intervals", "2,1,0.5"),
+           "paths": ("paths.py",), "finetune": ("finetune.py",),
+           "precision": ("precision.py",), "accuracy": ("accuracy.py",),
+           "convert": ("convert_rss.py",)}
 
 
 def bench(script: str, out: Path, *args: str) -> dict:
@@ -102,11 +126,31 @@ def summary(raw: dict) -> dict:
         out["accuracy"] = {k: abs(a[k]["ppl_vs_transformers"]) for k in a
                            if "ppl_vs_transformers" in a[k]}
         out["accuracy"]["greedy_bf16"] = a["bfloat16"]["greedy_vs_float32"]
-    if "serve" in raw:
-        r = raw["serve"]
-        out["serve"] = {"vs_one_by_one": r["vs_one_by_one"],
-                        "vs_transformers": r["vs_transformers"],
-                        "ttft_p99_s": r["server"]["ttft_p99_s"]}
+    for name in ("serve", "serve_int8"):
+        if name in raw:
+            r = raw[name]
+            out[name] = {"vs_one_by_one": r["vs_one_by_one"],
+                         "vs_transformers": r["vs_transformers"],
+                         "ttft_p99_s": r["server"]["ttft_p99_s"]}
+    if "paths" in raw:
+        out["paths"] = paths_summary(raw["paths"])
+    if "finetune" in raw:
+        out["finetune"] = {"lora": raw["finetune"]["lora_default_vs_1x1"]}
+    return out
+
+
+def paths_summary(r: dict) -> dict:
+    """Each path's rate over the loop's, and the loop's and the server's over llama.cpp's."""
+    out = {}
+    for precision, row in r["ours"].items():
+        rate = {path: v["tokens_per_s"] for path, v in row.items()}
+        for path in ("stream", "engine", "chat", "server"):
+            if path in rate and "loop" in rate:
+                out[f"{path}_{precision}"] = rate[path] / rate["loop"]
+        llama = r["llama_cpp"].get(precision, {}).get("tokens_per_s")
+        for path in ("loop", "server"):
+            if llama and path in rate:
+                out[f"{path}_llama_{precision}"] = rate[path] / llama
     return out
 
 
@@ -193,16 +237,34 @@ def table(raw: dict, flat: dict) -> str:
         lines.append(f"Copy bandwidth (MBU's reference) {d['copy_bandwidth_GBps']:.1f} GB/s.")
     if "long" in raw:
         lines.append(long_table(raw["long"]))
-    if "serve" in raw:
-        r = raw["serve"]
+    for name in ("serve", "serve_int8"):
+        if name not in raw:
+            continue
+        r = raw[name]
         s = r["server"]
-        lines.append(f"Serving {r['requests']} requests, {r['burst']} at a time: "
+        lines.append(f"Serving ({r.get('precision', 'float32')}) {r['requests']} requests, "
+                     f"{r['burst']} every {r['interval_s']:g} s: "
                      f"{s['tokens_per_s']:.1f} tokens/s, against "
                      f"{r['one_by_one']['tokens_per_s']:.1f} one by one through generate() and "
                      f"{r['transformers_static8']['tokens_per_s']:.1f} for transformers in "
                      f"batches of 8; time to first token p50 / p99 {s['ttft_p50_s']:.2f} / "
                      f"{s['ttft_p99_s']:.2f} s, per later token {1000 * s['per_token_p50_s']:.0f}"
                      f" / {1000 * s['per_token_p99_s']:.0f} ms.")
+    if "paths" in raw:
+        sys.path.insert(0, str(ROOT))
+        from bench.paths import table as paths_table
+
+        lines += ["", paths_table(raw["paths"])]
+    if "finetune" in raw:
+        f = raw["finetune"]
+        lora, job = f["lora"], f["main_job"]
+        lines.append(f"\nFine-tuning as a user starts it: LoRA on SmolLM2 "
+                     f"{lora['default']['tokens_per_s']:.0f} tokens/s on the default mesh, "
+                     f"{lora['1x1']['tokens_per_s']:.0f} on --mesh 1x1 (peak RSS "
+                     f"{lora['default']['peak_rss_bytes'] / 2**30:.1f} / "
+                     f"{lora['1x1']['peak_rss_bytes'] / 2**30:.1f} GiB); README's main job "
+                     f"{job['1x8']['seconds']:.0f} s on --mesh 1x8, {job['1x1']['seconds']:.0f} "
+                     "s on --mesh 1x1.")
     if "precision" in raw:
         lines.append(precision_table(raw["precision"], raw.get("accuracy")))
     if "convert" in raw:
@@ -284,7 +346,8 @@ def main() -> None:
     raw = {}
     for name in names:
         extra = ["--quick"] if name == "long" and args.quick else []
-        raw[name] = bench(BENCHES[name], args.out / f"{name}.json", *extra)
+        script, *flags = BENCHES[name]
+        raw[name] = bench(script, args.out / f"{name}.json", *flags, *extra)
     if args.quick and not args.only and (args.out / "convert.json").exists():
         raw["convert"] = {**json.loads((args.out / "convert.json").read_text()), "earlier": True}
     flat = summary(raw)

@@ -293,9 +293,10 @@ class Trainer:
     def next_step(self, out: Path) -> str:
         """What to run on what the run wrote."""
         prompt = "LAWYER, n." if self.args.init is None else "..."
+        sampled = "--temperature 0.8 --top-p 0.95"  # greedy on a small model soon repeats
         if (out / FINAL).exists():
             return (f"wrote {out / FINAL}; try: python -m mistral_jax.generate {out / FINAL} "
-                    f"\"{prompt}\"")
+                    f"\"{prompt}\" {sampled}")
         return (f"wrote {out / ADAPTERS}; try: python -m mistral_jax.generate {self.args.init} "
-                f"\"{prompt}\" --adapters {out / ADAPTERS} (python -m train.merge_lora "
+                f"\"{prompt}\" {sampled} --adapters {out / ADAPTERS} (python -m train.merge_lora "
                 f"{self.args.init} {out / ADAPTERS} OUT writes them merged)")

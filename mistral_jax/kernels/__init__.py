@@ -1,32 +1,37 @@
-"""A CPU matmul kernel for bfloat16 and int8 weights at small M (decoding), as an XLA FFI call.
+"""CPU kernels for decoding, as XLA FFI calls: a matmul for int8, bfloat16 and float32 weights at
+small M (matmul.cc), decode attention that reads a KV cache where it lies (attention.cc), and a
+lookup of embedding rows in place (`rows`).
 
-Decoding reads every weight once per token, so it is bound by memory bandwidth. XLA:CPU has
-fast kernels for float32 dots only: on a 2-core AMD EPYC (Zen 4) its float32 `x @ w` at M = 1
-reads weights at 20-30 GB/s, a bfloat16 `jnp.dot(x, w_bf16, preferred_element_type=f32)` at
-about 1 GB/s, int8 converted inside the jit slower still, so smaller weights made decoding
-slower. `matmul` runs our kernel (matmul.cc) instead: it streams the weights once, widens them
-to float32 in registers and accumulates in float32, so that halving (bf16) or quartering
-(int8) the bytes read shortens the time: measured at M = 1 against float32 XLA on the same
-shapes, bf16 1.7-3x faster, int8 2.5-5x (per-column scales fastest, groups of 32 along K
-next). The kernel grows compute bound with M: at M = 16 it is 1.0-2x faster than float32
-XLA, at M = 32 about even (0.9-1.4x); `reference` with bf16 or int8 weights is slower than the
-kernel at any M.
+Decoding reads every weight once per token, so it is bound by memory bandwidth. XLA:CPU has fast
+kernels for float32 dots only: on a 2-core AMD EPYC (Zen 4) its float32 `x @ w` at M = 1 reads
+weights at 20-30 GB/s, a bfloat16 `jnp.dot(x, w_bf16, preferred_element_type=f32)` at about 1
+GB/s, int8 converted inside the jit slower still, so smaller weights made decoding slower.
+`matmul` runs our kernel (matmul.cc) instead (float32 weights too: it reads a layer of a stacked
+weight in place, where XLA copied the slice out first): it streams the weights once, widens them
+to float32 in registers and accumulates in float32, so that halving (bf16) or quartering (int8)
+the bytes read shortens the time: measured at M = 1 against float32 XLA on the same shapes, bf16
+1.7-3x faster, int8 2.5-5x (per-column scales fastest, groups of 32 along K next). The kernel
+grows compute bound with M: at M = 16 it is 1.0-2x faster than float32 XLA, at M = 32 about even
+(0.9-1.4x); `reference` with bf16 or int8 weights is slower than the kernel at any M.
 
     matmul(x, w, scale=None, *, index=None, layout="kn") -> float32 [M, N]
 
-x is [M, K] float32 (bfloat16 is cast); w is bfloat16 or int8, [K, N] (layout "kn": x @ w)
+x is [M, K] float32 (bfloat16 is cast); w is int8, bfloat16 or float32, [K, N] (layout "kn": x @ w)
 or [N, K] (layout "nk": x @ w.T, e.g. a tied embedding table as the LM head). With `index`
 (an int32 scalar, may be traced, e.g. a scan's counter) w is a stack [L, K, N] / [L, N, K]
 and layer `index` is read in place; slicing it in XLA would copy the layer every step. int8
 needs `scale`, float32, per group of K/G consecutive k: [G, N] (kn) or [N, G] (nk), with a
 leading L when stacked; y[m, n] = sum_g scale[g, n] * sum_{k in group g} x[m, k] * w[k, n].
 
-The C++ source is compiled at first use with the system compiler (`CXX`, default g++) into
-${MISTRAL_JAX_CACHE:-~/.cache/mistral_jax}/kernels/ and dispatches on CPU features at run
-time. Where it cannot be used (no compiler, a failed build, not a CPU backend, an abstract
-mesh or arrays over several devices) `matmul` is `reference`, the same product in plain jnp.
-MISTRAL_JAX_CPU_KERNEL picks the path: auto (default, the best the CPU has), avx512, avx2,
-scalar, or off (reference).
+`attention` (see its docstring) and `rows` exist for the same reason: XLA:CPU copied each block
+of a cache, and converted a whole 16-bit cache or embedding table to float32, every token.
+
+The C++ sources (*.cc, sharing common.h) are compiled into one library at first use with the
+system compiler (`CXX`, default g++) into ${MISTRAL_JAX_CACHE:-~/.cache/mistral_jax}/kernels/
+and dispatches on CPU features at run time. Where it cannot be used (no compiler, a failed
+build, not a CPU backend, an abstract mesh or arrays over several devices) `matmul` is
+`reference`, the same product in plain jnp. MISTRAL_JAX_CPU_KERNEL picks the path: auto
+(default, the best the CPU has), avx512, avx2, scalar, or off (reference).
 """
 
 from __future__ import annotations
