@@ -166,6 +166,12 @@ class Slot:
     index: int  # sequence index of the next write (the next chunk's start, or the next token's)
     position: int  # position (RoPE / learned) of the next token
     admitted: int  # the order slots were taken in: prompts are prefilled first come, first served
+    steps: int = 0  # decode steps dispatched for it (its tokens read so far may be one fewer)
+
+    @property
+    def stepping(self) -> bool:
+        """Prefilled, and a token to go that no dispatched step computes yet."""
+        return not self.chunks and not self.request.done and self.steps < self.request.max_tokens
 
 
 class Engine:
@@ -208,6 +214,9 @@ class Engine:
         self._stopping = False
         self._error: BaseException | None = None
         self._admitted = 0
+        # the last decode step dispatched, its tokens not read yet: ([(row, slot)], tokens,
+        # logprobs). The next step is dispatched before they are read (see `_decode`).
+        self._pending: tuple[list[tuple[int, Slot]], jax.Array, jax.Array] | None = None
 
     def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None,
@@ -375,7 +384,7 @@ class Engine:
                 break
             self._prefill(i)
             budget -= width
-        if any(s and not s.chunks for s in self._slots):
+        if self._pending is not None or any(s and s.stepping for s in self._slots):
             self._decode()
 
     def _prefill(self, i: int) -> None:
@@ -388,42 +397,63 @@ class Engine:
         slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
 
     def _decode(self) -> None:
+        """Dispatch a decode step over the stepping slots, then read the previous step's tokens
+        while this one runs: a row's next inputs (index, position, token number) do not
+        depend on its token, which the step feeds itself on the device. So the host's work
+        per token (events, text, HTTP) overlaps the device's, instead of adding to it. A row
+        that ends on a token (EOS, a stop) has had one more step computed, whose token is
+        dropped; its slot is freed after that step, which it no longer reads."""
         self._compact()
-        slots = self._slots
-        decoding = [s is not None and not s.chunks for s in slots]
-        width = self._width()
-        # the rows of slots not decoding (free, or being prefilled) are padding: their write,
-        # marked empty, lands where a free slot holds nothing, or where the next chunk writes
-        rows = range(width)
-        per_row = lambda f, dtype: np.array([f(slots[i]) if decoding[i] else 0  # noqa: E731
-                                             for i in rows], dtype)
-        sampling = RowSampling.of([slots[i].request.sampling if decoding[i] else Sampling()
-                                   for i in rows])
-        index = np.array([slots[i].index if slots[i] else 0 for i in rows], np.int32)
-        self._state, token, logprob = _decode(
-            self.model, self._state, np.array(decoding[:width]), index,
-            per_row(lambda s: s.position, np.int32), per_row(lambda s: s.request.seed, np.uint32),
-            per_row(lambda s: s.request.completion_tokens, np.int32), sampling)
+        slots, previous = self._slots, self._pending
+        self._pending = None
+        stepping = [s is not None and s.stepping for s in slots]
+        if any(stepping):
+            width = self._width()
+            # the rows of slots not stepping (free, being prefilled, or waiting for the read of
+            # their last token) are padding: their write, marked empty, lands where the slot
+            # holds nothing, or where its next chunk writes
+            rows = range(width)
+            per_row = lambda f, dtype: np.array([f(slots[i]) if stepping[i] else 0  # noqa: E731
+                                                 for i in rows], dtype)
+            sampling = RowSampling.of([slots[i].request.sampling if stepping[i] else Sampling()
+                                       for i in rows])
+            index = np.array([slots[i].index if slots[i] else 0 for i in rows], np.int32)
+            self._state, token, logprob = _decode(
+                self.model, self._state, np.array(stepping[:width]), index,
+                per_row(lambda s: s.position, np.int32),
+                per_row(lambda s: s.request.seed, np.uint32),
+                per_row(lambda s: s.steps, np.int32), sampling)
+            for i in rows:
+                if stepping[i]:
+                    slot = slots[i]
+                    slot.index, slot.position, slot.steps = \
+                        slot.index + 1, slot.position + 1, slot.steps + 1
+            self._pending = ([(i, slots[i]) for i in rows if stepping[i]], token, logprob)
+        if previous is not None:
+            self._read(*previous)
+
+    def _read(self, rows: list[tuple[int, Slot]], token, logprob) -> None:
+        """A dispatched step's tokens handed to their requests (`rows`: the step's row of each
+        slot; a slot may have moved since, or ended)."""
         token, logprob = np.asarray(token), np.asarray(logprob)
-        for i in rows:
-            if decoding[i]:
-                slot = slots[i]
-                slot.index, slot.position = slot.index + 1, slot.position + 1
-                slot.request.take(int(token[i]), float(logprob[i]), self.eos)
-                if slot.request.done:
-                    self._free(i)
+        for row, slot in rows:
+            if slot.request.done:  # ended on an earlier token, or cancelled
+                continue
+            slot.request.take(int(token[row]), float(logprob[row]), self.eos)
+            if slot.request.done:
+                self._free(next(i for i, s in enumerate(self._slots) if s is slot))  # (moved?)
 
     def _width(self) -> int:
-        """The decode step's rows: the smallest width that holds every decoding slot."""
-        last = max(i for i, s in enumerate(self._slots) if s is not None and not s.chunks)
+        """The decode step's rows: the smallest width that holds every stepping slot."""
+        last = max(i for i, s in enumerate(self._slots) if s is not None and s.stepping)
         return next(w for w in self.decode_widths if w > last)
 
     def _compact(self) -> None:
-        """Move decoding slots down into free ones while that narrows the step."""
+        """Move stepping slots down into free ones while that narrows the step."""
         while True:
-            decoding = [i for i, s in enumerate(self._slots) if s is not None and not s.chunks]
+            decoding = [i for i, s in enumerate(self._slots) if s is not None and s.stepping]
             free = [i for i, s in enumerate(self._slots) if s is None]
-            if not free or free[0] > decoding[-1] or \
+            if not decoding or not free or free[0] > decoding[-1] or \
                     self._width() == next(w for w in self.decode_widths if w >= len(decoding)):
                 return
             src, dst = decoding[-1], free[0]

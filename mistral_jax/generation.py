@@ -93,7 +93,8 @@ def _decode(model, state: State, limit, eos, sampling: Sampling) -> State:
                      s.done | (token == eos), s.seen.at[rows, token].set(True), key, out, s.n + 1,
                      token)
 
-    return jax.lax.while_loop(lambda s: (s.n < limit) & ~jnp.all(s.done), body, state)
+    state = jax.lax.while_loop(lambda s: (s.n < limit) & ~jnp.all(s.done), body, state)
+    return state, state.token  # the last token apart: the state is donated to the next call
 
 
 class Generation:
@@ -140,12 +141,15 @@ class Generation:
         self.state = _place(state)
         self.n = 0  # tokens asked for so far (the rows may have stopped sooner)
 
-    def advance(self, steps: int) -> None:
-        """Generate up to `steps` more tokens (fewer once every row is done or at the limit)."""
+    def advance(self, steps: int) -> jax.Array:
+        """Generate up to `steps` more tokens (fewer once every row is done or at the limit);
+        dispatched, not waited for. Returns the last token of each row [b] (a row done: EOS),
+        an array of its own that the next call does not consume."""
         self.n = min(self.n + steps, self.max_new)
         with on_mesh_of(self.model):
-            self.state = _decode(self.model, self.state, np.int32(self.n), np.int32(self.eos),
-                                 self.sampling)
+            self.state, token = _decode(self.model, self.state, np.int32(self.n),
+                                        np.int32(self.eos), self.sampling)
+        return token
 
     def stop_rows(self, rows: np.ndarray) -> None:
         self.state.done = self.state.done | jnp.asarray(rows)
@@ -285,12 +289,15 @@ class Stream:
         return len(self.times)
 
     def _stream(self, tokenizer, stops: list[str], prompt: list[int]) -> Iterator[str]:
-        """One decode call and one read of its token per token: nothing else goes to the
-        device."""
+        """One decode call and one read of its token per token, nothing else to the device;
+        the next token's call is dispatched before this one's token is read, so that the
+        text, and whatever the caller does with it, overlaps the next step. (A stream that
+        stops on a stop string or EOS has computed one token more, unread.)"""
         run, text = self.run, CompletionText(tokenizer, prompt, stops)
-        while run.n < run.max_new and not text.stopped:
-            run.advance(1)
-            token = int(np.asarray(run.state.token)[0])
+        ahead = run.advance(1) if run.n < run.max_new else None
+        while ahead is not None and not text.stopped:
+            current, ahead = ahead, run.advance(1) if run.n < run.max_new else None
+            token = int(np.asarray(current)[0])
             if token == run.eos:
                 break
             self.times.append(time.perf_counter())

@@ -223,6 +223,8 @@ def test_running_requests_decode_while_a_prompt_is_prefilled(models_, engines): 
 
 def test_cancelling_frees_the_slot(models_, engines):  # noqa: F811
     _, model = models_["mistral"]
+    model = copy.copy(model)  # no EOS: the first request runs until it is cancelled
+    model.config = dataclasses.replace(model.config, eos_token_id=None)
     engine = engines(model, max_batch=1)
     ids = prompt(5)[0].tolist()
     first = engine.submit(ids, max_tokens=100)
