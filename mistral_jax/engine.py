@@ -7,7 +7,9 @@ batch of one in its slot's cache row, where it lies), so running requests keep d
 long prompt goes in and a burst of prompts gets its first tokens together; then one decode step
 over the live slots only (`Decoder.step` with their `rows`, each at its own sequence index),
 padded to the next of a few compiled widths (1, 2, 4, ... max_batch): a step costs the work of
-its live rows, not of every slot. A finished or cancelled request frees its slot at once.
+its live rows, not of every slot. Each step is dispatched before the previous one's tokens
+are read (a row's next inputs do not depend on its token), so that the host's work per token
+overlaps the device's. A finished or cancelled request frees its slot at once.
 Sampling options and seeds are arrays over the rows, so the decode step compiles once per
 width and prefill once per chunk width (`warm_up` does both ahead).
 
