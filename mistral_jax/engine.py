@@ -5,7 +5,7 @@ A background thread loops: admit waiting requests into free slots; run prefill c
 prompts, one chunk per prompt and up to PREFILL_TURN chunks' tokens a turn (each stepped as a
 batch of one in its slot's cache row, where it lies), so running requests keep decoding while a
 long prompt goes in and a burst of prompts gets its first tokens together; then one decode step
-over the live slots only (`Decoder.step` with their `rows`, each at its own sequence index),
+over the live slots only (slots 0 .. w - 1, each at its own sequence index: `slots.decode`),
 padded to the next of a few compiled widths (1, 2, 4, ... max_batch): a step costs the work of
 its live rows, not of every slot. Each step is dispatched before the previous one's tokens
 are read (a row's next inputs do not depend on its token), so that the host's work per token
@@ -30,19 +30,17 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import sharding
+from mistral_jax import sharding, slots
 from mistral_jax.apply import check_ids, check_positions, on_mesh_of
-from mistral_jax.cache import KVCache
 from mistral_jax.generation import MAX_CHUNK, beside, bucket, new_cache, window_chunk
 from mistral_jax.request import Event, Request
-from mistral_jax.sampling import RowSampling, Sampling, sample_rows
+from mistral_jax.sampling import RowSampling, Sampling
+from mistral_jax.slots import Slots, decode_widths
 
 __all__ = ["Engine", "Event", "QueueFull", "Request"]
 
@@ -52,80 +50,6 @@ PREFILL_TURN = 4  # prefill chunks (of different prompts) between two decode ste
 
 class QueueFull(RuntimeError):
     """`max_queue` requests are already waiting for a slot (a server answers 429)."""
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class Slots:
-    """What stays on the device between steps: a row per slot."""
-
-    cache: KVCache
-    logits: jax.Array  # [slots, vocab] of the last token fed
-    seen: jax.Array  # [slots, vocab] bool: the tokens of the row's sequence (repetition penalty)
-
-
-@partial(jax.jit, donate_argnums=(1,), static_argnames=("first",))
-def _prefill(model, state: Slots, slot, ids, valid, positions, start, first: bool) -> Slots:
-    """One chunk [1, c] of the prompt in `slot` (one compilation per chunk length), stepped in
-    the slot's cache row where it lies. `first`: the request's first chunk, which attends to
-    itself alone, as `generate`'s first chunk does (the same numbers: a served completion
-    equals generate's); the slot's previous request is forgotten (its keys masked, its
-    tokens unseen)."""
-    vocab, cache = state.seen.shape[1], state.cache
-    if first:
-        cache = replace(cache, index=cache.index.at[slot].set(-1))
-    logits, cache = model.step(ids, valid, positions, cache, start[None], fresh=first,
-                               first=slot)
-    seen = jnp.zeros_like(state.seen[slot]) if first else state.seen[slot]
-    seen = seen.at[jnp.where(valid[0] > 0, ids[0], vocab)].set(True, mode="drop")
-    return Slots(cache, state.logits.at[slot].set(logits[0, :vocab]),
-                 state.seen.at[slot].set(seen))
-
-
-@partial(jax.jit, donate_argnums=(1,))
-def _decode(model, state: Slots, live, index, position, seed, count, sampling: RowSampling):
-    """Sample the next token of slots 0 .. n - 1 (n = live.shape[0], a width of
-    `decode_widths`; the slots not decoding are `live` False), then feed it: (state, tokens
-    [n], logprobs [n]). The step does the work of n rows, whatever the number of slots, and
-    reads them where they lie. A row's key depends only on its request's seed and the token's
-    number."""
-    n, vocab = live.shape[0], state.seen.shape[1]
-    logits, seen = state.logits[:n], state.seen[:n]
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed, count)
-    token = jnp.where(live, sample_rows(logits, keys, seen, sampling), 0)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)
-    logits, cache = model.step(token[:, None], live[:, None].astype(jnp.int32),
-                               position[:, None], state.cache, index)
-    seen = seen.at[jnp.arange(n), jnp.where(live, token, vocab)].set(True, mode="drop")
-    return (Slots(cache, state.logits.at[:n].set(logits[:, :vocab]), state.seen.at[:n].set(seen)),
-            token, logprob[:, 0])
-
-
-@partial(jax.jit, donate_argnums=(0,))
-def _move(state: Slots, src, dst) -> Slots:
-    """Slot `src`'s row (its cache, logits, tokens seen) moved to the free slot `dst`, `src`
-    left empty: the slots decoding stay at the front, so a step's width stays theirs."""
-    def move(x, axis):
-        row = jax.lax.dynamic_slice_in_dim(x, src, 1, axis)
-        return jax.lax.dynamic_update_slice_in_dim(x, row, dst, axis)
-
-    cache = jax.tree.map(lambda x: move(x, 0 if x.ndim == 2 else 1), state.cache)
-    cache = replace(cache, index=cache.index.at[src].set(-1))
-    return Slots(cache, move(state.logits, 0), move(state.seen, 0))
-
-
-@partial(jax.jit, donate_argnums=(0,))
-def _forget(state: Slots, slot) -> Slots:
-    """A freed slot's cache row marked empty, so the steps after it do not read it."""
-    cache = replace(state.cache, index=state.cache.index.at[slot].set(-1))
-    return Slots(cache, state.logits, state.seen)
-
-
-def decode_widths(max_batch: int) -> list[int]:
-    """The row counts the decode step compiles for: powers of two below `max_batch`, and
-    `max_batch` (a step over n live slots runs at the smallest width >= n)."""
-    return [w for w in (1 << i for i in range(max_batch.bit_length())) if w < max_batch] + \
-        [max_batch]
 
 
 @dataclass
@@ -260,18 +184,18 @@ class Engine:
         each compilation as it finishes."""
         widths = sorted({first_width(n, self.chunk) for n in range(1, self.chunk + 1)
                          if n < self.max_len})
-        jobs = [(f"decode step, {w} row{'s' * (w > 1)}", _decode, self._decode_args(w), {})
+        jobs = [(f"decode step, {w} row{'s' * (w > 1)}", slots.decode, self._decode_args(w), {})
                 for w in self.decode_widths]
-        jobs += [(f"prefill, {w} tokens", _prefill, self._prefill_args(w), {"first": True})
+        jobs += [(f"prefill, {w} tokens", slots.prefill, self._prefill_args(w), {"first": True})
                  for w in widths]
         if self.max_len > self.chunk:  # a prompt of more than one chunk: its later chunks
-            jobs.append((f"prefill, {self.chunk} tokens after the first chunk", _prefill,
+            jobs.append((f"prefill, {self.chunk} tokens after the first chunk", slots.prefill,
                          self._prefill_args(self.chunk), {"first": False}))
-        jobs += [("freeing a slot", _forget, (np.int32(0),), {}),
-                 ("moving a slot", _move, (np.int32(0), np.int32(0)), {})]
+        jobs += [("freeing a slot", slots.forget, (np.int32(0),), {}),
+                 ("moving a slot", slots.move, (np.int32(0), np.int32(0)), {})]
 
         def call(step, how, args, static):  # how: jitted `step`, or its `.lower`
-            lead = () if step in (_forget, _move) else (self.model,)
+            lead = () if step in (slots.forget, slots.move) else (self.model,)
             return how(*lead, self._state, *args, **static)
 
         def compile_one(job):
@@ -386,14 +310,14 @@ class Engine:
                 break
             self._prefill(i)
             budget -= width
-        if self._pending is not None or any(s and s.stepping for s in self._slots):
+        if self._pending is not None or self._stepping():
             self._decode()
 
     def _prefill(self, i: int) -> None:
         slot = self._slots[i]
         chunk = slot.chunks.pop(0)
         first = slot.position == 0  # nothing of this request is in the row yet
-        self._state = _prefill(self.model, self._state, np.int32(i), chunk.ids, chunk.valid,
+        self._state = slots.prefill(self.model, self._state, np.int32(i), chunk.ids, chunk.valid,
                                chunk.positions, np.int32(chunk.start), first=first)
         slot.position = int(chunk.positions[0, -1]) + 1
         slot.index = slot.chunks[0].start if slot.chunks else chunk.start + chunk.ids.shape[1]
@@ -406,31 +330,31 @@ class Engine:
         that ends on a token (EOS, a stop) has had one more step computed, whose token is
         dropped; its slot is freed after that step, which it no longer reads."""
         self._compact()
-        slots, previous = self._slots, self._pending
+        held, previous = self._slots, self._pending
         self._pending = None
-        stepping = [s is not None and s.stepping for s in slots]
+        stepping = [s is not None and s.stepping for s in held]
         if any(stepping):
             width = self._width()
             # the rows of slots not stepping (free, being prefilled, or waiting for the read of
             # their last token) are padding: their write, marked empty, lands where the slot
             # holds nothing, or where its next chunk writes
             rows = range(width)
-            per_row = lambda f, dtype: np.array([f(slots[i]) if stepping[i] else 0  # noqa: E731
+            per_row = lambda f, dtype: np.array([f(held[i]) if stepping[i] else 0  # noqa: E731
                                                  for i in rows], dtype)
-            sampling = RowSampling.of([slots[i].request.sampling if stepping[i] else Sampling()
+            sampling = RowSampling.of([held[i].request.sampling if stepping[i] else Sampling()
                                        for i in rows])
-            index = np.array([slots[i].index if slots[i] else 0 for i in rows], np.int32)
-            self._state, token, logprob = _decode(
+            index = np.array([held[i].index if held[i] else 0 for i in rows], np.int32)
+            self._state, token, logprob = slots.decode(
                 self.model, self._state, np.array(stepping[:width]), index,
                 per_row(lambda s: s.position, np.int32),
                 per_row(lambda s: s.request.seed, np.uint32),
                 per_row(lambda s: s.steps, np.int32), sampling)
             for i in rows:
                 if stepping[i]:
-                    slot = slots[i]
+                    slot = held[i]
                     slot.index, slot.position, slot.steps = \
                         slot.index + 1, slot.position + 1, slot.steps + 1
-            self._pending = ([(i, slots[i]) for i in rows if stepping[i]], token, logprob)
+            self._pending = ([(i, held[i]) for i in rows if stepping[i]], token, logprob)
         if previous is not None:
             self._read(*previous)
 
@@ -445,23 +369,26 @@ class Engine:
             if slot.request.done:
                 self._free(next(i for i, s in enumerate(self._slots) if s is slot))  # (moved?)
 
+    def _stepping(self) -> list[int]:
+        """The slots the next decode step steps (`Slot.stepping`), in order."""
+        return [i for i, s in enumerate(self._slots) if s is not None and s.stepping]
+
     def _width(self) -> int:
         """The decode step's rows: the smallest width that holds every stepping slot."""
-        last = max(i for i, s in enumerate(self._slots) if s is not None and s.stepping)
-        return next(w for w in self.decode_widths if w > last)
+        return next(w for w in self.decode_widths if w > self._stepping()[-1])
 
     def _compact(self) -> None:
         """Move stepping slots down into free ones while that narrows the step."""
         while True:
-            decoding = [i for i, s in enumerate(self._slots) if s is not None and s.stepping]
+            decoding = self._stepping()
             free = [i for i, s in enumerate(self._slots) if s is None]
             if not decoding or not free or free[0] > decoding[-1] or \
                     self._width() == next(w for w in self.decode_widths if w >= len(decoding)):
                 return
             src, dst = decoding[-1], free[0]
-            self._state = _move(self._state, np.int32(src), np.int32(dst))
+            self._state = slots.move(self._state, np.int32(src), np.int32(dst))
             self._slots[dst], self._slots[src] = self._slots[src], None
 
     def _free(self, i: int) -> None:
         self._slots[i] = None
-        self._state = _forget(self._state, np.int32(i))
+        self._state = slots.forget(self._state, np.int32(i))

@@ -12,7 +12,7 @@ import pytest
 
 import mistral_jax
 from mistral_jax import engine as eng
-from mistral_jax import quant
+from mistral_jax import quant, slots
 from mistral_jax.engine import Engine, QueueFull
 from mistral_jax.sampling import RowSampling, Sampling, sample, sample_rows
 from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
@@ -38,7 +38,7 @@ def engines():
 
 def compiled() -> dict:
     """Executables the engine's jitted steps hold (compilations, sharding variants included)."""
-    return {"decode": eng._decode._cache_size(), "prefill": eng._prefill._cache_size()}
+    return {"decode": slots.decode._cache_size(), "prefill": slots.prefill._cache_size()}
 
 
 def alone(model, ids, n, **sampling):
@@ -112,7 +112,7 @@ def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chu
                if "temperature" in kw]
     assert len({tuple(tokens) for tokens, _ in sampled}) == len(sampled)  # really sampled
     # the decode step compiles once per width of live rows it met (1, 2, 4, 8 slots), no more
-    assert 1 <= compiled()["decode"] <= len(eng.decode_widths(8)) == 4
+    assert 1 <= compiled()["decode"] <= len(slots.decode_widths(8)) == 4
     assert compiled()["prefill"] == buckets
 
 
@@ -177,8 +177,8 @@ def test_a_request_left_in_a_high_slot_moves_down_and_still_gets_what_it_gets_al
     model = copy.copy(model)
     model.config = dataclasses.replace(model.config, eos_token_id=None)
     moves = []
-    real_move = eng._move
-    monkeypatch.setattr(eng, "_move", lambda state, src, dst: (
+    real_move = slots.move
+    monkeypatch.setattr(slots, "move", lambda state, src, dst: (
         moves.append((int(src), int(dst))), real_move(state, src, dst))[1])
     engine = engines(model, max_batch=4)
     prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 5, 7, 9)]

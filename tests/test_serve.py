@@ -214,14 +214,14 @@ PROMPTS = ["My favourite condiment is", "Once upon a time", "The capital of", "H
 def test_greedy_serving_equals_generate_in_every_precision(ckpt, precision):
     """One request, then 8 at once, each equal to generate(); after warm_up the requests
     compile nothing (each decode width and prefill width was compiled once, before)."""
-    from mistral_jax import engine as eng
+    from mistral_jax import slots
 
     model = mistral_jax.load(ckpt, **({"quantize": "int8"} if precision == "int8" else
                                       {"dtype": precision}))
     want = [mistral_jax.generate(model, p, max_new_tokens=10) for p in PROMPTS]
     with serving(model, max_batch=8) as (url, engine):
         engine.warm_up()
-        compiled = eng._decode._cache_size(), eng._prefill._cache_size()
+        compiled = slots.decode._cache_size(), slots.prefill._cache_size()
 
         async def ask(prompts):
             c = client(url, openai.AsyncOpenAI)
@@ -231,7 +231,7 @@ def test_greedy_serving_equals_generate_in_every_precision(ckpt, precision):
 
         assert asyncio.run(ask(PROMPTS[:1])) == want[:1]
         assert asyncio.run(ask(PROMPTS)) == want
-        assert (eng._decode._cache_size(), eng._prefill._cache_size()) == compiled
+        assert (slots.decode._cache_size(), slots.prefill._cache_size()) == compiled
 
 
 def recording(engine):
