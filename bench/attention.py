@@ -1,4 +1,4 @@
-"""Attention kernels on one device, bfloat16: each of our implementations (`mistral_jax.attention`:
+"""Attention kernels on one device, bfloat16: each of our implementations (`nn.attention`:
 "blockwise" flash attention in JAX, "xla" materialized scores, "cudnn" and "splash" where the
 backend has them) against `jax.nn.dot_product_attention`'s XLA implementation, forward and
 forward + backward, causal at Mistral-7B's head shape (32 query heads, 8 kv heads, head_dim 128),
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import chip_peaks, median_time  # noqa: E402
-from mistral_jax import attention as A  # noqa: E402
-from mistral_jax.masking import Masking  # noqa: E402
+from mistral_jax.nn import attention as A  # noqa: E402
+from mistral_jax.nn.masking import Masking  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

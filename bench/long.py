@@ -74,7 +74,7 @@ if side == "ours":
     run = lambda: mistral_jax.generate_tokens(model, ids, max_new_tokens=1)
 else:
     import torch, transformers
-    from mistral_jax import configs
+    from mistral_jax.arch import configs
     torch.set_num_threads(2)
     hf = transformers.MistralForCausalLM(transformers.MistralConfig(
         **configs.to_hf_dict(config))).eval()

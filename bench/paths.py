@@ -94,7 +94,7 @@ def stream(model, new: int) -> dict:
 
 
 def engine(model, ids: list[int], new: int) -> dict:
-    from mistral_jax.engine import Engine
+    from mistral_jax.serving.engine import Engine
 
     with Engine(model, max_batch=8, max_len=512) as e:
         e.warm_up()

@@ -33,8 +33,9 @@ import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
 from bench.decode import _hf_generate, mistral7b  # noqa: E402
 from convert import from_torch  # noqa: E402
-from mistral_jax import kernels, quant, trees  # noqa: E402
-from mistral_jax.cache import KVCache  # noqa: E402
+from mistral_jax import kernels, trees  # noqa: E402
+from mistral_jax.model.cache import KVCache  # noqa: E402
+from mistral_jax.quant import int8 as quant
 
 PROMPT, NEW = 16, 32
 OURS = ("float32", "bfloat16", "int8", "int8+kv8")
@@ -94,7 +95,7 @@ def random_gpt2_disk(tmp: Path) -> dict:
     compress to two thirds), converted as float32 and with --quantize int8."""
     import transformers
 
-    from mistral_jax import configs
+    from mistral_jax.arch import configs
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(

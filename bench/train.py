@@ -32,7 +32,9 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, timed  # noqa: E402
-from mistral_jax import configs, models, trees  # noqa: E402
+from mistral_jax import trees  # noqa: E402
+from mistral_jax.arch import configs
+from mistral_jax.model import registry as models
 from train import data as D  # noqa: E402
 from train import finetune, flops  # noqa: E402
 from train import step as S  # noqa: E402

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 from convert.keymaps import KeyMap, Sink, convert_tensors, keymap_target
 from convert.sources import TensorSource
-from mistral_jax import models, quant, trees
-from mistral_jax.configs import Config
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import Config
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
+from mistral_jax.quant import int8 as quant
+from mistral_jax.text.tokenizer import Tokenizer
 
 
 @dataclass

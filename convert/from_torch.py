@@ -16,7 +16,7 @@ it is complete.
     python -m convert.from_torch path/to/hf-folder ckpt-int8/ --quantize int8
 
 `--quantize int8` stores the matmul weights as int8 with a float32 scale per output channel
-(`mistral_jax.quant`); a GGUF file's Q8_0 tensors keep their own int8 values and block scales.
+(`mistral_jax.quant.int8`); a GGUF file's Q8_0 tensors keep their own int8 values and block scales.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
 from convert.errors import ConversionError
 from convert.sources import SafetensorsFile
-from mistral_jax import cli, quant
-from mistral_jax.checkpoint import StreamingWriter
+from mistral_jax import cli
+from mistral_jax.io.checkpoint import StreamingWriter
+from mistral_jax.quant import int8 as quant
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Each format is a module with `detect(path) -> bool` and `conversion(path, **options) ->

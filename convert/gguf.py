@@ -27,8 +27,8 @@ from convert.hf import mistral_keymap
 from convert.keymaps import KeyMap, keymap_target, renamed
 from convert.layouts import rope_halves
 from convert.sources import TensorSource
-from mistral_jax import quant
-from mistral_jax.configs import ConfigError, MistralConfig
+from mistral_jax.arch.configs import ConfigError, MistralConfig
+from mistral_jax.quant import int8 as quant
 
 ARCHITECTURES = ("llama", "mistral")
 Q8_0_BLOCK = 32  # a Q8_0 block: a float16 scale and 32 int8 values along a row

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from convert.errors import ConversionError
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.text.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # token types
 

@@ -21,8 +21,8 @@ from convert.errors import ConversionError
 from convert.keymaps import KeyMap
 from convert.layouts import SAME, TRANSPOSED, Layout, heads_in, heads_out
 from convert.sources import TensorSource
-from mistral_jax.configs import Config, GPT2Config, from_hf_dict
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import Config, GPT2Config, from_hf_dict
+from mistral_jax.text.tokenizer import Tokenizer
 
 
 def mistral_keymap(c: Config) -> KeyMap:

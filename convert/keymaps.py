@@ -20,8 +20,10 @@ import numpy as np
 from convert.errors import ConversionError
 from convert.layouts import Layout
 from convert.sources import TensorSource
-from mistral_jax import models, quant, trees
-from mistral_jax.configs import Config
+from mistral_jax.arch.configs import Config
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
+from mistral_jax.quant import int8 as quant
 
 KeyMap = dict[str, tuple[str | tuple[str, ...], Layout]]
 Sink = Callable[[str, int | None, np.ndarray], None]  # (our name, layer or None, value)

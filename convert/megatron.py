@@ -39,8 +39,8 @@ from convert.layouts import (
 )
 from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
 from convert.sources import TensorSource, to_numpy
-from mistral_jax.configs import ConfigError, GPT2Config
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import ConfigError, GPT2Config
+from mistral_jax.text.tokenizer import Tokenizer
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

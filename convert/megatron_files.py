@@ -22,7 +22,7 @@ import torch
 
 from convert.errors import ConversionError
 from convert.pickles import load_torch
-from mistral_jax import trees
+from mistral_jax.base import trees
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILES = ("model_optim_rng.pt", "model_rng.pt")

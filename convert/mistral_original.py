@@ -23,8 +23,8 @@ from convert.hf import mistral_keymap
 from convert.keymaps import KeyMap, renamed
 from convert.layouts import COLUMN, REPLICATED, ROW, join_shards, rope_halves
 from convert.sources import TensorSource
-from mistral_jax.configs import MistralConfig
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import MistralConfig
+from mistral_jax.text.tokenizer import Tokenizer
 
 DEFAULT_ROPE_THETA = 10000.0  # what Mistral-7B-v0.1 used; its params.json does not say
 

@@ -31,9 +31,10 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, hf
-from mistral_jax import models, trees
+from mistral_jax.base import trees
 from mistral_jax.cli import HelpFormatter
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.model import registry as models
+from mistral_jax.text.tokenizer import Tokenizer
 
 # Tiny configs for --demo and the tests: a 4-token window so 16 tokens span 4 windows.
 TINY = {

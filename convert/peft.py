@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from mistral_jax import files, lora
+from mistral_jax.io import files, lora
 
 # our weight -> the torch module it lives in ("{i}": the layer)
 MODULES = {

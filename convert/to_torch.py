@@ -21,7 +21,10 @@ import mistral_jax
 from convert import hf, peft
 from convert.cli import report
 from convert.keymaps import torch_tensors
-from mistral_jax import cli, files, lora, quant, trees
+from mistral_jax import cli
+from mistral_jax.base import trees
+from mistral_jax.io import files, lora
+from mistral_jax.quant import int8 as quant
 
 
 def hf_tensors(config, weights: dict) -> dict[str, np.ndarray]:

@@ -4,15 +4,15 @@
     logits = mistral_jax.forward(model, input_ids, attention_mask)   # [b, t, vocab] float32
 """
 
-from mistral_jax.apply import forward, loss
-from mistral_jax.checkpoint import CheckpointError, load, save
-from mistral_jax.configs import ConfigError, GPT2Config, MistralConfig, preset
-from mistral_jax.decoder import Decoder, Output
-from mistral_jax.generation import generate, generate_tokens
-from mistral_jax.lora import LoraError
-from mistral_jax.models import init
-from mistral_jax.placement import shard
-from mistral_jax.sharding import ShardingError, make_mesh, mesh_of
+from mistral_jax.arch.configs import ConfigError, GPT2Config, MistralConfig, preset
+from mistral_jax.inference.generation import generate, generate_tokens
+from mistral_jax.io.checkpoint import CheckpointError, load, save
+from mistral_jax.io.lora import LoraError
+from mistral_jax.model.apply import forward, loss
+from mistral_jax.model.decoder import Decoder, Output
+from mistral_jax.model.registry import init
+from mistral_jax.parallel.placement import shard
+from mistral_jax.parallel.sharding import ShardingError, make_mesh, mesh_of
 
 __all__ = ["CheckpointError", "ConfigError", "Decoder", "GPT2Config", "LoraError",
            "MistralConfig", "Output", "ShardingError", "forward", "generate", "generate_tokens",

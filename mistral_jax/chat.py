@@ -1,6 +1,6 @@
 """`python -m mistral_jax.chat CKPT`: an interactive chat in the terminal (mistral_jax/cli/chat.py).
 
-This module is only the entry point; chat templates are mistral_jax/chat_template.py.
+This module is only the entry point; chat templates are mistral_jax/text/chat_template.py.
 """
 
 import sys

@@ -1,5 +1,5 @@
 """`python -m mistral_jax.serve CKPT`: the HTTP server's command line (mistral_jax/cli/serve.py;
-the app is mistral_jax/server/). This module is only the entry point."""
+the app is mistral_jax/serving/). This module is only the entry point."""
 
 import sys
 

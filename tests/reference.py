@@ -10,7 +10,8 @@ import torch
 
 from convert import hf
 from convert.parity import random_hf_model
-from mistral_jax import models, trees
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
 
 
 def hf_model(kind: str, path: Path | None = None, *, seed: int = 0, dtype=torch.float32,

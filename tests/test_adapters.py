@@ -17,8 +17,9 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, to_torch
-from mistral_jax import lora, trees
+from mistral_jax.base import trees
 from mistral_jax.cli import generate as generate_cli
+from mistral_jax.io import lora
 from tests.reference import hf_model
 from train import merge_lora
 

@@ -1,4 +1,4 @@
-"""mistral_jax/attention.py: the blockwise kernel against the materialized path (outputs and
+"""mistral_jax/nn/attention.py: the blockwise kernel against the materialized path (outputs and
 gradients, every masking case), splash in interpret mode, the dispatch, memory O(t) and work
 O(t * window); then whole models against transformers' eager attention at 1024-4096 tokens:
 logits and every weight's gradient, windows of 64, 500 and 4096, left padding, packed documents
@@ -16,11 +16,11 @@ import torch
 
 import mistral_jax
 from convert.to_torch import hf_tensors
-from mistral_jax import attention as A
-from mistral_jax import blockwise as B
-from mistral_jax import layers as L
-from mistral_jax import trees
-from mistral_jax.masking import Masking
+from mistral_jax.base import trees
+from mistral_jax.nn import attention as A
+from mistral_jax.nn import blockwise as B
+from mistral_jax.nn import layers as L
+from mistral_jax.nn.masking import Masking
 from tests.reference import hf_model, ours, torch_logits
 from tests.test_parity import top1_agreement
 
@@ -80,7 +80,7 @@ def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
 def test_splash_in_interpret_mode_equals_blockwise():
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention",
                         reason="this jax has no Pallas splash attention")
-    from mistral_jax.splash import splash_attention
+    from mistral_jax.nn.splash import splash_attention
 
     q, k, v = qkv(2, 200, 4, 2, 64)
     valid = np.ones((2, 200), bool)

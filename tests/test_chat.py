@@ -1,4 +1,4 @@
-"""mistral_jax.chat_template against transformers' apply_chat_template: the real Mistral-7B
+"""mistral_jax.text.chat_template against transformers' apply_chat_template: the real Mistral-7B
 sentencepiece model (from the mistral-common wheel) with Mistral-7B-Instruct-v0.1's chat
 templates, and a small byte-level BPE tokenizer.json trained here with a ChatML template (as
 SmolLM2 and Qwen use)."""
@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from mistral_jax.chat_template import encode_chat, render
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.text.chat_template import encode_chat, render
+from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 # Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template, early 2024 (our default's format)

@@ -58,9 +58,9 @@ def test_exported_config_loads_in_transformers(tmp_path):
         config = mistral_jax.preset(name)
         path = tmp_path / name
         path.mkdir()
-        (path / "config.json").write_text(json.dumps(mistral_jax.configs.to_hf_dict(config)))
+        (path / "config.json").write_text(json.dumps(mistral_jax.arch.configs.to_hf_dict(config)))
         theirs = transformers.AutoConfig.from_pretrained(path)
-        assert mistral_jax.configs.from_hf_dict(theirs.to_dict()) == config
+        assert mistral_jax.arch.configs.from_hf_dict(theirs.to_dict()) == config
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -123,7 +123,8 @@ def test_unknown_model_type_and_unsupported_options(tmp_path, capsys):
     assert from_torch.main([str(src), str(tmp_path / "out")]) == 1
     assert "unknown model_type 'bert'" in capsys.readouterr().err
     with pytest.raises(mistral_jax.ConfigError, match="attention_bias"):
-        mistral_jax.configs.from_hf_dict({**config, "model_type": "llama", "attention_bias": True})
+        mistral_jax.arch.configs.from_hf_dict({**config, "model_type": "llama",
+                                               "attention_bias": True})
 
 
 def test_not_a_checkpoint_and_not_a_model_folder(tmp_path, capsys):

@@ -9,8 +9,9 @@ import torch
 import mistral_jax
 from convert import from_torch, hf
 from convert.sources import TensorSource
-from mistral_jax import models, trees
-from mistral_jax.checkpoint import CheckpointError, StreamingWriter
+from mistral_jax.base import trees
+from mistral_jax.io.checkpoint import CheckpointError, StreamingWriter
+from mistral_jax.model import registry as models
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(1).integers(0, 96, (2, 10))

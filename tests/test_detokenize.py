@@ -1,4 +1,4 @@
-"""mistral_jax.detokenize.StreamDecoder: streamed pieces join to exactly tokenizer.decode(ids), on
+"""text.detokenize.StreamDecoder: streamed pieces join to exactly tokenizer.decode(ids), on
 the real Mistral-7B sentencepiece model, a byte-level BPE tokenizer.json trained here and a
 Llama-style tokenizer.json (byte fallback + Metaspace-like decoder) built here."""
 
@@ -10,8 +10,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, normalizers, processors
 
-from mistral_jax.detokenize import BYTE_PIECE, StreamDecoder
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.text.detokenize import BYTE_PIECE, StreamDecoder
+from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 TEXTS = {

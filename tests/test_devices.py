@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, devices
-from mistral_jax.sharding import ShardingError
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch import configs
+from mistral_jax.parallel import devices
+from mistral_jax.parallel.sharding import ShardingError
+from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
 from train import default, finetune, loop
 
@@ -26,7 +27,8 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 PROBE = """
 import json, os, sys
-from mistral_jax import configs, devices
+from mistral_jax.arch import configs
+from mistral_jax.parallel import devices
 devices.prepare(sys.argv[1])  # as every command line does, before JAX starts
 import jax
 mesh, said = devices.mesh_for(sys.argv[1], configs.preset("mistral-tiny"))

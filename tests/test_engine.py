@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import engine as eng
-from mistral_jax import quant, slots
-from mistral_jax.engine import Engine, QueueFull
-from mistral_jax.sampling import RowSampling, Sampling, sample, sample_rows
+from mistral_jax.inference.sampling import RowSampling, Sampling, sample, sample_rows
+from mistral_jax.quant import int8 as quant
+from mistral_jax.serving import engine as eng
+from mistral_jax.serving import slots
+from mistral_jax.serving.engine import Engine, QueueFull
 from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
 
 WAIT = 120  # seconds any one wait may take before the test fails

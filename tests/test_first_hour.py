@@ -21,8 +21,10 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, parity, to_torch
-from mistral_jax import configs, devices, files
+from mistral_jax.arch import configs
 from mistral_jax.cli import generate as generate_cli
+from mistral_jax.io import files
+from mistral_jax.parallel import devices
 from tests.reference import hf_model, text_model
 from train import default, finetune
 from train import eval as eval_cli

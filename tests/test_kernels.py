@@ -246,8 +246,8 @@ def test_attention_reads_the_cache_as_xla_does(dtype, window, c):
     """kernels.attention (the decode step's, reading the cache in place) against the XLA path
     of cache.attend_cached: rows 1..2 of a 4-row cache, slots in use, an empty slot, a padded
     key of the chunk, a window, grouped queries, chunks of 1 to 4 queries."""
-    from mistral_jax import cache as kv
-    from mistral_jax import configs
+    from mistral_jax.arch import configs
+    from mistral_jax.model import cache as kv
 
     _needs_kernel()
     config = configs.MistralConfig(vocab_size=16, hidden_size=32, intermediate_size=32,

@@ -24,7 +24,8 @@ import mistral_jax
 from convert import from_torch, megatron, megatron_files
 from convert.errors import ConversionError
 from convert.pickles import MegatronEnum, load_torch
-from mistral_jax import models, trees
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
 from tests.fetch import byte_level_bpe
 
 D, HEADS, FFN, LAYERS, POSITIONS, PADDED = 64, 4, 256, 4, 32, 384

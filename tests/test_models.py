@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, models, trees
+from mistral_jax.arch import configs
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
 
 
 def compile_seconds(config) -> float:

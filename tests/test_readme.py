@@ -30,7 +30,7 @@ import torch
 import transformers
 
 import mistral_jax
-from mistral_jax import trees
+from mistral_jax.base import trees
 from tests.reference import text_model
 from train import default
 

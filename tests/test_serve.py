@@ -23,9 +23,9 @@ import pytest
 import uvicorn
 
 import mistral_jax
-from mistral_jax.engine import Engine
-from mistral_jax.server.app import create_app
-from mistral_jax.server.run import Server
+from mistral_jax.serving.app import create_app
+from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.server import Server
 from tests.reference import text_model
 
 WAIT = 60  # seconds any one request may take
@@ -214,7 +214,7 @@ PROMPTS = ["My favourite condiment is", "Once upon a time", "The capital of", "H
 def test_greedy_serving_equals_generate_in_every_precision(ckpt, precision):
     """One request, then 8 at once, each equal to generate(); after warm_up the requests
     compile nothing (each decode width and prefill width was compiled once, before)."""
-    from mistral_jax import slots
+    from mistral_jax.serving import slots
 
     model = mistral_jax.load(ckpt, **({"quantize": "int8"} if precision == "int8" else
                                       {"dtype": precision}))

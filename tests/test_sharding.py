@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, models, sharding, trees
-from mistral_jax.decoder import ACT
-from mistral_jax.masking import Masking
+from mistral_jax.arch import configs
+from mistral_jax.base import trees
+from mistral_jax.model import registry as models
+from mistral_jax.model.decoder import ACT
+from mistral_jax.nn.masking import Masking
+from mistral_jax.parallel import sharding
 
 MESHES = ["1x1", "1x2", "1x4", "1x8", "2x4", "8x1"]
 # 8 query heads so every mesh divides them; 2 kv heads so 1x4 and 1x8 replicate kv heads;

@@ -11,7 +11,7 @@ import transformers
 
 import mistral_jax
 from convert import from_torch, to_torch
-from mistral_jax import trees
+from mistral_jax.base import trees
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 12))

@@ -1,4 +1,4 @@
-"""mistral_jax.tokenizer against the real Mistral-7B sentencepiece model (from the mistral-common
+"""text.tokenizer against the real Mistral-7B sentencepiece model (from the mistral-common
 wheel) and against a small tokenizer.json trained here with the `tokenizers` package."""
 
 import json
@@ -11,7 +11,7 @@ import tokenizers
 import transformers
 from tokenizers import processors
 
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe, fetch_wheel_member
 
 SAMPLES = {

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch import configs
+from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
 from tests.reference import hf_model
 from train import default, finetune, report

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from mistral_jax import configs, lora, models, trees
+from mistral_jax.arch import configs
+from mistral_jax.base import trees
+from mistral_jax.io import lora
+from mistral_jax.model import registry as models
 from train import data as D
 from train import step as S
 

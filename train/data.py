@@ -26,8 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax.layers import IGNORE_INDEX
-from mistral_jax.sharding import DATA
+from mistral_jax.nn.layers import IGNORE_INDEX
+from mistral_jax.parallel.sharding import DATA
 
 
 class DataError(ValueError):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mistral_jax.configs import MistralConfig
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import MistralConfig
+from mistral_jax.text.tokenizer import Tokenizer
 from train.data import Document
 
 CORPUS = Path(__file__).parent / "corpus" / "devils_dictionary.txt"

@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from mistral_jax import cli, devices
+from mistral_jax import cli
+from mistral_jax.parallel import devices
 
 # What --seq-len, --dtype and --isolate-documents are when neither the command line nor the
 # run that wrote the checkpoint or adapters says (train.finetune's own defaults).
@@ -95,9 +96,10 @@ def evaluate(args) -> tuple[float, float, int]:
     import jax.numpy as jnp
 
     import mistral_jax
-    from mistral_jax import lora, trees
-    from mistral_jax.checkpoint import read_config
-    from mistral_jax.notes import note
+    from mistral_jax.base import trees
+    from mistral_jax.base.notes import note
+    from mistral_jax.io import lora
+    from mistral_jax.io.checkpoint import read_config
     from train import data as D
     from train import step as S
 

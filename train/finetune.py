@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         help="layers per iteration of the loop over layers, or 'all' for no loop: unrolled "
         "layers compile slower and run faster (no stacked saved values to fill and copy: 3.5%% "
         "a step for the 4-layer default on a CPU) (default 1)")
-    from mistral_jax.attention import HELP, IMPLEMENTATIONS
+    from mistral_jax.nn.attention import HELP, IMPLEMENTATIONS
 
     add("--attention", default="auto", choices=IMPLEMENTATIONS, help=HELP + " (default auto)")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype; "
@@ -145,7 +145,7 @@ def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> None:
-    from mistral_jax.devices import parse
+    from mistral_jax.parallel.devices import parse
 
     shape = parse(args.mesh)
     if args.merge_lora and not args.lora_rank:
@@ -182,12 +182,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     import logging
 
-    from mistral_jax import devices
-    from mistral_jax.checkpoint import CheckpointError
-    from mistral_jax.configs import ConfigError
-    from mistral_jax.lora import LoraError
-    from mistral_jax.notes import LOGGER
-    from mistral_jax.sharding import ShardingError
+    from mistral_jax.arch.configs import ConfigError
+    from mistral_jax.base.notes import LOGGER
+    from mistral_jax.io.checkpoint import CheckpointError
+    from mistral_jax.io.lora import LoraError
+    from mistral_jax.parallel import devices
+    from mistral_jax.parallel.sharding import ShardingError
     from train.data import DataError
     from train.loop import Interrupted, Stopped, run
 

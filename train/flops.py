@@ -52,7 +52,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax.configs import model_type
+from mistral_jax.arch.configs import model_type
 
 # When each weight of a layer runs: q/k/v read the layer's input, then attention, then o, the
 # MLP's first matmuls, its last. The LM head runs after every layer.

@@ -11,9 +11,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import checkpoint, devices, files, lora, models, trees
-from mistral_jax.configs import model_type, to_hf_dict
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.arch.configs import model_type, to_hf_dict
+from mistral_jax.base import trees
+from mistral_jax.io import checkpoint, files, lora
+from mistral_jax.model import registry as models
+from mistral_jax.parallel import devices
+from mistral_jax.text.tokenizer import Tokenizer
 from train import data as D
 from train import default, flops, report
 from train import step as S

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     def merge():
         import mistral_jax
-        from mistral_jax import files
+        from mistral_jax.io import files
 
         files.check_new(args.out, args.overwrite)  # before any work
         model = mistral_jax.load(args.base, adapters=args.adapters)

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax import trees
+from mistral_jax.base import trees
 
 TRACES: collections.Counter = collections.Counter()
 

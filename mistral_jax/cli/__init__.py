@@ -38,7 +38,7 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
 
 
 def add_attention(p: argparse.ArgumentParser) -> None:
-    from mistral_jax.attention import HELP, IMPLEMENTATIONS
+    from mistral_jax.nn.attention import HELP, IMPLEMENTATIONS
 
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto", help=HELP)
 
@@ -88,9 +88,9 @@ def sampling(args) -> dict:
 
 def load_model(args):
     """The checkpoint `args.ckpt` as `add_model`'s flags ask (devices.prepare ran before)."""
-    from mistral_jax import devices
-    from mistral_jax.checkpoint import load, read_config
-    from mistral_jax.notes import note
+    from mistral_jax.base.notes import note
+    from mistral_jax.io.checkpoint import load, read_config
+    from mistral_jax.parallel import devices
 
     mesh, chosen = devices.mesh_for(args.mesh, read_config(args.ckpt))
     if chosen:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from mistral_jax import cli, devices
+from mistral_jax import cli
+from mistral_jax.parallel import devices
 
 
 def arguments():
@@ -37,10 +38,10 @@ def main(argv=None) -> int:
 
 
 def chat(args) -> None:
-    from mistral_jax.chat_template import encode_chat
     from mistral_jax.cli import progress
-    from mistral_jax.detokenize import CompletionText
-    from mistral_jax.engine import Engine
+    from mistral_jax.serving.engine import Engine
+    from mistral_jax.text.chat_template import encode_chat
+    from mistral_jax.text.detokenize import CompletionText
 
     model = cli.load_model(args)
     tokenizer = model.tokenizer

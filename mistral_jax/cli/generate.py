@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from mistral_jax import cli, devices
+from mistral_jax import cli
+from mistral_jax.parallel import devices
 
 
 def arguments():
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
 
 def generate(args) -> None:
     from mistral_jax.cli import progress
-    from mistral_jax.generation import generate as complete
+    from mistral_jax.inference.generation import generate as complete
 
     progress.watch_compilation()
     start = time.perf_counter()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mistral_jax import cli, devices
+from mistral_jax import cli
+from mistral_jax.parallel import devices
 
 
 def arguments():
@@ -45,12 +46,12 @@ def serve(args) -> None:
     try:
         import uvicorn
 
-        from mistral_jax.server.app import create_app
-        from mistral_jax.server.run import Server
+        from mistral_jax.serving.app import create_app
+        from mistral_jax.serving.server import Server
     except ImportError as e:
         raise ValueError(f"{e.name} is missing: pip install 'mistral_jax[serve]'") from None
     from mistral_jax.cli import progress
-    from mistral_jax.engine import Engine
+    from mistral_jax.serving.engine import Engine
 
     model = cli.load_model(args)
     progress.build_kernel()

@@ -14,7 +14,7 @@
 // row's numbers depend only on its own cache row and queries, never on the batch or the
 // cache's size, so a row of a batched step gets the bits it gets alone.
 //
-// Layouts (as mistral_jax/cache.py): k [L, B, kv, h, S] (slots minor), v [L, B, kv, S, h],
+// Layouts (as mistral_jax/model/cache.py): k [L, B, kv, h, S] (slots minor), v [L, B, kv, S, h],
 // index [B, S]; int8 caches carry float32 scales [L, B, kv, S]; 16-bit float caches come as
 // their bits (uint16). q [b, c, n, h], k_new / v_new [b, c, kv, h] float32, new_index and
 // query_index [b, c]; out [b, c, n, h] float32.

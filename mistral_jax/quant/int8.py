@@ -1,0 +1,307 @@
+"""Int8 weight-only quantization: symmetric, per output channel (or per group of the input, as
+GGUF's Q8_0 blocks of 32), the scales kept beside the weights.
+
+A quantized weight `name` is stored as int8 values of the float weight's shape and logical axes,
+and a float32 `name_scale` whose input axes are replaced by one axis of G groups (G = 1: one
+scale per output channel). So the scales of a column-parallel weight carry its output axes and
+shard with its columns, by the same rules; a checkpoint holds both as plain arrays.
+
+    w ~= values * scale    (each group of K/G inputs of an output channel shares a scale)
+
+Weights used as `x @ w` are "kn" ([*in, *out], scale [G, *out]); the tied embedding table
+[vocab, d] is "nk" (its rows are the output channels of the LM head; scale [vocab, G]), so an
+embedding lookup takes each row's scales with it. Norms, biases and learned positions stay float.
+A decode step's matmuls dequantize inside our kernel on a CPU (`mistral_jax.kernels`), and in
+XLA's convert fused into the dot on a GPU: no float copy of a weight. Elsewhere (XLA:CPU for
+prefill chunks of more than KERNEL_MAX_ROWS rows, forward passes, sharded models) XLA converts
+each layer's weight to float before its dot, a copy the many rows share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mistral_jax import kernels
+from mistral_jax.arch.configs import model_type
+from mistral_jax.base import trees
+from mistral_jax.parallel.placement import place
+from mistral_jax.parallel.sharding import mesh_of
+
+# The weights that are quantized: dotted name -> (layout, number of input axes). In a stacked
+# weight [layers, *in, *out] the layers axis comes first and is not counted.
+MATMULS = {
+    "mistral": {"layers.q": ("kn", 1), "layers.k": ("kn", 1), "layers.v": ("kn", 1),
+                "layers.o": ("kn", 2), "layers.gate": ("kn", 1), "layers.up": ("kn", 1),
+                "layers.down": ("kn", 1), "embed": ("nk", 1), "lm_head": ("kn", 1)},
+    "gpt2": {"layers.q": ("kn", 1), "layers.k": ("kn", 1), "layers.v": ("kn", 1),
+             "layers.o": ("kn", 2), "layers.fc": ("kn", 1), "layers.proj": ("kn", 1),
+             "embed": ("nk", 1), "lm_head": ("kn", 1)},
+}
+SCALE = "_scale"
+# Above this many rows (tokens x batch) a matmul leaves the CPU kernel for XLA's: the kernel
+# is built for decoding, where reading the weights is the whole cost
+KERNEL_MAX_ROWS = 64
+METHODS = ("int8",)
+
+
+class QuantError(ValueError):
+    pass
+
+
+class QWeight(NamedTuple):
+    """An int8 weight and its scales, as a matmul takes them."""
+
+    values: jax.Array
+    scale: jax.Array
+
+
+class Stacked(NamedTuple):
+    """Layer `index` of a stacked weight (bfloat16, or int8 with `scale`), left unsliced so
+    that the CPU kernel reads it in place (slicing a stacked array in XLA copies the slice)."""
+
+    values: jax.Array
+    scale: jax.Array | None
+    index: jax.Array
+
+
+def check_method(method: str | None) -> None:
+    if method is not None and method not in METHODS:
+        raise QuantError(f"quantize={method!r}: the methods are {', '.join(METHODS)}")
+
+
+def table(model_or_config) -> dict:
+    config = getattr(model_or_config, "config", model_or_config)
+    return MATMULS[model_type(config)]
+
+
+# --- arrays ------------------------------------------------------------------------------------
+
+
+def grouped_shape(shape, lead: int, n_in: int, layout: str, groups: int):
+    """The shape with the input axes split into [G, K/G] (kn) or [..., G, K/G] (nk)."""
+    if layout == "kn":
+        ins, outs = shape[lead:lead + n_in], shape[lead + n_in:]
+        k = math.prod(ins)
+        return (*shape[:lead], groups, k // groups, *outs), lead + 1
+    k = math.prod(shape[len(shape) - n_in:])
+    return (*shape[:len(shape) - n_in], groups, k // groups), len(shape) - n_in + 1
+
+
+def input_size(shape, lead: int, n_in: int, layout: str) -> int:
+    return math.prod(shape[lead:lead + n_in] if layout == "kn" else shape[len(shape) - n_in:])
+
+
+def scale_shape(shape, lead: int, n_in: int, layout: str, groups: int) -> tuple:
+    grouped, axis = grouped_shape(shape, lead, n_in, layout, groups)
+    return grouped[:axis] + grouped[axis + 1:]
+
+
+def scale_axes(axes: tuple, lead: int, n_in: int, layout: str) -> tuple:
+    """A scale's logical axes: the weight's, its input axes replaced by one unsharded group axis
+    (a row-parallel weight's scales are small and replicated)."""
+    if layout == "kn":
+        return (*axes[:lead], None, *axes[lead + n_in:])
+    return (*axes[:len(axes) - n_in], None)
+
+
+def quantize(w, lead: int, n_in: int, layout: str, group: int | None = None):
+    """(int8 values, float32 scales) of a float weight (numpy or jax): max |w| of each output
+    channel's group of `group` inputs (default: all of them) maps to 127."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    k = input_size(w.shape, lead, n_in, layout)
+    groups = 1 if group is None else k // group
+    if group is not None and k % group:
+        raise QuantError(f"group size {group} does not divide the input size {k}")
+    grouped, axis = grouped_shape(w.shape, lead, n_in, layout, groups)
+    g = xp.asarray(w, xp.float32).reshape(grouped)
+    amax = xp.max(xp.abs(g), axis=axis, keepdims=True)
+    scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    values = xp.clip(xp.round(g / scale), -127, 127).astype(xp.int8).reshape(w.shape)
+    return values, xp.squeeze(scale, axis)
+
+
+def dequantize(values, scale, lead: int, n_in: int, layout: str, dtype=jnp.float32):
+    """The float weight `values * scale` (checks, exports and the tests; matmuls never do this
+    to a whole weight)."""
+    xp = np if isinstance(values, np.ndarray) else jnp
+    groups = scale.shape[lead] if layout == "kn" else scale.shape[-1]
+    grouped, axis = grouped_shape(values.shape, lead, n_in, layout, groups)
+    w = values.reshape(grouped).astype(xp.float32) * xp.expand_dims(scale, axis)
+    return w.reshape(values.shape).astype(dtype)
+
+
+def rows(values, scale, ids, dtype):
+    """Rows `ids` of an "nk" table (the embedding), dequantized: [*ids.shape, d]."""
+    got, s = jnp.take(values, ids, axis=0), jnp.take(scale, ids, axis=0)
+    return dequantize(got, s, got.ndim - 1, 1, "nk", dtype)
+
+
+def project(equation: str, x: jax.Array, w, *, kernel: bool) -> jax.Array:
+    """`einsum(equation, x, w)` for a QWeight, a Stacked layer, or a bfloat16 weight, in the
+    CPU kernel when `kernel` (and it is built), else in XLA; float32, or x's dtype if float.
+
+    The contracted axes are x's last ones and w's first ("kn") or last ("nk")."""
+    xs, rest = equation.split(",")
+    ws, out = rest.split("->")
+    n_in = sum(c in xs for c in ws)
+    layout = "kn" if all(c in xs for c in ws[:n_in]) else "nk"
+    index = w.index if isinstance(w, Stacked) else None
+    values, scale = (w.values, w.scale) if isinstance(w, QWeight | Stacked) else (w, None)
+    lead = 0 if index is None else 1
+    inner = values.shape[lead:]
+    k = math.prod(inner[:n_in] if layout == "kn" else inner[len(inner) - n_in:])
+    outs = inner[n_in:] if layout == "kn" else inner[:len(inner) - n_in]
+    n = math.prod(outs)
+    shaped = (*values.shape[:lead], *((k, n) if layout == "kn" else (n, k)))
+    if scale is not None:
+        g = scale.shape[lead] if layout == "kn" else scale.shape[-1]
+        scale = scale.reshape((*scale.shape[:lead], *((g, n) if layout == "kn" else (n, g))))
+    x2 = x.reshape(-1, k)
+    matmul = kernels.matmul if kernel and x2.shape[0] <= KERNEL_MAX_ROWS else kernels.reference
+    y = matmul(x2, values.reshape(shaped), scale, index=index, layout=layout)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return y.reshape(*x.shape[:x.ndim - n_in], *outs).astype(dtype)
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def _split(name: str):
+    return ("layers", name.split(".", 1)[1]) if name.startswith("layers.") else (None, name)
+
+
+def lead(name: str) -> int:
+    """Leading axes that are not the matmul's: 1 (layers) for a stacked weight."""
+    return 1 if name.startswith("layers.") else 0
+
+
+def is_quantized(model) -> bool:
+    return hasattr(model, "embed" + SCALE)
+
+
+def group_counts(tree: dict, kind_table: dict) -> dict:
+    """{weight name: G} from a flat tree of weights (arrays or shapes) that holds scales."""
+    counts = {}
+    for name, (layout, _) in kind_table.items():
+        s = tree.get(name + SCALE)
+        if s is not None:
+            counts[name] = s.shape[lead(name)] if layout == "kn" else s.shape[-1]
+    return counts
+
+
+def restructure(model, groups: dict):
+    """`model` (abstract or not) with each weight in `groups` turned into an int8 Param and a
+    float32 `_scale` Param of G groups (their values: zeros if the model is concrete)."""
+    kinds = table(model)
+    for name, g in groups.items():
+        layout, n_in = kinds[name]
+        owner, attr = _split(name)
+        module = getattr(model, owner) if owner else model
+        p = getattr(module, attr, None)
+        if p is None:  # (an lm_head that a tied model has not)
+            continue
+        ld, axes = lead(name), p.get_metadata()["axes"]
+        value = p.get_value()
+        shape = tuple(value.shape)
+        k = input_size(shape, ld, n_in, layout)
+        if k % g:
+            raise QuantError(f"{name}: {g} scale groups do not divide its input size {k}")
+        s_shape = scale_shape(shape, ld, n_in, layout, g)
+        abstract = isinstance(value, jax.ShapeDtypeStruct)
+        make = (lambda sh, dt: jax.ShapeDtypeStruct(sh, dt)) if abstract else jnp.zeros
+        setattr(module, attr, nnx.Param(make(shape, jnp.int8), axes=axes))
+        setattr(module, attr + SCALE, nnx.Param(make(s_shape, jnp.float32),
+                                                axes=scale_axes(axes, ld, n_in, layout)))
+    return model
+
+
+def quantize_weights(flat: dict, kinds: dict, group: int | None = None) -> dict:
+    """A flat tree of float weights with each matmul weight quantized (jax or numpy)."""
+    out = dict(flat)
+    for name, (layout, n_in) in kinds.items():
+        if name in flat:
+            out[name], out[name + SCALE] = quantize(flat[name], lead(name), n_in, layout, group)
+    return out
+
+
+def quantized(model, group: int | None = None):
+    """A float model's int8 copy (on the model's devices and shardings, when on a mesh)."""
+    if is_quantized(model):
+        return model
+    kinds = {k: v for k, v in table(model).items()
+             if k in trees.flatten(trees.weights(model))}
+    flat = trees.flatten(trees.weights(model))
+    groups = {name: 1 if group is None else
+              input_size(flat[name].shape, lead(name), kinds[name][1], kinds[name][0]) // group
+              for name in kinds}
+    target = restructure(nnx.eval_shape(lambda: model), groups)
+    mesh = mesh_of(model)
+    shardings = None if mesh is None else place(target, mesh).shardings
+    make = jax.jit(lambda f: trees.unflatten(quantize_weights(f, kinds, group)),
+                   out_shardings=shardings)
+    return trees.with_weights(target, make(flat))
+
+
+def dequantized(model, dtype=jnp.float32):
+    """A quantized model's float copy (for exports)."""
+    if not is_quantized(model):
+        return model
+    flat = trees.flatten(trees.weights(model))
+    scales = {name + SCALE for name in table(model)}
+    out = {k: v for k, v in flat.items() if k not in scales}
+    for name, (layout, n_in) in table(model).items():
+        if name + SCALE in flat:
+            out[name] = dequantize(flat[name], flat[name + SCALE], lead(name), n_in, layout,
+                                   dtype)
+    target = nnx.eval_shape(lambda: type(model)(model.config, tokenizer=model.tokenizer,
+                                                vocab_padded=model.vocab_padded, dtype=dtype))
+    target.rules, target.attention = model.rules, model.attention
+    return trees.with_weights(target, trees.unflatten(out))
+
+
+def kernel_ok(model) -> bool:
+    """Whether the decode step's matmuls go to the CPU kernel: every matmul weight int8,
+    bfloat16 or float32, the kernel built, and no mesh to split them over (a sharded matmul
+    stays XLA's)."""
+    dtypes = set()
+    for name in table(model):
+        owner, attr = _split(name)
+        param = getattr(model.layers if owner else model, attr, None)
+        if param is not None:  # (a tied model has no lm_head)
+            dtypes.add(param[...].dtype)
+    if not dtypes <= set(map(jnp.dtype, kernels.WEIGHT_DTYPES)) or not kernels.available():
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def scale_problems(weights: dict, scales: dict, kinds: dict) -> list[str]:
+    """What is wrong with the scales of a flat tree of weights (shapes or arrays): an int8
+    weight without scales, scales of a float weight, or scales of the wrong shape."""
+    problems = []
+    for name, (layout, n_in) in kinds.items():
+        w, s = weights.get(name), scales.get(name + SCALE)
+        if w is None:
+            if s is not None:
+                problems.append(f"unexpected {name + SCALE} {tuple(s.shape)}")
+            continue
+        if (s is None) != (w.dtype != np.int8):
+            problems.append(f"{name}: {w.dtype} weights " + (
+                "without their scales" if s is None else f"with scales {name + SCALE}"))
+            continue
+        if s is None:
+            continue
+        ld = lead(name)
+        g = s.shape[ld] if layout == "kn" and len(s.shape) > ld else s.shape[-1]
+        k = input_size(w.shape, ld, n_in, layout)
+        want = scale_shape(w.shape, ld, n_in, layout, g) if k % g == 0 else None
+        if tuple(s.shape) != want:
+            problems.append(f"{name + SCALE}: shape {tuple(s.shape)} does not fit {name} "
+                            f"{tuple(w.shape)}")
+    return problems
