@@ -16,11 +16,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mistral_jax  # noqa: E402
-from mistral_jax import sharding  # noqa: E402
 from mistral_jax.arch import configs
 from mistral_jax.model import registry as models
 from mistral_jax.model.decoder import ACT
 from mistral_jax.nn.masking import Masking  # noqa: E402
+from mistral_jax.parallel import sharding  # noqa: E402
 
 CONFIGS = {
     "mistral (8 heads, 2 kv heads)": configs.MistralConfig(

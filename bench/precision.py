@@ -33,9 +33,11 @@ import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
 from bench.decode import _hf_generate, mistral7b  # noqa: E402
 from convert import from_torch  # noqa: E402
-from mistral_jax import kernels, trees  # noqa: E402
+from mistral_jax import kernels  # noqa: E402
+from mistral_jax.base import trees  # noqa: E402
 from mistral_jax.model.cache import KVCache  # noqa: E402
-from mistral_jax.quant import int8 as quant
+from mistral_jax.model.options import with_options  # noqa: E402
+from mistral_jax.quant import int8 as quant  # noqa: E402
 
 PROMPT, NEW = 16, 32
 OURS = ("float32", "bfloat16", "int8", "int8+kv8")
@@ -110,8 +112,7 @@ def random_gpt2_disk(tmp: Path) -> dict:
 def mistral_7b(tmp: Path, device: str):
     theirs, mine = mistral7b(tmp, torch.bfloat16, device)
     ours = {"bfloat16": mine, "int8": quant.quantized(mine)}
-    ours["int8+kv8"] = quant.quantized(mine)
-    ours["int8+kv8"].kv_cache_dtype = "int8"
+    ours["int8+kv8"] = with_options(ours["int8"], kv_cache_dtype="int8")
     return ours, {"bfloat16": theirs}, {}
 
 

@@ -32,9 +32,10 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, timed  # noqa: E402
-from mistral_jax import trees  # noqa: E402
 from mistral_jax.arch import configs
+from mistral_jax.base import trees  # noqa: E402
 from mistral_jax.model import registry as models
+from mistral_jax.model.options import Options  # noqa: E402
 from train import data as D  # noqa: E402
 from train import finetune, flops  # noqa: E402
 from train import step as S  # noqa: E402
@@ -48,8 +49,8 @@ def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1
     mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     batch_size, seq = ids.shape
     with jax.set_mesh(mesh):
-        model = models.init(config, seed=0, mesh=mesh)
-        model.remat, model.unroll, model.attention = remat, unroll, attention
+        model = models.init(config, seed=0, mesh=mesh,
+                            options=Options(remat=remat, unroll=unroll, attention=attention))
         params = trees.weights(model)
         tx = S.optimizer(lr=LR, warmup=0, steps=1000, weight_decay=0.1, clip=1.0)
         shardings = S.state_shardings(params, tx, mesh)

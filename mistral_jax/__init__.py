@@ -10,8 +10,7 @@ from mistral_jax.io.checkpoint import CheckpointError, load, save
 from mistral_jax.io.lora import LoraError
 from mistral_jax.model.apply import forward, loss
 from mistral_jax.model.decoder import Decoder, Output
-from mistral_jax.model.registry import init
-from mistral_jax.parallel.placement import shard
+from mistral_jax.model.registry import init, shard
 from mistral_jax.parallel.sharding import ShardingError, make_mesh, mesh_of
 
 __all__ = ["CheckpointError", "ConfigError", "Decoder", "GPT2Config", "LoraError",

@@ -12,6 +12,7 @@ import pytest
 
 import mistral_jax
 from mistral_jax.inference.sampling import RowSampling, Sampling, sample, sample_rows
+from mistral_jax.model.options import with_options
 from mistral_jax.quant import int8 as quant
 from mistral_jax.serving import engine as eng
 from mistral_jax.serving import slots
@@ -120,8 +121,7 @@ def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chu
 def test_int8_weights_and_kv_cache_serve_what_generate_gives(models_, engines):  # noqa: F811
     """The engine's per-row cache writes and freed slots with int8 keys, values and scales."""
     _, model = models_["mistral"]
-    int8 = quant.quantized(model)
-    int8.kv_cache_dtype = "int8"
+    int8 = with_options(quant.quantized(model), kv_cache_dtype="int8")
     engine = engines(int8, max_batch=2)
     assert engine._state.cache.k_scale is not None
     prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 9, 21)]

@@ -17,6 +17,7 @@ from mistral_jax import kernels
 from mistral_jax.arch import configs
 from mistral_jax.base import trees
 from mistral_jax.model import cache as kv
+from mistral_jax.model.options import with_options
 from mistral_jax.parallel import sharding
 from mistral_jax.quant import int8 as quant
 
@@ -131,7 +132,7 @@ def test_scales_shard_with_their_columns_on_1x8(tmp_path):
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(m, IDS)),
                                np.asarray(mistral_jax.forward(one, IDS)), atol=1e-4)
     for cache in (None, "int8"):  # the int8 cache's scales shard like its keys
-        m.kv_cache_dtype = one.kv_cache_dtype = cache
+        m, one = (with_options(x, kv_cache_dtype=cache) for x in (m, one))
         sharded = mistral_jax.generate_tokens(m, IDS, max_new_tokens=6)
         np.testing.assert_array_equal(sharded, mistral_jax.generate_tokens(one, IDS,
                                                                            max_new_tokens=6))
@@ -148,8 +149,8 @@ def test_quantizing_a_sharded_model_keeps_it_sharded():
 def test_int8_kv_cache_is_close_and_small():
     m = model(MISTRAL)
     want = mistral_jax.generate_tokens(m, IDS, max_new_tokens=8)
-    m.kv_cache_dtype = "int8"
-    got = mistral_jax.generate_tokens(m, IDS, max_new_tokens=8)
+    got = mistral_jax.generate_tokens(with_options(m, kv_cache_dtype="int8"), IDS,
+                                      max_new_tokens=8)
     assert (got == want).mean() >= 0.75  # random weights: near-ties may flip
     f32 = kv.KVCache.create(MISTRAL, 4, 256, jnp.float32)
     bf16 = kv.KVCache.create(MISTRAL, 4, 256, jnp.bfloat16)

@@ -13,6 +13,7 @@ from mistral_jax.arch import configs
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 from mistral_jax.model.decoder import ACT
+from mistral_jax.model.options import with_options
 from mistral_jax.nn.masking import Masking
 from mistral_jax.parallel import sharding
 
@@ -61,7 +62,7 @@ def test_sharded_logits_loss_and_grads_equal_unsharded(reference, spec):
     blockwise attention in blocks of 4 (per device, under shard_map): both paths at once."""
     model, logits, grads = reference
     sharded = mistral_jax.shard(model, mesh(spec))
-    sharded.attention, sharded.attention_blocks = "blockwise", (4, 4)
+    sharded = with_options(sharded, attention="blockwise", attention_blocks=(4, 4))
     got = mistral_jax.forward(sharded, IDS, MASK)
     assert got.shape == logits.shape
     # padding positions too: a query that sees no key averages every value on both paths
@@ -117,8 +118,7 @@ collectives = sharding.count_collectives
 @pytest.mark.parametrize("spec", ["1x8", "2x4"])
 @pytest.mark.parametrize("attention", ["xla", "blockwise"])
 def test_one_layer_forward_has_two_all_reduces_and_gathers_no_weight(config, spec, attention):
-    m = mistral_jax.shard(perturbed(config), mesh(spec))
-    m.attention = attention
+    m = with_options(mistral_jax.shard(perturbed(config), mesh(spec)), attention=attention)
     layer = jax.tree.map(lambda x: x[0], m.layers)  # one layer's weights, still sharded
     x = jnp.ones((8, 12, 64))
     positions = jnp.broadcast_to(jnp.arange(12), (8, 12))

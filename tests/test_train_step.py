@@ -12,6 +12,7 @@ from mistral_jax.arch import configs
 from mistral_jax.base import trees
 from mistral_jax.io import lora
 from mistral_jax.model import registry as models
+from mistral_jax.model.options import Options
 from train import data as D
 from train import step as S
 
@@ -38,8 +39,7 @@ def mesh_of(spec):
 
 def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
     mesh = mesh_of(spec)
-    model = models.init(TINY, seed=1, mesh=mesh)
-    model.remat, model.unroll = remat, unroll
+    model = models.init(TINY, seed=1, mesh=mesh, options=Options(remat=remat, unroll=unroll))
     params = trees.weights(model)
     tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     shardings = S.state_shardings(params, tx, mesh)

@@ -15,6 +15,7 @@ from mistral_jax.arch.configs import model_type, to_hf_dict
 from mistral_jax.base import trees
 from mistral_jax.io import checkpoint, files, lora
 from mistral_jax.model import registry as models
+from mistral_jax.model.options import Options
 from mistral_jax.parallel import devices
 from mistral_jax.text.tokenizer import Tokenizer
 from train import data as D
@@ -179,17 +180,15 @@ class Trainer:
     def __init__(self, args, setup: Setup, mesh, dtype, peak: float):
         self.args, self.setup, self.mesh, self.dtype, self.peak = args, setup, mesh, dtype, peak
         self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
+        options = Options(attention=args.attention, remat=args.remat, unroll=args.unroll)
         if args.init is None:
             model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
-                                mesh=mesh)
+                                mesh=mesh, options=options)
         else:
-            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32)
+            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options)
         weights = trees.weights(model)
         self.template = trees.with_weights(model, jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), weights))
-        self.template.remat = args.remat
-        self.template.unroll = args.unroll
-        self.template.attention = args.attention
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
             params = lora.init(weights, trees.logical_axes(model), args.lora_targets,

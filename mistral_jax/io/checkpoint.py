@@ -8,6 +8,7 @@ or not at all (see `files.atomic_directory`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,16 +20,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from mistral_jax.arch.configs import Config, from_hf_dict
+from mistral_jax.arch import weights
+from mistral_jax.arch.configs import Config, from_hf_dict, model_type
 from mistral_jax.base import trees
 from mistral_jax.io import files, lora
 from mistral_jax.io.files import WEIGHTS
-from mistral_jax.model import cache as kv
 from mistral_jax.model import registry as models
 from mistral_jax.model.decoder import Decoder
-from mistral_jax.nn.attention import check as attention_check
+from mistral_jax.model.options import Options
 from mistral_jax.parallel.placement import onto, place
-from mistral_jax.parallel.sharding import rules_for
 from mistral_jax.quant import int8 as quant
 from mistral_jax.text.tokenizer import Tokenizer
 
@@ -207,30 +207,34 @@ def not_a_checkpoint(path: Path) -> str:
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
          sequence_parallel=False, attention: str = "auto", quantize: str | None = None,
-         kv_cache_dtype: str | None = None) -> Decoder:
+         kv_cache_dtype: str | None = None, options: Options | None = None) -> Decoder:
     """The model in `path`, its float weights cast to `dtype` (default: as saved).
 
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
     needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
-    into the weights; `sequence_parallel` as in `placement.shard`; `attention` picks the
-    implementation (`attention.IMPLEMENTATIONS`; also settable later as `model.attention`);
-    `quantize="int8"` quantizes the matmul weights (see `quant`) after the adapters are merged.
-    A checkpoint saved quantized loads quantized. `kv_cache_dtype` ("int8", "bfloat16",
-    "float32"; default: the compute dtype) is the KV cache's in generation and serving (also
-    settable later as `model.kv_cache_dtype`).
+    into the weights; `quantize="int8"` quantizes the matmul weights (see `quant`) after the
+    adapters are merged. A checkpoint saved quantized loads quantized.
+
+    How the model runs is its `options` (`model.options.Options`): given whole, or by the
+    shortcuts `sequence_parallel` (as in `registry.shard`), `attention` (an
+    `attention.IMPLEMENTATIONS` name) and `kv_cache_dtype` ("int8", "bfloat16", "float32";
+    default: the compute dtype), the KV cache's in generation and serving.
     """
     quant.check_method(quantize)
-    kv_cache_dtype = kv.check_dtype(kv_cache_dtype)
+    if options is None:
+        options = Options(attention=attention, kv_cache_dtype=kv_cache_dtype,
+                          sequence_parallel=sequence_parallel)
     config = read_config(path)
     try:
         tokenizer = Tokenizer.from_dir(path)
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{path}: its tokenizer cannot be read: {e}") from None
     stored = files.stored_shapes(Path(path) / WEIGHTS)
-    check_weights(config, stored, str(path))
-    abstract = models.abstract(config, tokenizer=tokenizer)
-    groups = quant.group_counts(trees.flatten(stored), quant.table(config))
+    abstract = models.abstract(config, tokenizer=tokenizer, options=options)
+    kinds = quant.table(config)
+    check_weights(config, stored, str(path), abstract, kinds)
+    groups = quant.group_counts(trees.flatten(stored), kinds)
     if groups:
         if adapters is not None:
             raise CheckpointError(f"{path} holds int8 weights, and adapters merge into float "
@@ -257,18 +261,18 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
         model = lora.apply(model, adapters)
     if quantize is not None:
         model = quant.quantized(model)
-    model.rules = rules_for(sequence_parallel)
-    model.attention = attention_check(attention)
-    model.kv_cache_dtype = kv_cache_dtype
     return model
 
 
-def check_weights(config: Config, tree: dict, where: str) -> None:
+def check_weights(config: Config, tree: dict, where: str, abstract=None,
+                  kinds: dict | None = None) -> None:
     """Raise one error for every missing, unexpected or mis-shaped weight for `config`: first a
-    line naming the config fields the weights disagree with, then each tensor on its own line."""
-    expected = trees.flatten(trees.weights(models.abstract(config)))
+    line naming the config fields the weights disagree with, then each tensor on its own line.
+    (`abstract` and `kinds`: the model and quantization table, when the caller has them.)"""
+    abstract = models.abstract(config) if abstract is None else abstract
+    expected = trees.flatten(trees.weights(abstract))
     got = trees.flatten(tree)
-    kinds = quant.table(config)
+    kinds = quant.table(config) if kinds is None else kinds
     scales = {k: got.pop(k) for k in list(got)
               if k.endswith(quant.SCALE) and k[:-len(quant.SCALE)] in kinds}
     problems = [f"missing {k} {tuple(s.shape)}" for k, s in expected.items() if k not in got]
@@ -279,8 +283,9 @@ def check_weights(config: Config, tree: dict, where: str) -> None:
     if not problems:
         return
     fields = []
-    for field, (name, axis) in models.model_class(config).SIZES.items():
-        if name in got and name in expected and len(got[name].shape) > axis \
+    named = {f.name for f in dataclasses.fields(config)}
+    for field, (name, axis) in weights.sized_by(model_type(config)).items():
+        if field in named and name in got and name in expected and len(got[name].shape) > axis \
                 and got[name].shape[axis] != expected[name].shape[axis]:
             fields.append(f"{field} {expected[name].shape[axis]}; the weights have "
                           f"{got[name].shape[axis]}")

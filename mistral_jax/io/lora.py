@@ -23,14 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from mistral_jax.arch import weights
 from mistral_jax.arch.configs import Config, model_type, to_hf_dict
 from mistral_jax.base import trees
 from mistral_jax.io import files
 from mistral_jax.parallel import sharding
 
-TARGETS = {"mistral": ("q", "k", "v", "o", "gate", "up", "down"),
-           "gpt2": ("q", "k", "v", "o", "fc", "proj")}
-INPUT_AXES = {"o": 2}  # o is [heads, head_dim, embed]: two input axes; every other weight one
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "mistral_jax-lora"
 
@@ -40,16 +38,22 @@ class LoraError(ValueError):
 
 
 def check_targets(targets: list[str], kind: str) -> None:
-    known = TARGETS[kind]
+    known = tuple(weights.lora_targets(kind))
     unknown = [t for t in targets if t not in known]
     if unknown or not targets:
         raise LoraError(f"--lora-targets {','.join(targets)}: {kind} weights that LoRA can "
                         f"target are {','.join(known)}")
 
 
+def _inputs(name: str) -> int:
+    """The input axes of target `name` (o [heads, head_dim, embed]: two; the others: one)."""
+    return next(w.inputs for kind in weights.TABLES
+                for short, w in weights.lora_targets(kind).items() if short == name)
+
+
 def _split(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(input dims, output dims) of a stacked weight [layers, *in, *out]."""
-    n_in = INPUT_AXES.get(name, 1)
+    n_in = _inputs(name)
     return shape[1:1 + n_in], shape[1 + n_in:]
 
 
@@ -63,7 +67,7 @@ def _shardings(name: str, names: tuple, a_shape: tuple, b_shape: tuple, mesh):
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return device, device
-    n_in = INPUT_AXES.get(name, 1)
+    n_in = _inputs(name)
     a_axes, b_axes = (*names[:1 + n_in], None), (names[0], None, *names[1 + n_in:])
     return (NamedSharding(mesh, sharding.spec_for(a_axes, a_shape, mesh)),
             NamedSharding(mesh, sharding.spec_for(b_axes, b_shape, mesh)))

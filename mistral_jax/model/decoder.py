@@ -14,22 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral_jax import kernels
+from mistral_jax.arch import weights
 from mistral_jax.model import cache as kv
+from mistral_jax.model.options import REMAT_POLICIES, Options
 from mistral_jax.nn import attention as A
 from mistral_jax.nn import layers as L
 from mistral_jax.nn.masking import Masking
-from mistral_jax.parallel.sharding import RULES, ShardingRules, constrain
+from mistral_jax.parallel.sharding import ShardingRules, constrain
 from mistral_jax.quant import int8 as quant
-
-# Rematerialisation policies for the scanned layer body (what the backward pass keeps from the
-# forward): "none" keeps everything, "full" keeps only each layer's input and recomputes the rest,
-# "dots" keeps the matmul outputs, "dots_no_batch" keeps only the weight matmuls' outputs.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 # The loss runs over chunks of this many tokens beyond it (see Decoder.summed_loss): at 8192
 # tokens and a vocabulary of 8000, the float32 logits alone are 262 MB a copy.
@@ -51,7 +43,8 @@ class Output(NamedTuple):
 
 
 class StackedLayers(nnx.Module):
-    """Base of a model's stacked layer weights; under a scan, one layer's slice of them."""
+    """The weights of every layer, stacked on a leading `layers` axis (the rows of the weights
+    table named "layers.*"); under a scan, one layer's slice of them."""
 
     def matmul(self, name: str):
         """Weight `name` as a matmul takes it: the array, or an int8 `quant.QWeight`."""
@@ -85,22 +78,39 @@ class _Row:
 
 
 class Decoder(nnx.Module):
-    """Base class: subclasses set `embed`, `layers`, final-norm weights and `lm_head` (or None).
+    """Base class: a subclass provides the embedding, the block and the final norm; the weights
+    are the rows of its table in `arch/weights.py`, made here.
 
     `vocab_padded` (>= config.vocab_size) is the row count of the embedding and LM head: padded
     so that the model axis divides it; padded logits are masked and never leave the model.
+    `options` (`model.options.Options`) says how it runs: attention, remat, KV cache dtype.
     """
 
-    config = None
-    tokenizer = None
-    vocab_padded: int = 0
-    rules: ShardingRules = RULES  # how activations are laid out on a mesh; see placement.shard
-    remat: str = "none"  # a REMAT_POLICIES name: what the layer body keeps for the backward pass
-    unroll: int | bool = 1  # layers per iteration of the forward scan (True: no loop at all)
-    attention: str = "auto"  # an attention.IMPLEMENTATIONS name
-    attention_blocks: tuple[int, int] | None = None  # (queries, keys); None: the backend's
-    kv_cache_dtype: str | None = None  # generation's KV cache: None (the compute dtype), "int8"
-    compute_dtype: str | None = None  # activations: None is the weights' dtype (int8: float32)
+    def __init__(self, config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
+                 tokenizer=None, vocab_padded: int | None = None, options: Options | None = None):
+        self.config, self.tokenizer, self.options = config, tokenizer, options or Options()
+        make = L.ParamMaker(rngs or nnx.Rngs(0), dtype, config.initializer_range)
+        self.layers = StackedLayers()
+        table = weights.table(config)
+        for w in table:
+            shape = weights.shape(w, config, vocab_padded)
+            setattr(self.layers if w.stacked else self, w.short,
+                    make(shape, w.logical_axes, w.init))
+        if "lm_head" not in {w.name for w in table}:
+            self.lm_head = None  # tied: the embedding table is the output projection
+
+    @property
+    def vocab_padded(self) -> int:
+        return self.embed.get_value().shape[0]
+
+    # The options, read-only: a model with other options is `options.with_options(model, ...)`
+    rules: ShardingRules = property(lambda self: self.options.rules)
+    remat = property(lambda self: self.options.remat)
+    unroll = property(lambda self: self.options.unroll)
+    attention = property(lambda self: self.options.attention)
+    attention_blocks = property(lambda self: self.options.attention_blocks)
+    kv_cache_dtype = property(lambda self: self.options.kv_cache_dtype)
+    compute_dtype = property(lambda self: self.options.compute_dtype)
 
     def constrain(self, x, axes):
         return constrain(x, axes, self.rules)
@@ -188,8 +198,6 @@ class Decoder(nnx.Module):
             y = self.constrain(y, ACT)
             return y, (y if output_hidden_states else None, probs)
 
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat policy {self.remat!r} is not one of {list(REMAT_POLICIES)}")
         if self.remat != "none":
             # a scan keeps XLA from merging the recomputation back into the forward pass;
             # unrolled layers do not, so there the barrier stays (or remat saves nothing)

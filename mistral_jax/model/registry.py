@@ -1,5 +1,5 @@
 """From a config to a model: the class for each config type, random init (straight into its
-shards on a mesh), abstract shapes."""
+shards on a mesh), abstract shapes; and `shard`, a model moved onto a mesh."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mistral_jax.base import trees
 from mistral_jax.model.decoder import Decoder
 from mistral_jax.model.gpt2 import GPT2
 from mistral_jax.model.mistral import Mistral
-from mistral_jax.parallel.placement import place
+from mistral_jax.model.options import Options, with_options
+from mistral_jax.parallel.placement import onto, place
 from mistral_jax.parallel.sharding import MODEL, padded_vocab_size
 
 
@@ -25,11 +26,11 @@ def model_class(config: Config) -> type[Decoder]:
 
 
 def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
-         vocab_padded: int | None = None, mesh=None) -> Decoder:
+         vocab_padded: int | None = None, mesh=None, options: Options | None = None) -> Decoder:
     """A randomly initialised model (normal(0, initializer_range) weights, unit norms).
 
     With `mesh`, each weight is created directly in its shard (no device holds a whole one) and
-    the vocab is padded as the mesh needs.
+    the vocab is padded as the mesh needs. `options`: how it runs (`model.options.Options`).
     """
     if mesh is not None:
         needed = padded_vocab_size(config.vocab_size, mesh.shape[MODEL])
@@ -40,7 +41,7 @@ def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
 
     def make():
         return model_class(config)(config, rngs=nnx.Rngs(seed), dtype=dtype, tokenizer=tokenizer,
-                                   vocab_padded=vocab_padded)
+                                   vocab_padded=vocab_padded, options=options)
 
     if mesh is None:
         return make()
@@ -50,7 +51,20 @@ def init(config: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer=None,
 
 
 def abstract(config: Config, *, dtype=jnp.float32, tokenizer=None,
-             vocab_padded: int | None = None) -> Decoder:
+             vocab_padded: int | None = None, options: Options | None = None) -> Decoder:
     """The model with `jax.ShapeDtypeStruct`s in place of weights: no memory, no compute."""
     return nnx.eval_shape(lambda: init(config, dtype=dtype, tokenizer=tokenizer,
-                                       vocab_padded=vocab_padded))
+                                       vocab_padded=vocab_padded, options=options))
+
+
+def shard(model: Decoder, mesh, *, sequence_parallel: bool = False, donate: bool = False):
+    """`model` on `mesh`: every weight in its rule's sharding, the vocab padded where needed.
+
+    `sequence_parallel` (Korthikanti et al. 2022) also shards the activations between the
+    tensor-parallel regions (norms, residuals) on the sequence over `model`, so each all-reduce
+    becomes a reduce-scatter + all-gather pair and those activations take 1/T of the memory.
+    With `donate`, the input model's arrays are consumed (their memory reused)."""
+    sharded = onto(model, place(model, mesh), donate=donate)
+    if sharded.options.sequence_parallel == sequence_parallel:
+        return sharded
+    return with_options(sharded, sequence_parallel=sequence_parallel)

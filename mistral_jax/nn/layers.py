@@ -23,21 +23,16 @@ from mistral_jax.quant import int8 as quant
 
 
 class ParamMaker:
-    """Makes `nnx.Param`s with their logical axes (`axes` metadata, read by the sharding rules).
+    """Makes `nnx.Param`s with their logical axes (`axes` metadata, read by the sharding rules)."""
 
-    With `layers=L`, every parameter gets a leading stacked `layers` axis of size L.
-    """
+    def __init__(self, rngs: nnx.Rngs, dtype, std: float):
+        self.rngs, self.dtype, self.std = rngs, dtype, std
 
-    def __init__(self, rngs: nnx.Rngs, dtype, std: float, layers: int | None = None):
-        self.rngs, self.dtype, self.std, self.layers = rngs, dtype, std, layers
-
-    def __call__(self, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str = "normal",
-                 std: float | None = None) -> nnx.Param:
+    def __call__(self, shape: tuple[int, ...], axes: tuple[str | None, ...],
+                 init: str = "normal") -> nnx.Param:
         assert len(shape) == len(axes), (shape, axes)
-        if self.layers is not None:
-            shape, axes = (self.layers, *shape), ("layers", *axes)
         if init == "normal":
-            value = (std or self.std) * jax.random.normal(self.rngs.params(), shape, self.dtype)
+            value = self.std * jax.random.normal(self.rngs.params(), shape, self.dtype)
         else:
             value = (jnp.ones if init == "ones" else jnp.zeros)(shape, self.dtype)
         return nnx.Param(value, axes=axes)

@@ -1,6 +1,6 @@
 """Where a model's weights live on a mesh, worked out once per model and mesh: each weight's
 `NamedSharding` from the sharding rules, and Megatron's vocab padding (`Placement`); and
-`shard`, which moves a model there.
+`onto`, which moves a model's weights there (`model.registry.shard` also sets its options).
 
 A vocab the model axis does not divide is padded (to a multiple of 128 x T, as Megatron). On the
 way in, the unpadded tables are sharded on `embed` instead, so that no device ever holds a whole
@@ -22,7 +22,6 @@ from mistral_jax.parallel.sharding import (
     RULES,
     check_layout,
     padded_vocab_size,
-    rules_for,
     spec_for,
 )
 
@@ -66,18 +65,6 @@ def place(model, mesh: Mesh) -> Placement:
     return Placement(padded, shardings, jax.tree.map(incoming, axes, shapes, is_leaf=is_axes))
 
 
-def shard(model, mesh: Mesh, *, sequence_parallel: bool = False, donate: bool = False):
-    """`model` on `mesh`: every weight in its rule's sharding, the vocab padded where needed.
-
-    `sequence_parallel` (Korthikanti et al. 2022) also shards the activations between the
-    tensor-parallel regions (norms, residuals) on the sequence over `model`, so each all-reduce
-    becomes a reduce-scatter + all-gather pair and those activations take 1/T of the memory.
-    With `donate`, the input model's arrays are consumed (their memory reused)."""
-    sharded = onto(model, place(model, mesh), donate=donate)
-    sharded.rules = rules_for(sequence_parallel)
-    return sharded
-
-
 def onto(model, placement: Placement, *, donate: bool = False):
     """`model`'s weights moved (and their vocab padded) as `placement` says."""
     axes = trees.logical_axes(model)
@@ -85,6 +72,4 @@ def onto(model, placement: Placement, *, donate: bool = False):
                      out_shardings=placement.shardings, donate_argnums=0 if donate else ())
     with warnings.catch_warnings():  # donated vocab tables change shape, so are not reused
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        placed = trees.with_weights(model, resize(trees.weights(model)))
-    placed.vocab_padded = placement.vocab_padded
-    return placed
+        return trees.with_weights(model, resize(trees.weights(model)))

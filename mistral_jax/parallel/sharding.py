@@ -107,7 +107,7 @@ SEQUENCE_PARALLEL_RULES = ShardingRules(sequence=MODEL)
 
 
 def rules_for(sequence_parallel: bool) -> ShardingRules:
-    """The activations' layout: sequence parallel (see `placement.shard`) or Megatron's."""
+    """The activations' layout: sequence parallel (see `registry.shard`) or Megatron's."""
     return SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
 
 

@@ -28,21 +28,12 @@ import numpy as np
 from flax import nnx
 
 from mistral_jax import kernels
+from mistral_jax.arch import weights
 from mistral_jax.arch.configs import model_type
 from mistral_jax.base import trees
 from mistral_jax.parallel.placement import place
 from mistral_jax.parallel.sharding import mesh_of
 
-# The weights that are quantized: dotted name -> (layout, number of input axes). In a stacked
-# weight [layers, *in, *out] the layers axis comes first and is not counted.
-MATMULS = {
-    "mistral": {"layers.q": ("kn", 1), "layers.k": ("kn", 1), "layers.v": ("kn", 1),
-                "layers.o": ("kn", 2), "layers.gate": ("kn", 1), "layers.up": ("kn", 1),
-                "layers.down": ("kn", 1), "embed": ("nk", 1), "lm_head": ("kn", 1)},
-    "gpt2": {"layers.q": ("kn", 1), "layers.k": ("kn", 1), "layers.v": ("kn", 1),
-             "layers.o": ("kn", 2), "layers.fc": ("kn", 1), "layers.proj": ("kn", 1),
-             "embed": ("nk", 1), "lm_head": ("kn", 1)},
-}
 SCALE = "_scale"
 # Above this many rows (tokens x batch) a matmul leaves the CPU kernel for XLA's: the kernel
 # is built for decoding, where reading the weights is the whole cost
@@ -76,8 +67,11 @@ def check_method(method: str | None) -> None:
 
 
 def table(model_or_config) -> dict:
+    """The weights that are quantized: {dotted name: (layout, number of input axes)}, from
+    `arch/weights.py`. In a stacked weight [layers, *in, *out] the layers axis is not counted."""
     config = getattr(model_or_config, "config", model_or_config)
-    return MATMULS[model_type(config)]
+    return {name: (w.layout, w.inputs)
+            for name, w in weights.matmuls(model_type(config)).items()}
 
 
 # --- arrays ------------------------------------------------------------------------------------
@@ -260,8 +254,8 @@ def dequantized(model, dtype=jnp.float32):
             out[name] = dequantize(flat[name], flat[name + SCALE], lead(name), n_in, layout,
                                    dtype)
     target = nnx.eval_shape(lambda: type(model)(model.config, tokenizer=model.tokenizer,
-                                                vocab_padded=model.vocab_padded, dtype=dtype))
-    target.rules, target.attention = model.rules, model.attention
+                                                vocab_padded=model.vocab_padded, dtype=dtype,
+                                                options=model.options))
     return trees.with_weights(target, trees.unflatten(out))
 
 
