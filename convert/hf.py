@@ -19,28 +19,24 @@ import numpy as np
 from convert.conversion import Conversion
 from convert.errors import ConversionError
 from convert.keymaps import KeyMap
-from convert.layouts import SAME, TRANSPOSED, Layout, heads_in, heads_out
+from convert.layouts import SAME, Layout, linear
 from convert.sources import TensorSource
 from mistral_jax.arch.configs import Config, GPT2Config, from_hf_dict
 from mistral_jax.text.tokenizer import Tokenizer
 
 
 def mistral_keymap(c: Config) -> KeyMap:
-    d, n, kv, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     layer = "model.layers.{i}."
     return {
         "model.embed_tokens.weight": ("embed", SAME),
         layer + "input_layernorm.weight": ("layers.attn_norm", SAME),
-        layer + "self_attn.q_proj.weight": ("layers.q", heads_in(d, n, h)),
-        layer + "self_attn.k_proj.weight": ("layers.k", heads_in(d, kv, h)),
-        layer + "self_attn.v_proj.weight": ("layers.v", heads_in(d, kv, h)),
-        layer + "self_attn.o_proj.weight": ("layers.o", heads_out(d, n, h)),
+        **{layer + f"self_attn.{n}_proj.weight": (f"layers.{n}", linear(c, f"layers.{n}"))
+           for n in "qkvo"},
         layer + "post_attention_layernorm.weight": ("layers.mlp_norm", SAME),
-        layer + "mlp.gate_proj.weight": ("layers.gate", TRANSPOSED),
-        layer + "mlp.up_proj.weight": ("layers.up", TRANSPOSED),
-        layer + "mlp.down_proj.weight": ("layers.down", TRANSPOSED),
+        **{layer + f"mlp.{n}_proj.weight": (f"layers.{n}", linear(c, f"layers.{n}"))
+           for n in ("gate", "up", "down")},
         "model.norm.weight": ("norm", SAME),
-        "lm_head.weight": ("lm_head", TRANSPOSED),
+        "lm_head.weight": ("lm_head", linear(c, "lm_head")),
     }
 
 
@@ -73,7 +69,7 @@ def gpt2_keymap(c: GPT2Config, prefix: str = "transformer.") -> KeyMap:
         layer + "mlp.c_proj.bias": ("layers.proj_bias", SAME),
         prefix + "ln_f.weight": ("norm_scale", SAME),
         prefix + "ln_f.bias": ("norm_bias", SAME),
-        "lm_head.weight": ("lm_head", TRANSPOSED),
+        "lm_head.weight": ("lm_head", linear(c, "lm_head")),
     }
 
 

@@ -12,10 +12,14 @@ own: q/k/v `[d, heads, head_dim]`, o `[heads, head_dim, d]`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+
+from mistral_jax.arch import weights
+from mistral_jax.arch.configs import Config, model_type
 
 
 class Layout(NamedTuple):
@@ -32,17 +36,15 @@ class Layout(NamedTuple):
 
 
 SAME = Layout(lambda w: w, lambda w: w)
-TRANSPOSED = Layout(lambda w: w.T, lambda w: w.T)  # Linear [out, in] <-> ours [in, out]
 
 
-def heads_in(d: int, heads: int, head_dim: int) -> Layout:
-    """q/k/v: torch [heads * head_dim, d] <-> ours [d, heads, head_dim]."""
-    return Layout(lambda w: w.T.reshape(d, heads, head_dim), lambda w: w.reshape(d, -1).T)
-
-
-def heads_out(d: int, heads: int, head_dim: int) -> Layout:
-    """o: torch [d, heads * head_dim] <-> ours [heads, head_dim, d]."""
-    return Layout(lambda w: w.T.reshape(heads, head_dim, d), lambda w: w.reshape(-1, d).T)
+def linear(config: Config, name: str) -> Layout:
+    """A torch `Linear` weight [out, in] <-> our matmul weight `name` [*in, *out] (one layer's),
+    shaped as arch/weights.py says: q [d, heads, head_dim], o [heads, head_dim, d], gate [d, f]."""
+    w = next(w for w in weights.TABLES[model_type(config)] if w.name == name)
+    shape = weights.shape(w, config)[w.lead:]
+    k = math.prod(shape[:w.inputs])
+    return Layout(lambda t: t.T.reshape(shape), lambda x: x.reshape(k, -1).T)
 
 
 def rope_halves(heads: int) -> Layout:

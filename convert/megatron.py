@@ -32,10 +32,9 @@ from convert.layouts import (
     REPLICATED,
     ROW,
     SAME,
-    TRANSPOSED,
     Layout,
-    heads_out,
     join_shards,
+    linear,
 )
 from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
 from convert.sources import TensorSource, to_numpy
@@ -244,11 +243,11 @@ def keymap(c: GPT2Config, roles: dict[str, str]) -> KeyMap:
             lambda w: tuple(w.reshape(n, 3, h, d)[:, j].transpose(2, 0, 1) for j in range(3)))),
         "qkv_bias": (("layers.q_bias", "layers.k_bias", "layers.v_bias"), Layout(
             lambda b: tuple(b.reshape(n, 3, h)[:, j] for j in range(3)))),
-        "o": ("layers.o", heads_out(d, n, h)),
+        "o": ("layers.o", linear(c, "layers.o")),
         "o_bias": ("layers.o_bias", SAME),
         "ln2_scale": ("layers.ln2_scale", SAME), "ln2_bias": ("layers.ln2_bias", SAME),
-        "fc": ("layers.fc", TRANSPOSED), "fc_bias": ("layers.fc_bias", SAME),
-        "proj": ("layers.proj", TRANSPOSED), "proj_bias": ("layers.proj_bias", SAME),
+        "fc": ("layers.fc", linear(c, "layers.fc")), "fc_bias": ("layers.fc_bias", SAME),
+        "proj": ("layers.proj", linear(c, "layers.proj")), "proj_bias": ("layers.proj_bias", SAME),
         "norm_scale": ("norm_scale", SAME), "norm_bias": ("norm_bias", SAME),
         "lm_head": ("lm_head", Layout(lambda w: w[:v].T)),
     }

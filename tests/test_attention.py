@@ -19,6 +19,7 @@ from convert.to_torch import hf_tensors
 from mistral_jax.base import trees
 from mistral_jax.nn import attention as A
 from mistral_jax.nn import blockwise as B
+from mistral_jax.nn import dense as D
 from mistral_jax.nn import layers as L
 from mistral_jax.nn.masking import Masking
 from tests.reference import hf_model, ours, torch_logits
@@ -58,7 +59,7 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
     valid[0, :pad] = False
     masking = Masking(jnp.asarray(valid), documents(b, t, cuts) if cuts else None, window)
     # every query, padding too: one that sees no key averages all values in both
-    dense = lambda q, k, v: L.attention(q, k, v, masking.dense())[0]
+    dense = lambda q, k, v: D.attention(q, k, v, masking.dense())[0]
     flash = lambda q, k, v: B.blockwise(q, k, v, masking, (bq, bk))
     np.testing.assert_allclose(flash(q, k, v), dense(q, k, v), atol=2e-6)
     weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32)

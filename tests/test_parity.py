@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mistral_jax
-from mistral_jax.nn.layers import MIN_QUERY_BLOCK, default_positions
+from mistral_jax.nn.dense import MIN_QUERY_BLOCK
+from mistral_jax.nn.layers import default_positions
 from tests.reference import hf_model, ours, torch_logits
 
 ATOL = 1e-4

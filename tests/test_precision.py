@@ -36,7 +36,7 @@ def test_int8_checkpoint_keeps_q8_0_blocks_and_is_small(converted):
     import gguf
 
     model = mistral_jax.load(converted["int8"])
-    w = trees.flatten(trees.weights(model))
+    w = quant.stored(trees.flatten(trees.weights(model)))
     assert w["layers.q"].dtype == np.int8 and w["layers.q_scale"].shape == (30, 1, 9, 64)
     # token_embd is Q8_0: its int8 values and block scales come through as they are
     assert w["embed_scale"].shape == (49152, 576 // 32)

@@ -66,7 +66,8 @@ def test_int8_model_computes_its_dequantized_weights(config):
     flat = trees.flatten(trees.weights(q))
     for name in quant.table(config):
         if name in flat:
-            assert flat[name].dtype == jnp.int8 and flat[name + quant.SCALE].dtype == jnp.float32
+            assert flat[name + ".values"].dtype == jnp.int8
+            assert flat[name + ".scale"].dtype == jnp.float32
     assert q.dtype == jnp.float32 and quant.is_quantized(q)
     got = np.asarray(mistral_jax.forward(q, IDS))
     same = np.asarray(mistral_jax.forward(quant.dequantized(q), IDS))
@@ -122,12 +123,13 @@ def test_scales_shard_with_their_columns_on_1x8(tmp_path):
     # q and gate/up are column-parallel: their int8 columns and their scales split 8 ways;
     # o and down are row-parallel: int8 rows split, scales (one per output) whole; the
     # vocab-parallel table's rows and their scales split together (vocab padded to 1024)
+    shapes = quant.stored(shapes)  # as a checkpoint names them: q and q_scale
     assert shapes["layers.q"] == (2, 64, 1, 8) and shapes["layers.q_scale"] == (2, 1, 1, 8)
     assert shapes["layers.gate"] == (2, 64, 16) and shapes["layers.gate_scale"] == (2, 1, 16)
     assert shapes["layers.down"] == (2, 16, 64) and shapes["layers.down_scale"] == (2, 1, 64)
     assert shapes["layers.o"] == (2, 1, 8, 64) and shapes["layers.o_scale"] == (2, 1, 64)
     assert shapes["embed"] == (128, 64) and shapes["embed_scale"] == (128, 1)
-    assert m.layers.q[...].dtype == jnp.int8
+    assert m.layers.q.values[...].dtype == jnp.int8
     one = mistral_jax.load(tmp_path / "int8")
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(m, IDS)),
                                np.asarray(mistral_jax.forward(one, IDS)), atol=1e-4)
@@ -141,9 +143,10 @@ def test_scales_shard_with_their_columns_on_1x8(tmp_path):
 def test_quantizing_a_sharded_model_keeps_it_sharded():
     mesh = sharding.make_mesh("2x4")
     m = quant.quantized(mistral_jax.shard(model(MISTRAL), mesh))
-    assert m.layers.q_scale[...].sharding.spec == jax.sharding.PartitionSpec(
+    assert m.layers.q.scale[...].sharding.spec == jax.sharding.PartitionSpec(
         None, None, "model", None)
-    assert m.layers.q[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
+    assert m.layers.q.values[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "model",
+                                                                              None)
 
 
 def test_int8_kv_cache_is_close_and_small():

@@ -5,12 +5,13 @@ an option (`quant.dequantized` once reset the KV cache and compute dtypes)."""
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mistral_jax
 from mistral_jax.arch import weights
 from mistral_jax.base import trees
-from mistral_jax.io import lora
+from mistral_jax.io import files, lora
 from mistral_jax.model import registry
 from mistral_jax.model.options import Options, with_options
 from mistral_jax.quant import int8 as quant
@@ -74,4 +75,20 @@ def test_every_transform_keeps_the_options(tmp_path):
     mistral_jax.save(model, tmp_path / "ckpt")
     loaded = mistral_jax.load(tmp_path / "ckpt", options=options, quantize="int8")
     assert loaded.options == options
-    assert loaded.layers.q[...].dtype == jnp.int8
+    assert loaded.layers.q.values[...].dtype == jnp.int8
+
+
+def test_a_quantized_weight_is_one_node_of_the_tree(tmp_path):
+    model = registry.init(MISTRAL)
+    q = quant.quantized(model)
+    assert isinstance(q.layers.q, quant.Int8) and isinstance(q.embed, quant.Int8)
+    names = set(trees.flatten(trees.weights(q)))
+    assert {"layers.q.values", "layers.q.scale", "embed.values", "embed.scale"} <= names
+    assert not any(n.endswith("_scale") and "norm" not in n for n in names)
+    mistral_jax.save(q, tmp_path / "q")  # stored as checkpoints always were: q and q_scale
+    stored = trees.flatten(files.stored_shapes(tmp_path / "q" / "weights"))
+    assert {"layers.q", "layers.q_scale", "embed", "embed_scale"} <= set(stored)
+    back = mistral_jax.load(tmp_path / "q")
+    for name, x in trees.flatten(trees.weights(q)).items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(
+            trees.flatten(trees.weights(back))[name]), err_msg=name)

@@ -27,6 +27,7 @@ from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.model.cache import KVCache
 from mistral_jax.nn import layers as L
 from mistral_jax.parallel import sharding
+from mistral_jax.quant import int8 as quant
 from mistral_jax.text.detokenize import CONTEXT, CompletionText, cut_at_stop
 
 MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
@@ -187,7 +188,7 @@ def new_cache(model, batch: int, length: int, mesh) -> KVCache:
     kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
     cache = KVCache.create(config, batch, length, model.kv_cache_dtype or model.dtype, kv_heads)
     if mesh is None:  # committed, where the weights are (see `beside`)
-        weight = model.embed[...]
+        weight = quant.arrays(model.embed)[0]
         return jax.device_put(cache, weight.sharding if isinstance(weight, jax.Array)
                               else jax.devices()[0])
     data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None

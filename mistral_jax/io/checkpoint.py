@@ -44,6 +44,7 @@ def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) ->
     if model.vocab_padded != model.config.vocab_size:  # checkpoints hold the real vocab only
         axes = trees.logical_axes(model)
         weights = jax.jit(lambda w: trees.resize_vocab(w, axes, model.config.vocab_size))(weights)
+    weights = trees.unflatten(quant.stored(trees.flatten(weights)))
     return write(model.config, weights, path, tokenizer=model.tokenizer, overwrite=overwrite)
 
 
@@ -83,7 +84,7 @@ class StreamingWriter:
             self.groups = {k: (groups or {}).get(k, 1) for k in self.kinds if k in names}
             abstract = quant.restructure(abstract, self.groups)
         self.shapes = {k: tuple(v.shape) for k, v in
-                       trees.flatten(trees.weights(abstract)).items()}
+                       quant.stored(trees.flatten(trees.weights(abstract))).items()}
         self.arrays: dict[str, ts.TensorStore] = {}
         self.written: dict[str, set] = {k: set() for k in self.shapes}
 
@@ -245,7 +246,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
         shardings, placement = jax.tree.map(lambda _: device, stored), None
     else:
         placement = place(abstract, mesh)
-        shardings = placement.incoming
+        shardings = trees.unflatten(quant.stored(trees.flatten(placement.incoming)))
     cast = lambda s: s.dtype if dtype is None or s.dtype == np.int8 else dtype  # noqa: E731
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cast(s), sharding=sh),
                           stored, shardings)
@@ -254,7 +255,8 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
         flat.update({k: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=v.sharding)
                      for k, v in flat.items() if k[:-len(quant.SCALE)] in groups})
         target = trees.unflatten(flat)
-    model = trees.with_weights(abstract, files.read_arrays(Path(path) / WEIGHTS, target))
+    arrays = trees.flatten(files.read_arrays(Path(path) / WEIGHTS, target))
+    model = trees.with_weights(abstract, trees.unflatten(quant.in_memory(arrays, groups)))
     if placement is not None and placement.vocab_padded > config.vocab_size:
         model = onto(model, placement, donate=True)
     if adapters is not None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax import kernels
-from mistral_jax.nn import layers as L
+from mistral_jax.nn import dense
 
 # Keys read per trip of the loop over a cache (see `attend_cached`).
 BLOCK = 256
@@ -163,7 +163,7 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
         return out.astype(v_new.dtype)
     f32, lowest = jnp.float32, jnp.finfo(jnp.float32).min
     i = query_index[..., None]  # [c, 1] or [b, c, 1]
-    q = L.group_queries(q, kv)  # [b, kv, g * c, h]
+    q = dense.group_queries(q, kv)  # [b, kv, g * c, h]
 
     def scores(keys, key_index, key_scale=None):  # keys [b, kv, h, s], key_index [b, s]
         key_index = key_index[:, None, :]  # -> [b, kv, g * c, s]
@@ -211,7 +211,7 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
         return new_m, total * scale + more, out * scale + seen
 
     _, total, out = jax.lax.fori_loop(0, blocks, block, (m, total, out))
-    return L.ungroup((out / total).astype(v_new.dtype), c)
+    return dense.ungroup((out / total).astype(v_new.dtype), c)
 
 
 def write(cache: KVCache, k, v, new_index, start, first=None) -> KVCache:

@@ -48,9 +48,8 @@ class StackedLayers(nnx.Module):
 
     def matmul(self, name: str):
         """Weight `name` as a matmul takes it: the array, or an int8 `quant.QWeight`."""
-        w = getattr(self, name)[...]
-        scale = getattr(self, name + quant.SCALE, None)
-        return w if scale is None else quant.QWeight(w, scale[...])
+        w = getattr(self, name)
+        return w.weight() if isinstance(w, quant.Int8) else w[...]
 
 
 class Indexed:
@@ -61,9 +60,7 @@ class Indexed:
         self._layers, self._index = layers, index
 
     def matmul(self, name: str) -> quant.Stacked:
-        scale = getattr(self._layers, name + quant.SCALE, None)
-        return quant.Stacked(getattr(self._layers, name)[...],
-                             None if scale is None else scale[...], self._index)
+        return quant.Stacked(*quant.arrays(getattr(self._layers, name)), self._index)
 
     def __getattr__(self, name):
         return _Row(getattr(self._layers, name), self._index)
@@ -101,7 +98,8 @@ class Decoder(nnx.Module):
 
     @property
     def vocab_padded(self) -> int:
-        return self.embed.get_value().shape[0]
+        embed = self.embed.values if isinstance(self.embed, quant.Int8) else self.embed
+        return embed.get_value().shape[0]
 
     # The options, read-only: a model with other options is `options.with_options(model, ...)`
     rules: ShardingRules = property(lambda self: self.options.rules)
@@ -133,8 +131,7 @@ class Decoder(nnx.Module):
         loss run in float32 whatever it is)."""
         if self.compute_dtype is not None:
             return jnp.dtype(self.compute_dtype)
-        dtype = self.embed[...].dtype
-        return jnp.float32 if dtype == jnp.int8 else dtype
+        return jnp.float32 if isinstance(self.embed, quant.Int8) else self.embed[...].dtype
 
     def embedding(self, input_ids, kernel: bool = False):
         """Rows of the embedding table, [*input_ids.shape, d] in the compute dtype; `kernel`:
@@ -143,12 +140,11 @@ class Decoder(nnx.Module):
 
     def lookup(self, name: str, ids, kernel: bool = False):
         """Rows `ids` of table `name` (int8 with its scales, or float) in the compute dtype."""
-        table, scale = getattr(self, name)[...], getattr(self, name + quant.SCALE, None)
+        table, scale = quant.arrays(getattr(self, name))
         if kernel:
-            return kernels.rows(table, ids, None if scale is None else scale[...]) \
-                .astype(self.dtype)
+            return kernels.rows(table, ids, scale).astype(self.dtype)
         if scale is not None:
-            return quant.rows(table, scale[...], ids, self.dtype)
+            return quant.rows(table, scale, ids, self.dtype)
         return jnp.take(table, ids, axis=0)
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, inputs_embeds=None,
@@ -265,10 +261,10 @@ class Decoder(nnx.Module):
         `kernel`: in the CPU kernel (the decode step)."""
         tied = self.lm_head is None  # tied: the embedding table is the output projection
         name = "embed" if tied else "lm_head"
-        w, scale = getattr(self, name)[...], getattr(self, name + quant.SCALE, None)
+        w, scale = quant.arrays(getattr(self, name))
         equation = "btd,vd->btv" if tied else "btd,dv->btv"
         if kernel or scale is not None:
-            w = w if scale is None else quant.QWeight(w, scale[...])
+            w = w if scale is None else quant.QWeight(w, scale)
             logits = quant.project(equation, x, w, kernel=kernel)
         else:
             logits = L.project(equation, x, w)

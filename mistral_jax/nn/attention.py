@@ -1,6 +1,6 @@
 """Attention at the lengths Mistral trains at: one switch over the implementations.
 
-- "xla": scores materialized under a [b, t, t] mask (`layers.attention`, in causal query
+- "xla": scores materialized under a [b, t, t] mask (`dense.attention`, in causal query
   blocks). The only path that returns the attention weights (`output_attentions=True`).
 - "blockwise": FlashAttention-2 in pure JAX (`blockwise.py`): memory O(t), work O(t x window),
   on every backend.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.nn import layers as L
+from mistral_jax.nn import dense
 from mistral_jax.nn.blockwise import BLOCKS, block_sizes, blockwise
 from mistral_jax.nn.masking import Masking
 
@@ -95,8 +95,8 @@ def attend_with(name: str, masking: Masking, *, weights: bool = False, blocks=No
     if chosen == "xla":
         mask = masking.dense()
         if weights:
-            return lambda q, k, v: L.attention(q, k, v, mask, return_weights=True)
-        return lambda q, k, v: (L.causal_attention(q, k, v, mask), None)
+            return lambda q, k, v: dense.attention(q, k, v, mask, return_weights=True)
+        return lambda q, k, v: (dense.causal_attention(q, k, v, mask), None)
     if chosen == "cudnn":
         return lambda q, k, v: (_cudnn(q, k, v, masking), None)
     if chosen == "splash":

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax.nn import layers as L
 from mistral_jax.parallel.sharding import DATA, MODEL
 
 
@@ -27,7 +26,25 @@ class Masking(NamedTuple):
 
     def dense(self) -> jax.Array:
         """The [b, t, t] boolean mask (the xla path)."""
-        return L.attention_mask_bts(self.valid, self.window, self.segments)
+        return attention_mask_bts(self.valid, self.window, self.segments)
+
+
+def attention_mask_bts(attention_mask: jax.Array, sliding_window: int | None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+    """Boolean [b, t, s] mask: causal, within the window (0 <= i - j < window, as HF), not padding,
+    and, with `segment_ids` [b, t], within the query's own segment (packed documents).
+
+    Query and key indices are positions in the (padded) sequence, as in transformers.
+    """
+    t = attention_mask.shape[-1]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= i - j < sliding_window
+    allowed = allowed[None] & attention_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return allowed
 
 
 def per_device(fn, q, k, v, masking: Masking):

@@ -1,10 +1,11 @@
 """Int8 weight-only quantization: symmetric, per output channel (or per group of the input, as
 GGUF's Q8_0 blocks of 32), the scales kept beside the weights.
 
-A quantized weight `name` is stored as int8 values of the float weight's shape and logical axes,
-and a float32 `name_scale` whose input axes are replaced by one axis of G groups (G = 1: one
-scale per output channel). So the scales of a column-parallel weight carry its output axes and
-shard with its columns, by the same rules; a checkpoint holds both as plain arrays.
+A quantized weight is one `Int8` node of the model: int8 `values` of the float weight's shape and
+logical axes, and float32 `scale`s whose input axes are replaced by one axis of G groups (G = 1:
+one scale per output channel). So the scales of a column-parallel weight carry its output axes
+and shard with its columns, by the same rules. A checkpoint holds both as plain arrays, `name`
+and `name_scale` (`stored` and `in_memory` turn one naming into the other).
 
     w ~= values * scale    (each group of K/G inputs of an output channel shares a scale)
 
@@ -50,6 +51,23 @@ class QWeight(NamedTuple):
 
     values: jax.Array
     scale: jax.Array
+
+
+class Int8(nnx.Module):
+    """A quantized weight in a model: its int8 values and their scales, one node of the tree
+    (`layers.q` holds `layers.q.values` and `layers.q.scale`), each a Param with its axes."""
+
+    def __init__(self, values, scale, axes: tuple, scale_axes: tuple):
+        self.values = nnx.Param(values, axes=axes)
+        self.scale = nnx.Param(scale, axes=scale_axes)
+
+    def weight(self) -> QWeight:
+        return QWeight(self.values[...], self.scale[...])
+
+
+def arrays(w) -> tuple[jax.Array, jax.Array | None]:
+    """A weight's arrays: (int8 values, scales) of an `Int8`, (the array, None) of a Param."""
+    return (w.values[...], w.scale[...]) if isinstance(w, Int8) else (w[...], None)
 
 
 class Stacked(NamedTuple):
@@ -176,7 +194,25 @@ def lead(name: str) -> int:
 
 
 def is_quantized(model) -> bool:
-    return hasattr(model, "embed" + SCALE)
+    return isinstance(model.embed, Int8)
+
+
+def stored(flat: dict) -> dict:
+    """A flat tree (arrays, shapes or shardings) named as in memory, named as a checkpoint
+    stores it: `name.values` -> `name`, `name.scale` -> `name_scale`."""
+    out = {}
+    for k, v in flat.items():
+        base, _, leaf = k.rpartition(".")
+        out[base if leaf == "values" else base + SCALE if leaf == "scale" else k] = v
+    return out
+
+
+def in_memory(flat: dict, names) -> dict:
+    """`stored` undone for the quantized weights `names`."""
+    out = dict(flat)
+    for name in names:
+        out[name + ".values"], out[name + ".scale"] = out.pop(name), out.pop(name + SCALE)
+    return out
 
 
 def group_counts(tree: dict, kind_table: dict) -> dict:
@@ -190,8 +226,8 @@ def group_counts(tree: dict, kind_table: dict) -> dict:
 
 
 def restructure(model, groups: dict):
-    """`model` (abstract or not) with each weight in `groups` turned into an int8 Param and a
-    float32 `_scale` Param of G groups (their values: zeros if the model is concrete)."""
+    """`model` (abstract or not) with each weight in `groups` turned into an `Int8` of G scale
+    groups (its values: zeros if the model is concrete)."""
     kinds = table(model)
     for name, g in groups.items():
         layout, n_in = kinds[name]
@@ -209,18 +245,19 @@ def restructure(model, groups: dict):
         s_shape = scale_shape(shape, ld, n_in, layout, g)
         abstract = isinstance(value, jax.ShapeDtypeStruct)
         make = (lambda sh, dt: jax.ShapeDtypeStruct(sh, dt)) if abstract else jnp.zeros
-        setattr(module, attr, nnx.Param(make(shape, jnp.int8), axes=axes))
-        setattr(module, attr + SCALE, nnx.Param(make(s_shape, jnp.float32),
-                                                axes=scale_axes(axes, ld, n_in, layout)))
+        setattr(module, attr, Int8(make(shape, jnp.int8), make(s_shape, jnp.float32), axes,
+                                   scale_axes(axes, ld, n_in, layout)))
     return model
 
 
 def quantize_weights(flat: dict, kinds: dict, group: int | None = None) -> dict:
-    """A flat tree of float weights with each matmul weight quantized (jax or numpy)."""
+    """A flat tree of float weights with each matmul weight quantized (jax or numpy), named as
+    in memory (`name.values`, `name.scale`)."""
     out = dict(flat)
     for name, (layout, n_in) in kinds.items():
         if name in flat:
-            out[name], out[name + SCALE] = quantize(flat[name], lead(name), n_in, layout, group)
+            out[name + ".values"], out[name + ".scale"] = quantize(out.pop(name), lead(name),
+                                                                   n_in, layout, group)
     return out
 
 
@@ -246,13 +283,11 @@ def dequantized(model, dtype=jnp.float32):
     """A quantized model's float copy (for exports)."""
     if not is_quantized(model):
         return model
-    flat = trees.flatten(trees.weights(model))
-    scales = {name + SCALE for name in table(model)}
-    out = {k: v for k, v in flat.items() if k not in scales}
+    out = trees.flatten(trees.weights(model))
     for name, (layout, n_in) in table(model).items():
-        if name + SCALE in flat:
-            out[name] = dequantize(flat[name], flat[name + SCALE], lead(name), n_in, layout,
-                                   dtype)
+        if name + ".values" in out:
+            out[name] = dequantize(out.pop(name + ".values"), out.pop(name + ".scale"),
+                                   lead(name), n_in, layout, dtype)
     target = nnx.eval_shape(lambda: type(model)(model.config, tokenizer=model.tokenizer,
                                                 vocab_padded=model.vocab_padded, dtype=dtype,
                                                 options=model.options))
@@ -268,7 +303,7 @@ def kernel_ok(model) -> bool:
         owner, attr = _split(name)
         param = getattr(model.layers if owner else model, attr, None)
         if param is not None:  # (a tied model has no lm_head)
-            dtypes.add(param[...].dtype)
+            dtypes.add((param.values if isinstance(param, Int8) else param)[...].dtype)
     if not dtypes <= set(map(jnp.dtype, kernels.WEIGHT_DTYPES)) or not kernels.available():
         return False
     mesh = jax.sharding.get_abstract_mesh()
