@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import mistral_jax
+from mistral_jax.inference import chunks
 from mistral_jax.inference import generation as gen
 from mistral_jax.inference.sampling import Sampling, sample
 from mistral_jax.parallel import sharding
@@ -95,7 +96,7 @@ def test_cached_decoding_equals_recomputing_every_step(models_, name):
 def test_long_prompt_prefills_in_window_chunks(models_):
     theirs, mine = models_["mistral"]
     ids = prompt(40, seed=4)  # padded to 64: sixteen chunks of the window, rolling buffer of 4
-    assert gen.prefill_chunks(mine.config, 40) == (64, 4)
+    assert chunks.prefill_chunks(mine.config, 40) == (64, 4)
     np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=6),
                                   hf_greedy(theirs, ids, 6))
 

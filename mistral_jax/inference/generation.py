@@ -10,7 +10,6 @@ strings or to stream text. The command line is `python -m mistral_jax.generate`
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
@@ -19,18 +18,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from mistral_jax.inference.chunks import bucket, prefill_chunks
+from mistral_jax.inference.kv_cache import beside, new_cache
 from mistral_jax.inference.sampling import Sampling, sample
 from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.model.cache import KVCache
 from mistral_jax.nn import layers as L
 from mistral_jax.parallel import sharding
 from mistral_jax.text.detokenize import CONTEXT, CompletionText, cut_at_stop
-
-MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
-MIN_BUCKET = 16  # the shortest padded prompt (or prefill chunk): few lengths, few compilations
 
 
 @jax.tree_util.register_dataclass
@@ -48,30 +44,6 @@ class State:
     out: jax.Array  # [b, capacity] generated tokens
     n: jax.Array  # [] how many tokens have been generated
     token: jax.Array  # [b] the last token generated (a stream reads it without a dispatch)
-
-
-def bucket(length: int) -> int:
-    """The padded length of `length` tokens: a power of two, at least MIN_BUCKET."""
-    return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
-
-
-def window_chunk(config, chunk: int) -> int:
-    """The largest chunk up to `chunk` that divides the sliding window (if any), so that chunks
-    aligned to it never wrap around the rolling buffer."""
-    window = config.sliding_window
-    if window is not None:
-        chunk = min(chunk, window)
-        while window % chunk:
-            chunk -= 1
-    return chunk
-
-
-def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
-    """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
-    so no chunk wraps around the rolling buffer."""
-    padded = bucket(prompt_len)
-    chunk = window_chunk(config, min(padded, MAX_CHUNK))
-    return math.ceil(padded / chunk) * chunk, chunk
 
 
 @partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
@@ -169,32 +141,6 @@ def _place(state: State) -> State:
     """The state's host values placed where the decode step's outputs are."""
     return replace(state, **{f.name: beside(getattr(state, f.name), state.cache)
                              for f in fields(state) if f.name not in ("cache", "logits")})
-
-
-def beside(tree, cache: KVCache):
-    """`tree`'s arrays committed to the cache's device, or replicated over its mesh: where a
-    jitted step's outputs land. (A step called first with uncommitted inputs, then with its
-    own outputs, compiles twice.)"""
-    sharding = cache.k.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, P())
-    return jax.device_put(tree, sharding)
-
-
-def new_cache(model, batch: int, length: int, mesh) -> KVCache:
-    config = model.config
-    tp = sharding.model_axis_size(mesh) if mesh is not None else 1
-    kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
-    cache = KVCache.create(config, batch, length, model.kv_cache_dtype or model.dtype, kv_heads)
-    if mesh is None:  # committed, where the weights are (see `beside`)
-        weight = model.embed[...]
-        return jax.device_put(cache, weight.sharding if isinstance(weight, jax.Array)
-                              else jax.devices()[0])
-    data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
-    model = sharding.MODEL if kv_heads % tp == 0 else None
-    # [layers, batch, kv heads, ...]: batch over data, kv heads over model; index [batch, slots]
-    spec = lambda x: P(data, None) if x.ndim == 2 else P(None, data, model)  # noqa: E731
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), cache)
 
 
 # --- the public functions ----------------------------------------------------------------------

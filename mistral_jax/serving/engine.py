@@ -15,11 +15,11 @@ width and prefill once per chunk width (`warm_up` does both ahead).
 
 A prompt's first chunk holds the remainder, left-padded (`first_width`). In a window's rolling
 buffer the chunks start at multiples of the chunk (which divides the window), so no chunk wraps
-around it, as in `generation`; otherwise the prompt starts at index 0, and a step reads only the
-cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). A
-padding row's write in a decode step (a slot not decoding) lands at its next sequence index,
-marked empty (-1); a slot still being prefilled has that index rewritten by its next chunk
-before any query can see it.
+around it, as in `generation` (`inference.chunks` holds the rules both follow); otherwise the
+prompt starts at index 0, and a step reads only the cache's blocks that hold something
+(`cache.blocks_in_use`; a freed slot is marked empty). A padding row's write in a decode step
+(a slot not decoding) lands at its next sequence index, marked empty (-1); a slot still being
+prefilled has that index rewritten by its next chunk before any query can see it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from mistral_jax.inference.generation import MAX_CHUNK, beside, bucket, new_cache, window_chunk
+from mistral_jax.inference.chunks import MAX_CHUNK, bucket, window_chunk
+from mistral_jax.inference.kv_cache import beside, new_cache
 from mistral_jax.inference.sampling import RowSampling, Sampling
 from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
 from mistral_jax.parallel import sharding
