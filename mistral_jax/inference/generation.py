@@ -22,7 +22,7 @@ import numpy as np
 from mistral_jax.inference.chunks import bucket, prefill_chunks
 from mistral_jax.inference.kv_cache import beside, new_cache
 from mistral_jax.inference.sampling import Sampling, sample
-from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
+from mistral_jax.model.apply import check_ids, check_positions, on_mesh
 from mistral_jax.model.cache import KVCache
 from mistral_jax.nn import layers as L
 from mistral_jax.parallel import sharding
@@ -97,8 +97,8 @@ class Generation:
             seen[row, prompt] = True
         positions = np.asarray(L.default_positions(mask))
         capacity = bucket(max_new_tokens)
-        self.mesh = sharding.mesh_of(model)
-        with on_mesh_of(model):
+        self.mesh = sharding.mesh_of(model)  # read once: it walks every weight
+        with on_mesh(self.mesh):
             cache = new_cache(model, b, padded + capacity, self.mesh)
             for start in range(0, padded, chunk):
                 part = slice(start, start + chunk)
@@ -118,7 +118,7 @@ class Generation:
         dispatched, not waited for. Returns the last token of each row [b] (a row done: EOS),
         an array of its own that the next call does not consume."""
         self.n = min(self.n + steps, self.max_new)
-        with on_mesh_of(self.model):
+        with on_mesh(self.mesh):
             self.state, token = _decode(self.model, self.state, np.int32(self.n),
                                         np.int32(self.eos), self.sampling)
         return token
