@@ -261,6 +261,28 @@ def test_text_generation_stop_strings_and_streaming(text_model):
     assert batch[1] == mistral_jax.generate(params, "Hi", max_new_tokens=24)
 
 
+def test_stop_strings_are_looked_for_without_decoding_the_completion_again(text_model,
+                                                                             monkeypatch):
+    """A long completion with a stop string that never comes: each decode call reads a few
+    tokens, not the whole completion so far every 16 tokens (which is quadratic)."""
+    _, params = text_model
+    n = 160
+    whole = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=n)
+    ids = params.tokenizer.encode("My favourite condiment is")
+    tokens = mistral_jax.generate_tokens(params, [ids], max_new_tokens=n)[0]
+    assert params.config.eos_token_id not in tokens  # the completion is n tokens long
+    lengths, decode = [], params.tokenizer.decode
+
+    def counted(ids, *args, **kwargs):
+        lengths.append(len(ids))
+        return decode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(params.tokenizer, "decode", counted)
+    assert mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=n,
+                                stop="never there") == whole
+    assert max(lengths) <= 16 and sum(lengths) <= 16 * n, (max(lengths), sum(lengths))
+
+
 def test_chat_messages_use_the_chat_template(text_model):
     from mistral_jax.text.chat_template import encode_chat
 

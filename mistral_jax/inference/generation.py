@@ -26,7 +26,7 @@ from mistral_jax.model.apply import check_ids, check_positions, on_mesh
 from mistral_jax.model.cache import KVCache
 from mistral_jax.nn import layers as L
 from mistral_jax.parallel import sharding
-from mistral_jax.text.detokenize import CONTEXT, CompletionText, cut_at_stop
+from mistral_jax.text.detokenize import CompletionText, cut_at_stop
 
 
 @jax.tree_util.register_dataclass
@@ -195,24 +195,27 @@ def generate(model, prompt: str | list[str] | None = None, *, messages=None,
         if not single:
             raise ValueError("stream=True takes one prompt, not a list")
         return Stream(run, tokenizer, stops, rows[0])
-    texts = [""] * len(rows)
+    texts = [CompletionText(tokenizer, p, stops) for p in rows]
+    fed = [0] * len(rows)  # tokens of each row pushed into its text so far
     while not run.finished:
         run.advance(16 if stops else max_new_tokens)
-        texts = [_text(tokenizer, p, row, run.eos)
-                 for p, row in zip(rows, run.tokens(), strict=True)]
-        hit = np.array([any(s in t for s in stops) for t in texts])
-        run.stop_rows(hit)
-    texts = [cut_at_stop(t, stops) for t in texts]
-    return texts[0] if single else texts
+        _push(texts, fed, run.tokens(), run.eos)
+        run.stop_rows(np.array([t.stopped for t in texts]))
+    for text in texts:
+        text.flush()
+    out = [cut_at_stop(t.text, stops) for t in texts]
+    return out[0] if single else out
 
 
-def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
-    """The text of the new tokens (up to EOS) as it reads after the prompt."""
-    row = row.tolist()
-    new = row[: row.index(eos)] if eos in row else row
-    before = tokenizer.decode(prompt[-CONTEXT:])
-    both = tokenizer.decode(prompt[-CONTEXT:] + new)
-    return both[len(before):] if both.startswith(before) else tokenizer.decode(new)
+def _push(texts: list[CompletionText], fed: list[int], tokens: np.ndarray, eos: int) -> None:
+    """The rows' new tokens (up to EOS) into their texts, which find the stop strings as they
+    grow, a few tokens decoded per token, as a stream does: not the whole completion again."""
+    for row, (text, ids) in enumerate(zip(texts, tokens.tolist(), strict=True)):
+        for token in ids[fed[row]:]:
+            if token == eos or text.stopped:
+                break
+            text.push(token)
+            fed[row] += 1
 
 
 class Stream:
