@@ -85,7 +85,7 @@ def _step(model, token, cache, t):
 def decode_logits(model, ids: np.ndarray) -> np.ndarray:
     """[t, vocab] float32: each position's logits, the tokens fed one at a time through the
     decode step and its KV cache."""
-    from mistral_jax.inference.generation import new_cache
+    from mistral_jax.inference.kv_cache import new_cache
 
     cache = new_cache(model, 1, ids.shape[1], None)
     out = []

@@ -193,13 +193,8 @@ def main(argv=None) -> int:
             before = {a.dest for a in parser._actions}
             module.add_arguments(parser.add_argument_group(f"{name} options"))
             options[name] = {a.dest for a in parser._actions} - before
-    args = parser.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:  # before any work
-        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose "
-              "another OUT", file=sys.stderr)
-        return 1
 
-    def run():
+    def run(args):
         src = resolve(args.src, args.revision)
         format = detect(src) if args.format == "auto" else args.format
         given = {k: getattr(args, k) for k in options.get(format, ())
@@ -207,7 +202,7 @@ def main(argv=None) -> int:
         return convert(src, args.out, dtype=args.dtype, overwrite=args.overwrite, format=format,
                        progress=not args.no_progress, quantize=args.quantize, **given)
 
-    return report(run)
+    return cli.entry(parser, lambda args: report(lambda: run(args)), argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Other formats of the Llama family (Mistral's original release, GGUF) rename thei
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from convert.errors import ConversionError
 from convert.keymaps import KeyMap
 from convert.layouts import SAME, Layout, linear
 from convert.sources import TensorSource
-from mistral_jax.arch.configs import Config, GPT2Config, from_hf_dict
+from mistral_jax.arch.configs import Config, GPT2Config
+from mistral_jax.io import files
 from mistral_jax.text.tokenizer import Tokenizer
 
 
@@ -89,10 +89,7 @@ def detect(path: Path) -> bool:
 
 
 def read_config(path: Path) -> Config:
-    try:
-        return from_hf_dict(json.loads((path / "config.json").read_text()))
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{path / 'config.json'}: {e}") from e
+    return files.read_config(path, ConversionError)
 
 
 def conversion(path: Path) -> Conversion:

@@ -32,7 +32,7 @@ import transformers
 import mistral_jax
 from convert import from_torch, hf
 from mistral_jax.base import trees
-from mistral_jax.cli import HelpFormatter
+from mistral_jax.cli import HelpFormatter, entry
 from mistral_jax.model import registry as models
 from mistral_jax.text.tokenizer import Tokenizer
 
@@ -177,22 +177,20 @@ def main(argv=None) -> int:
                         help="and per unit of the largest logit")
     parser.add_argument("--min-top1", type=float, default=Tolerance.min_top1,
                         help="least share of positions where both pick the same next token")
-    args = parser.parse_args(argv)
-    tolerance = Tolerance(args.atol, args.rtol, args.min_top1)
-    if args.demo:
-        return 0 if demo(tolerance) else 1
-    if args.hf_folder is None:
-        parser.error("give HF_FOLDER (and optionally CKPT), or --demo")
-    folder = Path(args.hf_folder)
-    if not hf.detect(folder):
-        print(f"error: {folder} is not a Hugging Face model folder", file=sys.stderr)
-        return 1
-    try:
+
+    def run(args) -> int:
+        tolerance = Tolerance(args.atol, args.rtol, args.min_top1)
+        if args.demo:
+            return 0 if demo(tolerance) else 1
+        if args.hf_folder is None:
+            parser.error("give HF_FOLDER (and optionally CKPT), or --demo")
+        folder = Path(args.hf_folder)
+        if not hf.detect(folder):
+            raise ValueError(f"{folder} is not a Hugging Face model folder")
         result = check(folder, Path(args.ckpt) if args.ckpt else None)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if report(str(folder), result, tolerance) else 1
+        return 0 if report(str(folder), result, tolerance) else 1
+
+    return entry(parser, run, argv)
 
 
 if __name__ == "__main__":

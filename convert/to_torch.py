@@ -65,18 +65,16 @@ def main(argv=None) -> int:
                    "the Hugging Face model the PEFT folder names as its base "
                    "(base_model_name_or_path), a Hub id or a folder, such as the base "
                    "checkpoint's own export (default: none named, and a note says so)")
-    args = p.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:  # before any work
-        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose "
-              "another OUT", file=sys.stderr)
-        return 1
+    return cli.entry(p, _run, argv)
+
+
+def _run(args) -> int:
     if lora.is_adapters(args.ckpt):
         return report(lambda: peft.export(args.ckpt, args.out, overwrite=args.overwrite,
                                           base_model=args.base_model))
     if args.base_model is not None:
-        print(f"error: --base-model goes with an adapters directory, and {args.ckpt} is not "
-              "one (a checkpoint's export is itself the base)", file=sys.stderr)
-        return 1
+        raise ValueError(f"--base-model goes with an adapters directory, and {args.ckpt} is "
+                         "not one (a checkpoint's export is itself the base)")
     return report(lambda: export(args.ckpt, args.out, overwrite=args.overwrite))
 
 

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import mistral_jax
+from mistral_jax.inference import chunks
 from mistral_jax.inference import generation as gen
 from mistral_jax.inference.sampling import Sampling, sample
 from mistral_jax.parallel import sharding
@@ -95,7 +96,7 @@ def test_cached_decoding_equals_recomputing_every_step(models_, name):
 def test_long_prompt_prefills_in_window_chunks(models_):
     theirs, mine = models_["mistral"]
     ids = prompt(40, seed=4)  # padded to 64: sixteen chunks of the window, rolling buffer of 4
-    assert gen.prefill_chunks(mine.config, 40) == (64, 4)
+    assert chunks.prefill_chunks(mine.config, 40) == (64, 4)
     np.testing.assert_array_equal(mistral_jax.generate_tokens(mine, ids, max_new_tokens=6),
                                   hf_greedy(theirs, ids, 6))
 
@@ -258,6 +259,28 @@ def test_text_generation_stop_strings_and_streaming(text_model):
     batch = mistral_jax.generate(params, ["My favourite condiment is", "Hi"], max_new_tokens=24)
     assert batch[0] == text
     assert batch[1] == mistral_jax.generate(params, "Hi", max_new_tokens=24)
+
+
+def test_stop_strings_are_looked_for_without_decoding_the_completion_again(text_model,
+                                                                             monkeypatch):
+    """A long completion with a stop string that never comes: each decode call reads a few
+    tokens, not the whole completion so far every 16 tokens (which is quadratic)."""
+    _, params = text_model
+    n = 160
+    whole = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=n)
+    ids = params.tokenizer.encode("My favourite condiment is")
+    tokens = mistral_jax.generate_tokens(params, [ids], max_new_tokens=n)[0]
+    assert params.config.eos_token_id not in tokens  # the completion is n tokens long
+    lengths, decode = [], params.tokenizer.decode
+
+    def counted(ids, *args, **kwargs):
+        lengths.append(len(ids))
+        return decode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(params.tokenizer, "decode", counted)
+    assert mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=n,
+                                stop="never there") == whole
+    assert max(lengths) <= 16 and sum(lengths) <= 16 * n, (max(lengths), sum(lengths))
 
 
 def test_chat_messages_use_the_chat_template(text_model):

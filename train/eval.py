@@ -82,9 +82,7 @@ def arguments():
 
 
 def main(argv=None) -> int:
-    args = arguments().parse_args(argv)
-    devices.prepare(args.mesh)  # before JAX starts
-    return cli.run(lambda: report(*evaluate(args)))
+    return cli.entry(arguments(), lambda args: report(*evaluate(args)), argv)
 
 
 def report(loss: float, perplexity: float, tokens: int) -> None:

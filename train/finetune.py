@@ -179,33 +179,36 @@ def resume_command(argv: list[str], out: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
-    import logging
-
+    from mistral_jax import cli
     from mistral_jax.arch.configs import ConfigError
-    from mistral_jax.base.notes import LOGGER
     from mistral_jax.io.checkpoint import CheckpointError
     from mistral_jax.io.lora import LoraError
-    from mistral_jax.parallel import devices
     from mistral_jax.parallel.sharding import ShardingError
     from train.data import DataError
-    from train.loop import Interrupted, Stopped, run
 
     errors = (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError,
               FileNotFoundError)
+    return cli.entry(parser(), lambda args: start_run(args, argv), argv, errors=errors, code=2)
+
+
+def start_run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The run `args` asks for (`cli.entry` made the devices --mesh asks for); a stop or an
+    interruption ends in what to do next and its exit code."""
+    import logging
+
+    from mistral_jax.base.notes import LOGGER
+    from mistral_jax.parallel import devices
+    from train.loop import Interrupted, Stopped, run
+
     try:
         args = with_defaults(args)
         check(args)
-        devices.prepare(args.mesh, args.num_processes)  # before JAX starts
         devices.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         import jax
 
         if jax.process_index() != 0:  # one process speaks for the run
             LOGGER.setLevel(logging.ERROR)
         run(args)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3

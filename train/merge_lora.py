@@ -22,17 +22,14 @@ def arguments():
 
 
 def main(argv=None) -> int:
-    args = arguments().parse_args(argv)
+    return cli.entry(arguments(), merge, argv)  # (OUT refused before any work if it exists)
 
-    def merge():
-        import mistral_jax
-        from mistral_jax.io import files
 
-        files.check_new(args.out, args.overwrite)  # before any work
-        model = mistral_jax.load(args.base, adapters=args.adapters)
-        print(f"wrote {mistral_jax.save(model, args.out, overwrite=args.overwrite)}")
+def merge(args) -> None:
+    import mistral_jax
 
-    return cli.run(merge)
+    model = mistral_jax.load(args.base, adapters=args.adapters)
+    print(f"wrote {mistral_jax.save(model, args.out, overwrite=args.overwrite)}")
 
 
 if __name__ == "__main__":

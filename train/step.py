@@ -3,12 +3,11 @@ weight decay on norms and biases, gradient clipping, gradient accumulation over 
 float32 master weights with an optional bfloat16 compute copy, non-finite steps skipped.
 
 The state is donated, so the weights and the optimizer moments are updated in place; the step
-compiles once (`TRACES` counts traces, for the tests).
+compiles once (tests/test_train_step.py reads the jitted step's own cache).
 """
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mistral_jax.base import trees
-
-TRACES: collections.Counter = collections.Counter()
 
 
 @jax.tree_util.register_dataclass
@@ -93,8 +90,6 @@ def make_train_step(template, tx: optax.GradientTransformation, shardings: Train
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
     def step(state: TrainState, frozen: dict, batch: dict):
-        TRACES["train"] += 1
-
         def accumulate(carry, micro):
             grads, total, count = carry
             (loss_sum, n), g = grad_fn(state.params, frozen, micro)
@@ -128,7 +123,6 @@ def make_eval_step(template, *, dtype, assemble, isolate_documents: bool = True)
 
     @jax.jit
     def eval_step(params, frozen, batch):
-        TRACES["eval"] += 1
         weights = cast(assemble(params, frozen), dtype)
 
         def one(carry, micro):

@@ -1,4 +1,5 @@
-"""What the command lines share: a help formatter that shows defaults, the --mesh / --dtype
+"""What the command lines share: one entry (`entry`: parse, refuse an existing OUT, make the
+devices --mesh asks for, run), a help formatter that shows defaults, the --mesh / --dtype
 flags, generate()'s sampling flags, and the rule that bad input ends in one line on stderr and
 a non-zero exit code."""
 
@@ -7,6 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from mistral_jax.parallel import devices
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -98,6 +102,31 @@ def load_model(args):
     return load(args.ckpt, mesh=mesh, dtype=args.dtype, adapters=args.adapters,
                 attention=args.attention, quantize=args.quantize,
                 kv_cache_dtype=args.kv_cache_dtype)
+
+
+def entry(arguments: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+          argv=None, *, errors: tuple = (ValueError, OSError), code: int = 1) -> int:
+    """Every command line's `main`: parse `argv`; then, with `run`'s rule for errors: refuse an
+    OUT that exists without --overwrite (before any work), make the devices --mesh asks for
+    (before JAX starts: --num-processes share them), and return `body(args)`'s exit code."""
+    args = arguments.parse_args(argv)
+
+    def start():
+        check_out(args)
+        devices.prepare(getattr(args, "mesh", None), getattr(args, "num_processes", 1))
+        return body(args)
+
+    return run(start, errors, code)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """A command that writes OUT (and has --overwrite) stops before any work if it exists."""
+    from mistral_jax.io.files import DirectoryExists
+
+    out, overwrite = getattr(args, "out", None), getattr(args, "overwrite", True)
+    if out is not None and not overwrite and Path(out).exists():
+        raise DirectoryExists(f"{out} already exists; pass --overwrite to replace it, or choose "
+                              "another OUT")
 
 
 def run(body: Callable[[], int | None], errors: tuple = (ValueError, OSError),

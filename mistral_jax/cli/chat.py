@@ -15,7 +15,6 @@ import sys
 import time
 
 from mistral_jax import cli
-from mistral_jax.parallel import devices
 
 
 def arguments():
@@ -32,9 +31,7 @@ def arguments():
 
 
 def main(argv=None) -> int:
-    args = arguments().parse_args(argv)
-    devices.prepare(args.mesh)  # before JAX starts
-    return cli.run(lambda: chat(args))
+    return cli.entry(arguments(), chat, argv)
 
 
 def chat(args) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mistral_jax import cli
-from mistral_jax.parallel import devices
 
 
 def arguments():
@@ -37,9 +36,7 @@ def arguments():
 
 
 def main(argv=None) -> int:
-    args = arguments().parse_args(argv)
-    devices.prepare(args.mesh)  # before JAX starts
-    return cli.run(lambda: serve(args))
+    return cli.entry(arguments(), serve, argv)
 
 
 def serve(args) -> None:

@@ -10,7 +10,6 @@ strings or to stream text. The command line is `python -m mistral_jax.generate`
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
@@ -19,19 +18,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from mistral_jax.inference.chunks import bucket, prefill_chunks
+from mistral_jax.inference.kv_cache import beside, new_cache
 from mistral_jax.inference.sampling import Sampling, sample
-from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
+from mistral_jax.model.apply import check_ids, check_positions, on_mesh
 from mistral_jax.model.cache import KVCache
 from mistral_jax.nn import layers as L
 from mistral_jax.parallel import sharding
-from mistral_jax.quant import int8 as quant
-from mistral_jax.text.detokenize import CONTEXT, CompletionText, cut_at_stop
-
-MAX_CHUNK = 512  # prefill chunk for models without a window; longer prompts use several chunks
-MIN_BUCKET = 16  # the shortest padded prompt (or prefill chunk): few lengths, few compilations
+from mistral_jax.text.detokenize import CompletionText, cut_at_stop
 
 
 @jax.tree_util.register_dataclass
@@ -49,30 +44,6 @@ class State:
     out: jax.Array  # [b, capacity] generated tokens
     n: jax.Array  # [] how many tokens have been generated
     token: jax.Array  # [b] the last token generated (a stream reads it without a dispatch)
-
-
-def bucket(length: int) -> int:
-    """The padded length of `length` tokens: a power of two, at least MIN_BUCKET."""
-    return max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length())
-
-
-def window_chunk(config, chunk: int) -> int:
-    """The largest chunk up to `chunk` that divides the sliding window (if any), so that chunks
-    aligned to it never wrap around the rolling buffer."""
-    window = config.sliding_window
-    if window is not None:
-        chunk = min(chunk, window)
-        while window % chunk:
-            chunk -= 1
-    return chunk
-
-
-def prefill_chunks(config, prompt_len: int) -> tuple[int, int]:
-    """(padded prompt length, prefill chunk): the chunk divides the padded length and the window,
-    so no chunk wraps around the rolling buffer."""
-    padded = bucket(prompt_len)
-    chunk = window_chunk(config, min(padded, MAX_CHUNK))
-    return math.ceil(padded / chunk) * chunk, chunk
 
 
 @partial(jax.jit, donate_argnums=(1,), static_argnames=("fresh",))
@@ -126,8 +97,8 @@ class Generation:
             seen[row, prompt] = True
         positions = np.asarray(L.default_positions(mask))
         capacity = bucket(max_new_tokens)
-        self.mesh = sharding.mesh_of(model)
-        with on_mesh_of(model):
+        self.mesh = sharding.mesh_of(model)  # read once: it walks every weight
+        with on_mesh(self.mesh):
             cache = new_cache(model, b, padded + capacity, self.mesh)
             for start in range(0, padded, chunk):
                 part = slice(start, start + chunk)
@@ -147,7 +118,7 @@ class Generation:
         dispatched, not waited for. Returns the last token of each row [b] (a row done: EOS),
         an array of its own that the next call does not consume."""
         self.n = min(self.n + steps, self.max_new)
-        with on_mesh_of(self.model):
+        with on_mesh(self.mesh):
             self.state, token = _decode(self.model, self.state, np.int32(self.n),
                                         np.int32(self.eos), self.sampling)
         return token
@@ -170,32 +141,6 @@ def _place(state: State) -> State:
     """The state's host values placed where the decode step's outputs are."""
     return replace(state, **{f.name: beside(getattr(state, f.name), state.cache)
                              for f in fields(state) if f.name not in ("cache", "logits")})
-
-
-def beside(tree, cache: KVCache):
-    """`tree`'s arrays committed to the cache's device, or replicated over its mesh: where a
-    jitted step's outputs land. (A step called first with uncommitted inputs, then with its
-    own outputs, compiles twice.)"""
-    sharding = cache.k.sharding
-    if isinstance(sharding, NamedSharding):
-        sharding = NamedSharding(sharding.mesh, P())
-    return jax.device_put(tree, sharding)
-
-
-def new_cache(model, batch: int, length: int, mesh) -> KVCache:
-    config = model.config
-    tp = sharding.model_axis_size(mesh) if mesh is not None else 1
-    kv_heads = sharding.kv_heads_on(config.num_key_value_heads, tp)  # as the model computes
-    cache = KVCache.create(config, batch, length, model.kv_cache_dtype or model.dtype, kv_heads)
-    if mesh is None:  # committed, where the weights are (see `beside`)
-        weight = quant.arrays(model.embed)[0]
-        return jax.device_put(cache, weight.sharding if isinstance(weight, jax.Array)
-                              else jax.devices()[0])
-    data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
-    model = sharding.MODEL if kv_heads % tp == 0 else None
-    # [layers, batch, kv heads, ...]: batch over data, kv heads over model; index [batch, slots]
-    spec = lambda x: P(data, None) if x.ndim == 2 else P(None, data, model)  # noqa: E731
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), cache)
 
 
 # --- the public functions ----------------------------------------------------------------------
@@ -250,24 +195,27 @@ def generate(model, prompt: str | list[str] | None = None, *, messages=None,
         if not single:
             raise ValueError("stream=True takes one prompt, not a list")
         return Stream(run, tokenizer, stops, rows[0])
-    texts = [""] * len(rows)
+    texts = [CompletionText(tokenizer, p, stops) for p in rows]
+    fed = [0] * len(rows)  # tokens of each row pushed into its text so far
     while not run.finished:
         run.advance(16 if stops else max_new_tokens)
-        texts = [_text(tokenizer, p, row, run.eos)
-                 for p, row in zip(rows, run.tokens(), strict=True)]
-        hit = np.array([any(s in t for s in stops) for t in texts])
-        run.stop_rows(hit)
-    texts = [cut_at_stop(t, stops) for t in texts]
-    return texts[0] if single else texts
+        _push(texts, fed, run.tokens(), run.eos)
+        run.stop_rows(np.array([t.stopped for t in texts]))
+    for text in texts:
+        text.flush()
+    out = [cut_at_stop(t.text, stops) for t in texts]
+    return out[0] if single else out
 
 
-def _text(tokenizer, prompt: list[int], row: np.ndarray, eos: int) -> str:
-    """The text of the new tokens (up to EOS) as it reads after the prompt."""
-    row = row.tolist()
-    new = row[: row.index(eos)] if eos in row else row
-    before = tokenizer.decode(prompt[-CONTEXT:])
-    both = tokenizer.decode(prompt[-CONTEXT:] + new)
-    return both[len(before):] if both.startswith(before) else tokenizer.decode(new)
+def _push(texts: list[CompletionText], fed: list[int], tokens: np.ndarray, eos: int) -> None:
+    """The rows' new tokens (up to EOS) into their texts, which find the stop strings as they
+    grow, a few tokens decoded per token, as a stream does: not the whole completion again."""
+    for row, (text, ids) in enumerate(zip(texts, tokens.tolist(), strict=True)):
+        for token in ids[fed[row]:]:
+            if token == eos or text.stopped:
+                break
+            text.push(token)
+            fed[row] += 1
 
 
 class Stream:

@@ -9,7 +9,6 @@ or not at all (see `files.atomic_directory`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from mistral_jax.arch import weights
-from mistral_jax.arch.configs import Config, from_hf_dict, model_type
+from mistral_jax.arch.configs import Config, model_type
 from mistral_jax.base import trees
 from mistral_jax.io import files, lora
 from mistral_jax.io.files import WEIGHTS
@@ -169,10 +168,7 @@ def read_config(path: str | os.PathLike) -> Config:
         raise CheckpointError(f"{path} does not exist")
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_dir():
         raise CheckpointError(not_a_checkpoint(path))
-    try:
-        return from_hf_dict(json.loads((path / "config.json").read_text()))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    return files.read_config(path, CheckpointError)
 
 
 def is_quantized(path: str | os.PathLike) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from mistral_jax.arch.configs import Config, to_hf_dict
+from mistral_jax.arch.configs import Config, from_hf_dict, to_hf_dict
 
 WEIGHTS = "weights"  # the Orbax-written arrays inside a checkpoint or adapters directory
 
@@ -70,6 +70,17 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def read_config(directory: str | os.PathLike, error: type[Exception] = ValueError) -> Config:
+    """The `config.json` (transformers' format) in `directory`, a checkpoint's or a Hugging
+    Face folder's; one that does not parse, or asks for what mistral_jax does not do, raises
+    `error` (the caller's kind) naming the file."""
+    path = Path(directory) / "config.json"
+    try:
+        return from_hf_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise error(f"{path}: {e}") from None
 
 
 def write_config(directory: Path, config: Config, tokenizer=None, **extra) -> None:

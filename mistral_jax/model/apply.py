@@ -30,7 +30,7 @@ def forward(model: Decoder, input_ids=None, attention_mask=None, positions=None,
     length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     check_positions(model.config, length, "input_ids" if input_ids is not None else
                     "inputs_embeds", positions)
-    with on_mesh_of(model):
+    with on_mesh(mesh_of(model)):
         return _forward(model, input_ids, attention_mask, positions, inputs_embeds,
                         output_hidden_states, output_attentions)
 
@@ -48,7 +48,7 @@ def loss(model: Decoder, input_ids, attention_mask=None, labels=None, positions=
     """
     input_ids = check_ids(input_ids, model.config.vocab_size)
     check_positions(model.config, input_ids.shape[1], "input_ids", positions)
-    with on_mesh_of(model):
+    with on_mesh(mesh_of(model)):
         return _loss(model, input_ids, attention_mask, labels, positions)
 
 
@@ -96,7 +96,8 @@ def check_positions(config, length: int, what: str = "the input", positions=None
                   "RoPE goes on past it, but the output may degrade")
 
 
-def on_mesh_of(model):
-    """Trace under the mesh the weights live on, so the model's sharding constraints apply."""
-    mesh = mesh_of(model)
+def on_mesh(mesh):
+    """Trace under `mesh`, the one the weights live on (`mesh_of`, which walks the weights:
+    a caller that steps many times reads it once), so the model's sharding constraints
+    apply; None: no mesh."""
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -216,7 +216,7 @@ def attend_cached(q, cache: KVCache, layer, blocks, k_new, v_new, new_index, que
 
 def write(cache: KVCache, k, v, new_index, start, first=None) -> KVCache:
     """Every layer's chunk k/v [layers, b, c, kv, h] and indices written at slot `start mod slots`
-    (in place when the cache is donated; chunks never wrap, see `generation.prefill_chunks`).
+    (in place when the cache is donated; chunks never wrap, see `inference.chunks.prefill_chunks`).
     A per-row `start` [b] writes each row at its own slot, into the cache's batch rows
     first .. first + b - 1 (default: the first b)."""
     slot = start % cache.slots

@@ -15,11 +15,11 @@ width and prefill once per chunk width (`warm_up` does both ahead).
 
 A prompt's first chunk holds the remainder, left-padded (`first_width`). In a window's rolling
 buffer the chunks start at multiples of the chunk (which divides the window), so no chunk wraps
-around it, as in `generation`; otherwise the prompt starts at index 0, and a step reads only the
-cache's blocks that hold something (`cache.blocks_in_use`; a freed slot is marked empty). A
-padding row's write in a decode step (a slot not decoding) lands at its next sequence index,
-marked empty (-1); a slot still being prefilled has that index rewritten by its next chunk
-before any query can see it.
+around it, as in `generation` (`inference.chunks` holds the rules both follow); otherwise the
+prompt starts at index 0, and a step reads only the cache's blocks that hold something
+(`cache.blocks_in_use`; a freed slot is marked empty). A padding row's write in a decode step
+(a slot not decoding) lands at its next sequence index, marked empty (-1); a slot still being
+prefilled has that index rewritten by its next chunk before any query can see it.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from mistral_jax.inference.generation import MAX_CHUNK, beside, bucket, new_cache, window_chunk
+from mistral_jax.inference.chunks import MAX_CHUNK, bucket, window_chunk
+from mistral_jax.inference.kv_cache import beside, new_cache
 from mistral_jax.inference.sampling import RowSampling, Sampling
-from mistral_jax.model.apply import check_ids, check_positions, on_mesh_of
+from mistral_jax.model.apply import check_ids, check_positions, on_mesh
 from mistral_jax.parallel import sharding
 from mistral_jax.serving import slots
 from mistral_jax.serving.request import Event, Request
@@ -127,8 +128,9 @@ class Engine:
         self.chunk = window_chunk(config, min(prefill_chunk, bucket(max_len)))
         self.eos = -1 if config.eos_token_id is None else config.eos_token_id
         vocab = config.vocab_size
-        with on_mesh_of(model):  # a prompt's padding takes up to `chunk` - 1 indices more
-            cache = new_cache(model, max_batch, self.max_len + self.chunk, sharding.mesh_of(model))
+        self.mesh = sharding.mesh_of(model)  # read once: it walks every weight
+        with on_mesh(self.mesh):  # a prompt's padding takes up to `chunk` - 1 indices more
+            cache = new_cache(model, max_batch, self.max_len + self.chunk, self.mesh)
         self.rolling = cache.slots < self.max_len + self.chunk  # a window's rolling buffer
         self._state = Slots(cache, *beside((np.zeros((max_batch, vocab), np.float32),
                                             np.zeros((max_batch, vocab), bool)), cache))
@@ -202,7 +204,7 @@ class Engine:
         def compile_one(job):
             what, step, args, static = job
             start = time.perf_counter()
-            with on_mesh_of(self.model):
+            with on_mesh(self.mesh):
                 call(step, step.lower, args, static).compile()
             return what, time.perf_counter() - start
 
@@ -210,7 +212,7 @@ class Engine:
             for done, (what, seconds) in enumerate(pool.map(compile_one, jobs), 1):
                 if report is not None:
                     report(done, len(jobs), what, seconds)
-        with self._device, on_mesh_of(self.model):
+        with self._device, on_mesh(self.mesh):
             if any(self._slots) or self._waiting:
                 raise RuntimeError("warm_up() runs before the first request")
             for _, step, args, static in jobs:
@@ -269,7 +271,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            with on_mesh_of(self.model):
+            with on_mesh(self.mesh):
                 while self._next():
                     pass
         except BaseException as error:  # every request learns of it, and submit refuses
