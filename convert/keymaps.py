@@ -110,50 +110,55 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
 
     for key, names, fn, layer in _progress(work, progress):
         wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
-        if len(names) == 1 and names[0] in quantized:
-            try:
-                blocks = _int8_blocks(source, key, fn, names[0], config)
-                if blocks.values.shape != wants[0]:
-                    raise ValueError
-            except ValueError:  # the tensor is not the size the config says
-                problems.append(f"{key}: its int8 blocks do not give the {wants[0]} the "
-                                "config needs")
-                continue
-            if not problems:
-                sink(names[0], layer, blocks)
-            del blocks
-            source.release(key)
-            continue
-        raw = source.get(key)
-        try:
-            values = _tuple(fn(raw))
-            if [v.shape for v in values] != wants:
-                raise ValueError
-        except ValueError:  # the tensor is not the size the config says
-            problems.append(f"{key}: shape {tuple(raw.shape)} does not give the "
+        int8 = len(names) == 1 and names[0] in quantized
+        values, shape = _read(source, key, fn, names[0] if int8 else None, config)
+        got = None if values is None else [
+            v.values.shape if isinstance(v, quant.QWeight) else v.shape for v in values]
+        if got != wants:  # the tensor is not the size the config says
+            problems.append(f"{key}: its int8 blocks do not give the {wants[0]} the config needs"
+                            if int8 else f"{key}: shape {shape} does not give the "
                             f"{' + '.join(map(str, wants))} the config needs")
-            continue
-        if not problems:  # after a problem, only check the rest
+        elif not problems:  # after a problem, only check the rest
             for name, value in zip(names, values, strict=True):
-                sink(name, layer, value if dtype is None else value.astype(dtype, copy=False))
-        del raw, values
-        source.release(key)
+                sink(name, layer, value if int8 or dtype is None
+                     else value.astype(dtype, copy=False))
+        del values
+        source.release(key)  # after the sink: a value may still be a view of its pages
     _raise_if(problems, config, origin)
     return trees.unflatten(out) if out else None
 
 
+def _read(source: TensorSource, key: str, fn, int8: str | None,
+          config: Config) -> tuple[tuple | None, tuple]:
+    """`key`'s value(s) in our layout, and its shape in the source; None for the values when the
+    layout cannot reshape the tensor (it is not the size the config says). `int8`: the weight
+    of ours whose int8 blocks it is read as."""
+    if int8 is not None:
+        blocks = _int8_blocks(source, key, fn, int8, config)
+        return (None if blocks is None else (blocks,)), ()
+    raw = source.get(key)
+    try:
+        return _tuple(fn(raw)), tuple(raw.shape)
+    except ValueError:  # numpy's: a reshape that the tensor's size does not allow
+        return None, tuple(raw.shape)
+
+
 def _int8_blocks(source: TensorSource, key: str, fn, name: str, config: Config):
     """`key`'s int8 values and block scales in our layout: the values and a per-value copy of
-    the scales go through the layout change, then each block's scale is read back once."""
+    the scales go through the layout change, then each block's scale is read back once (None
+    when the layout cannot reshape them, or the blocks do not lie along the weight's input)."""
     values, scales, block = source.int8_blocks(key)
-    values, scales = fn(values), fn(scales)
-    layout, n_in = quant.table(config)[name]
-    k = quant.input_size(values.shape, 0, n_in, layout)
-    grouped, axis = quant.grouped_shape(values.shape, 0, n_in, layout, k // block)
-    per_block = np.take(scales.reshape(grouped), 0, axis=axis)
-    if not np.array_equal(scales.reshape(grouped), np.expand_dims(per_block, axis).repeat(
-            block, axis)):
-        raise ValueError(f"{key}: its int8 blocks do not lie along {name}'s input")
+    try:
+        values, scales = fn(values), fn(scales)
+        layout, n_in = quant.table(config)[name]
+        k = quant.input_size(values.shape, 0, n_in, layout)
+        grouped, axis = quant.grouped_shape(values.shape, 0, n_in, layout, k // block)
+        scales = scales.reshape(grouped)
+    except ValueError:  # numpy's: a reshape that the tensor's size does not allow
+        return None
+    per_block = np.take(scales, 0, axis=axis)
+    if not np.array_equal(scales, np.expand_dims(per_block, axis).repeat(block, axis)):
+        return None
     return quant.QWeight(np.ascontiguousarray(values), per_block.astype(np.float32))
 
 
