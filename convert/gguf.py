@@ -21,7 +21,7 @@ import numpy as np
 
 from convert import pages
 from convert.conversion import Conversion
-from convert.errors import ConversionError
+from convert.errors import ConversionError, listed
 from convert.gguf_tokenizer import read_tokenizer
 from convert.hf import mistral_keymap
 from convert.keymaps import KeyMap, keymap_target, renamed
@@ -59,6 +59,9 @@ def _gguf():
         raise ConversionError("reading GGUF files needs the gguf package: "
                               "pip install 'mistral_jax[gguf]'") from None
     return gguf
+
+
+DESCRIPTION = "a GGUF file (llama or mistral architecture)"
 
 
 def detect(path: Path) -> bool:
@@ -231,10 +234,10 @@ def conversion(path: Path, *, sliding_window: int | None = None) -> Conversion:
     unsupported = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                    if t.tensor_type.name not in SUPPORTED_TYPES]
     if unsupported:
-        raise ConversionError(f"{path}: {len(unsupported)} tensor(s) in a type this converter "
-                              f"does not dequantize: {', '.join(unsupported[:8])}"
-                              f"{' ...' if len(unsupported) > 8 else ''}; supported: "
-                              f"{', '.join(SUPPORTED_TYPES)}")
+        raise listed(f"{path}: {len(unsupported)} tensor(s) in a type this converter does not "
+                     "dequantize; convert the file again to a supported type",
+                     [*unsupported[:8], *["..."] * (len(unsupported) > 8),
+                      f"supported: {', '.join(SUPPORTED_TYPES)}"])
     notes = []  # what becomes of the quantized tensors depends on the flags: `storage_notes`
     name = str(meta.get("general.name", ""))
     if config.sliding_window is None and "mistral" in name.lower():

@@ -86,6 +86,10 @@ def keymap(config: Config) -> KeyMap:
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
+DESCRIPTION = ("a Hugging Face model folder: config.json with model.safetensors, a safetensors "
+               "index or pytorch_model.bin")
+
+
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(
         (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",

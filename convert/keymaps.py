@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from convert.errors import ConversionError
+from convert.errors import ConversionError, listed
 from convert.layouts import Layout
 from convert.sources import TensorSource
 from mistral_jax.arch.configs import Config
@@ -69,34 +69,36 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
     expected = {
         k: v.shape for k, v in trees.flatten(trees.weights(models.abstract(config))).items()
     }
-    patterns = [(key_pattern(k), _tuple(names), layout.to_ours)
+    patterns = [(key_pattern(k), k, _tuple(names), layout.to_ours)
                 for k, (names, layout) in keymap.items()]
-    work = []  # (source key, our names, transform, layer)
+    work = []  # (source key, its key map key, our names, transform, layer)
     seen: dict[str, set] = {}  # our name -> layers (or {None}) a source tensor was found for
-    problems: list[str] = []
+    problems = Problems()
     for key in source.keys():
         if key in ignore:
             continue
-        match = next(((m, names, fn) for p, names, fn in patterns if (m := p.match(key))), None)
+        match = next(((m, k, names, fn) for p, k, names, fn in patterns if (m := p.match(key))),
+                     None)
         if match is None:
-            problems.append(f"unexpected tensor {key}")
+            problems.add(f"unexpected tensor {key}")
             continue
-        m, names, fn = match
+        m, template, names, fn = match
         layer = int(m.group(1)) if m.groups() else None
+        problems.layers = max(problems.layers, -1 if layer is None else layer + 1)
         if layer is not None and layer >= config.n_layers:
-            problems.append(f"{key}: layer {layer}, but the config has {config.n_layers} layers")
+            problems.past.append(layer)
             continue
         for name in names:
             seen.setdefault(name, set()).add(layer)
-        work.append((key, names, fn, layer))
+        work.append((key, template, names, fn, layer))
     for key, (names, _) in keymap.items():
         for name in _tuple(names):
             if "{i}" in key:
                 absent = sorted(set(range(config.n_layers)) - seen.get(name, set()))
                 if absent:
-                    problems.append(f"missing tensor {key} for layers {_ranges(absent)}")
+                    problems.add(f"missing tensor {key} for layers {_ranges(absent)}")
             elif name not in seen and name in expected:
-                problems.append(f"missing tensor {key}")
+                problems.add(f"missing tensor {key}")
 
     out: dict[str, np.ndarray] = {}
     if sink is None:
@@ -108,24 +110,79 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
                 out[name] = np.zeros(expected[name], value.dtype)
             out[name][layer] = value
 
-    for key, names, fn, layer in _progress(work, progress):
+    for key, template, names, fn, layer in _progress(work, progress):
         wants = [expected[n][1:] if layer is not None else expected[n] for n in names]
         int8 = len(names) == 1 and names[0] in quantized
         values, shape = _read(source, key, fn, names[0] if int8 else None, config)
         got = None if values is None else [
             v.values.shape if isinstance(v, quant.QWeight) else v.shape for v in values]
         if got != wants:  # the tensor is not the size the config says
-            problems.append(f"{key}: its int8 blocks do not give the {wants[0]} the config needs"
-                            if int8 else f"{key}: shape {shape} does not give the "
-                            f"{' + '.join(map(str, wants))} the config needs")
+            wanted = f"{len(wants)} x {wants[0]}" if len(set(wants)) == 1 < len(wants) \
+                else " + ".join(map(str, wants))  # GPT-2's q|k|v: 3 x the same
+            problems.add(f"its int8 blocks cannot give the config's {wanted}" if int8
+                         else f"shape {shape} cannot give the config's {wanted}", template, layer)
+            for name, g in zip(names, got or (), strict=False):
+                problems.shapes.setdefault(name, (g, layer is not None))
         elif not problems:  # after a problem, only check the rest
             for name, value in zip(names, values, strict=True):
                 sink(name, layer, value if int8 or dtype is None
                      else value.astype(dtype, copy=False))
         del values
         source.release(key)  # after the sink: a value may still be a view of its pages
-    _raise_if(problems, config, origin)
+    if problems:
+        raise problems.error(config, expected, origin)
     return trees.unflatten(out) if out else None
+
+
+class Problems:
+    """What `convert_tensors` found wrong, to be raised once: one line per problem, the layers
+    of a stacked weight that share a problem on one line, and what the first line says."""
+
+    def __init__(self):
+        self.lines: dict[tuple[str, str], list] = {}  # (key map key, problem) -> layers
+        self.layers = 0  # the layers the source's keys number
+        self.shapes: dict[str, tuple] = {}  # our name -> (shape it came to, stacked)
+        self.past: list[int] = []  # the layer of each tensor past the config's layers
+
+    def __bool__(self) -> bool:
+        return bool(self.lines or self.past)
+
+    def add(self, problem: str, key: str = "", layer: int | None = None) -> None:
+        self.lines.setdefault((key, problem), []).append(layer)
+
+    def error(self, config: Config, expected: dict, origin: str) -> ConversionError:
+        items = [f"{key.replace('{i}', _span(layers))}: {problem}" if key else problem
+                 for (key, problem), layers in self.lines.items()]
+        if self.past:
+            layers = "layers" if len(set(self.past)) > 1 else "layer"
+            items.insert(0, f"{len(self.past)} tensors of {layers} {_span(self.past)}, past the "
+                         f"config's {config.n_layers} layers")
+        items = list(dict.fromkeys(items))  # a fused tensor names each of its parts once
+        fields = self._fields(config, expected)
+        where = origin or f"the {type(config).__name__}"
+        if fields:
+            summary = f"{where} says {fields[0]}: fix it, or use these weights' own config"
+            items = [f"it also says {f}" for f in fields[1:]] + items
+        else:
+            summary = f"{where} describes a model these weights do not fit: check they go together"
+        return listed(summary, [f"{len(items)} problem(s) converting to "
+                                f"{type(config).__name__}:"] + [f"  {i}" for i in items])
+
+    def _fields(self, config: Config, expected: dict) -> list[str]:
+        """`field N; the weights have M` for each config field the tensors' sizes contradict."""
+        fields = []
+        for field, (name, axis) in models.model_class(config).SIZES.items():
+            if axis == 0 and name.startswith("layers."):  # the layer count: from the keys
+                if self.layers and self.layers != config.n_layers:
+                    fields.append(f"{field} {config.n_layers}; the weights have {self.layers}")
+                continue
+            got, stacked = self.shapes.get(name, (None, False))
+            axis -= stacked
+            if got is not None and len(got) > axis \
+                    and got[axis] != expected[name][axis + stacked]:
+                fields.append(f"{field} {expected[name][axis + stacked]}; the weights have "
+                              f"{got[axis]}")
+        return fields
 
 
 def _read(source: TensorSource, key: str, fn, int8: str | None,
@@ -188,16 +245,21 @@ def _progress(work: list, enabled: bool):
                 disable=None)  # None: only on a terminal
 
 
-def _raise_if(problems: list[str], config: Config, origin: str) -> None:
-    if problems:
-        problems = list(dict.fromkeys(problems))  # a fused tensor names each of its parts once
-        described = f" as {origin} describes it" if origin else ""
-        raise ConversionError(f"{len(problems)} problem(s) converting to {type(config).__name__}"
-                              f"{described}: " + "; ".join(problems))
-
-
 def _tuple(x):
     return x if isinstance(x, tuple) else (x,)
+
+
+def _span(layers: list) -> str:
+    """The layers a stacked weight's key stands for: `3`, `{0..11}`, `{0,2,5}` (None: no layer,
+    the key is left as it is)."""
+    if layers == [None]:
+        return "{i}"
+    xs = sorted(set(layers))
+    if len(xs) == 1:
+        return str(xs[0])
+    if xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{{{xs[0]}..{xs[-1]}}}"
+    return "{" + ",".join(map(str, xs if len(xs) < 6 else [*xs[:2], "...", xs[-1]])) + "}"
 
 
 def _ranges(xs: list[int]) -> str:

@@ -25,7 +25,7 @@ import torch
 
 from convert import pages
 from convert.conversion import Conversion
-from convert.errors import ConversionError
+from convert.errors import ConversionError, listed
 from convert.keymaps import KeyMap, key_pattern
 from convert.layouts import (
     COLUMN,
@@ -120,6 +120,10 @@ def add_arguments(group) -> None:
                        f"{TANH_GELU} for a checkpoint without args)")
 
 
+DESCRIPTION = ("a Megatron-LM checkpoint: the NGC .zip, a .pt, or a directory of "
+               "mp_rank_XX/model_optim_rng.pt")
+
+
 def detect(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".pt" or (path.suffix == ".zip" and zipfile.is_zipfile(path)
@@ -145,8 +149,9 @@ def _check_shards(stages: list[list[Shard]]) -> None:
             keys, ref = set(shard.tensors), set(stage[0].tensors)
             if keys != ref:
                 diff = sorted(keys ^ ref)
-                raise ConversionError(f"{shard.where}: its tensors differ from {stage[0].where}'s "
-                                      f"({', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''})")
+                raise listed(f"{shard.where}: its tensors differ from {stage[0].where}'s "
+                             "(shards of different checkpoints?)",
+                             [*diff[:5], *["..."] * (len(diff) > 5)])
             for key in keys:
                 a, b = shard.tensors[key].shape, stage[0].tensors[key].shape
                 if a != b:

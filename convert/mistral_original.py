@@ -29,6 +29,9 @@ from mistral_jax.text.tokenizer import Tokenizer
 DEFAULT_ROPE_THETA = 10000.0  # what Mistral-7B-v0.1 used; its params.json does not say
 
 
+DESCRIPTION = "a Mistral release: params.json with consolidated.*.pth or consolidated.safetensors"
+
+
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / "params.json").is_file() and bool(_weight_files(path))
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from convert import pages
-from convert.errors import ConversionError
+from convert.errors import ConversionError, listed
 from convert.pickles import load_torch
 
 
@@ -60,9 +60,8 @@ class TensorSource:
                 files = {k: path / f for k, f in weight_map.items()}
                 missing = sorted({str(f) for f in files.values() if not f.is_file()})
                 if missing:
-                    raise ConversionError(
-                        f"{path / index} names shards that are absent: " + ", ".join(missing)
-                    )
+                    raise listed(f"{path / index} names {len(missing)} shard(s) that are absent; "
+                                 "copy them in beside it:", missing)
                 source = cls(files)
                 for f in dict.fromkeys(files.values()):  # read every header: fail early
                     source._handle(f)

@@ -383,7 +383,7 @@ def test_directory_without_a_checkpoint(tmp_path):
     (tmp_path / "empty" / megatron_files.TRACKER).write_text("100")
     with pytest.raises(ConversionError, match="no Megatron checkpoint"):
         megatron.conversion(tmp_path / "empty")
-    fails(tmp_path / "empty", tmp_path / "out", match="nor a Megatron-LM checkpoint")
+    fails(tmp_path / "empty", tmp_path / "out", match="megatron: a Megatron-LM checkpoint")
     (tmp_path / "empty" / "iter_0000100" / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(ConversionError, match="torch_dist .* --ckpt-convert-format torch"):
         megatron.conversion(tmp_path / "empty")
