@@ -28,10 +28,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
-from convert.errors import ConversionError, listed
-from convert.sources import SafetensorsFile
+from convert.formats import gguf, hf, megatron, mistral_original
+from convert.read.errors import ConversionError, listed
+from convert.read.sources import SafetensorsFile
 from mistral_jax import cli
 from mistral_jax.io.checkpoint import StreamingWriter
 from mistral_jax.quant import int8 as quant

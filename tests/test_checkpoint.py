@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import mistral_jax
 from convert import from_torch
-from convert.errors import ConversionError
+from convert.read.errors import ConversionError
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 12))

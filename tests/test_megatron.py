@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import mistral_jax
-from convert import from_torch, megatron, megatron_files
-from convert.errors import ConversionError
-from convert.pickles import MegatronEnum, load_torch
+from convert import from_torch
+from convert.formats import megatron
+from convert.read import megatron_files
+from convert.read.errors import ConversionError
+from convert.read.pickles import MegatronEnum, load_torch
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 from tests.fetch import byte_level_bpe

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import mistral_jax
 from convert import from_torch
-from convert.errors import ConversionError
+from convert.read.errors import ConversionError
 from tests.reference import hf_model, layers_renamed, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 14))

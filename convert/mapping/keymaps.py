@@ -1,12 +1,12 @@
 """The key-map engine: one table per format, walked one way to import and the other to export.
 
 A key map is `{torch key (with "{i}" for the layer index): (our name or names, Layout)}` (see
-convert/layouts.py). `convert_tensors` applies it to a source one tensor at a time, checks every
-shape against the model the config describes, hands each weight (or layer of a stacked weight)
-to a sink, and reports every problem at once (bonsai's converters do the same). `torch_tensors`
-walks the same table back, from our weights to torch's state dict, as levanter does with its one
-map. A format whose tensors are another's under other names renames that format's table
-(`renamed`) instead of writing a second one.
+convert/mapping/layouts.py). `convert_tensors` applies it to a source one tensor at a time,
+checks every shape against the model the config describes, hands each weight (or layer of a
+stacked weight) to a sink, and reports every problem at once (bonsai's converters do the same).
+`torch_tensors` walks the same table back, from our weights to torch's state dict, as levanter
+does with its one map. A format whose tensors are another's under other names renames that
+format's table (`renamed`) instead of writing a second one.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from convert.errors import ConversionError, listed
-from convert.layouts import Layout
-from convert.sources import TensorSource
+from convert.mapping.layouts import Layout
+from convert.read.errors import ConversionError, listed
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import Config
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models

@@ -1,8 +1,8 @@
 """Hugging Face folders (GPT2LMHeadModel, MistralForCausalLM, LlamaForCausalLM) <-> our weights.
 
 Each architecture is one table: HF key (with `{i}` for the layer) -> our weight name(s) and the
-layout between torch's tensor and ours, both ways (convert/layouts.py): import reads the table
-one way, export (convert/to_torch.py) the other. Torch `Linear` stores [out, in]; GPT-2's
+layout between torch's tensor and ours, both ways (convert/mapping/layouts.py): import reads the
+table one way, export (convert/to_torch.py) the other. Torch `Linear` stores [out, in]; GPT-2's
 `Conv1D` stores [in, out] and fuses q|k|v in `c_attn`. Heads become an explicit axis here, once.
 Other formats of the Llama family (Mistral's original release, GGUF) rename their keys onto
 `mistral_keymap`.
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.conversion import Conversion
-from convert.errors import ConversionError
-from convert.keymaps import KeyMap
-from convert.layouts import SAME, TRANSPOSED, Layout, heads_in, heads_out
-from convert.sources import TensorSource
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap
+from convert.mapping.layouts import SAME, TRANSPOSED, Layout, heads_in, heads_out
+from convert.read.errors import ConversionError
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import Config, GPT2Config, from_hf_dict
 from mistral_jax.text.tokenizer import Tokenizer
 

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.dtypes
 import torch
 
-from convert.errors import ConversionError, listed
+from convert.read.errors import ConversionError, listed
 
 
 class MegatronEnum:

@@ -1,7 +1,7 @@
 """The one error every converter raises for input it cannot convert, and the shape of its message.
 
-It lives alone so that the lowest layers (reading pickles, safetensors, GGUF metadata) can raise
-it without importing what sits above them.
+It lives in the lowest layer, beside the readers of pickles, safetensors and GGUF metadata that
+raise it first, so that every layer of `convert/` can raise it without importing upwards.
 """
 
 from __future__ import annotations

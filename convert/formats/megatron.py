@@ -1,5 +1,5 @@
 """Megatron-LM GPT-2 checkpoints -> our GPT-2 weights (the files are found and read by
-convert/megatron_files.py: the NGC zip, a .pt file, or a checkpoint directory).
+convert/read/megatron_files.py: the NGC zip, a .pt file, or a checkpoint directory).
 
 Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM") splits the column-parallel weights (fused
 QKV, h -> 4h and its bias, word embeddings, output layer) on dim 0 and the row-parallel ones
@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert import pages
-from convert.conversion import Conversion
-from convert.errors import ConversionError, listed
-from convert.keymaps import KeyMap, key_pattern
-from convert.layouts import (
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap, key_pattern
+from convert.mapping.layouts import (
     COLUMN,
     REPLICATED,
     ROW,
@@ -37,8 +35,10 @@ from convert.layouts import (
     heads_out,
     join_shards,
 )
-from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
-from convert.sources import TensorSource, to_numpy
+from convert.read import pages
+from convert.read.errors import ConversionError, listed
+from convert.read.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
+from convert.read.sources import TensorSource, to_numpy
 from mistral_jax.arch.configs import ConfigError, GPT2Config
 from mistral_jax.text.tokenizer import Tokenizer
 

@@ -9,7 +9,7 @@ config and the tokenizer; tensors are memory-mapped and dequantized one at a tim
 - Shapes: GGUF lists dims fastest first (ggml's `ne`); read back in C order a Linear weight is
   [out, in], as in torch, so HF's key map applies unchanged.
 - RoPE: q/k rows are permuted from HF's rotate-halves layout to interleaved pairs; permuted back.
-- Tokenizer: rebuilt from `tokenizer.ggml.*` in convert/gguf_tokenizer.py.
+- Tokenizer: rebuilt from `tokenizer.ggml.*` in convert/read/gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import pages
-from convert.conversion import Conversion
-from convert.errors import ConversionError, listed
-from convert.gguf_tokenizer import read_tokenizer
-from convert.hf import mistral_keymap
-from convert.keymaps import KeyMap, keymap_target, renamed
-from convert.layouts import rope_halves
-from convert.sources import TensorSource
+from convert.formats.hf import mistral_keymap
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap, keymap_target, renamed
+from convert.mapping.layouts import rope_halves
+from convert.read import pages
+from convert.read.errors import ConversionError, listed
+from convert.read.gguf_tokenizer import read_tokenizer
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import ConfigError, MistralConfig
 from mistral_jax.quant import int8 as quant
 
