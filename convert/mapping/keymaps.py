@@ -62,8 +62,9 @@ def convert_tensors(source: TensorSource, keymap: KeyMap, config: Config, *, ign
     The keys are checked first (unexpected, missing, layers beyond the config); then each tensor
     is read, transformed and shape-checked one at a time and handed to `sink(name, layer, value)`,
     or, without a sink, stacked into a nested dict that is returned. After the first problem the
-    rest are only checked, so that one ConversionError reports every problem (saying that the
-    config came from `origin`). A weight named in `quantized` reaches the sink as the source's
+    rest are only checked, so that one ConversionError reports every problem, its first line
+    naming `origin` (the file the config came from) and the config field the sizes contradict
+    (`Problems`). A weight named in `quantized` reaches the sink as the source's
     int8 blocks (`quant.QWeight`: its values and block scales through the same layout change).
     """
     expected = {

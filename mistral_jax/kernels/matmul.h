@@ -52,6 +52,10 @@ struct Kernels {
 // The kernels of `isa` (an Isa code, already resolved for this CPU).
 Kernels KernelsFor(int64_t isa);
 
+// Internal to each file that includes this (matmul_isa.cc instantiates them), as the tiles
+// were when they lived in one file: the same code, the same inlining.
+namespace {
+
 // ---------------------------------------------------------------------------------------
 // Vector paths, generic over the ISA traits I:
 //   I::W floats per vector; I::kTile kn columns per register tile; I::kMC rows of x per
@@ -328,5 +332,7 @@ void KnRowsAny(const Problem& p, int64_t k0, int64_t k1, int64_t Nv, float* acc,
   else
     KnRows<I, int8_t, true, kLanes, 1>(p, k0, k1, Nv, acc, ldacc);
 }
+
+}  // namespace
 
 }  // namespace mj

@@ -6,6 +6,8 @@
 
 namespace mj {
 
+namespace {
+
 // Plain C++ path: any shape; the "scalar" ISA, and the edges of the vector paths.
 
 // kn, columns [c0, c1): y[:, c0:c1] = the full result there. Row-wise, so w is read in order.
@@ -50,6 +52,8 @@ void NkScalarT(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+}  // namespace
+
 void KnScalar(const Problem& p, int64_t c0, int64_t c1) {
   p.int8 ? KnScalarT<int8_t>(p, c0, c1)
          : p.f32 ? KnScalarT<float>(p, c0, c1) : KnScalarT<uint16_t>(p, c0, c1);
@@ -58,6 +62,8 @@ void NkScalar(const Problem& p, int64_t r0, int64_t r1) {
   p.int8 ? NkScalarT<int8_t>(p, r0, r1)
          : p.f32 ? NkScalarT<float>(p, r0, r1) : NkScalarT<uint16_t>(p, r0, r1);
 }
+
+namespace {
 
 #ifdef MJ_X86
 #pragma GCC diagnostic push
@@ -132,6 +138,8 @@ MJ_AVX2 __attribute__((flatten)) void NkAvx2(const Problem& p, int64_t r0, int64
 
 #pragma GCC diagnostic pop
 #endif  // MJ_X86
+
+}  // namespace
 
 Kernels KernelsFor(int64_t isa) {
 #ifdef MJ_X86
