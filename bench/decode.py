@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mistral_jax  # noqa: E402
 from bench.common import chip_peaks, copy_bandwidth, equal_threads, median_time  # noqa: E402
-from convert import from_torch, hf  # noqa: E402
+from convert import from_torch  # noqa: E402
+from convert.formats import hf  # noqa: E402
 from mistral_jax.arch import configs
 from mistral_jax.base import trees  # noqa: E402
 from mistral_jax.inference import generation as gen  # noqa: E402

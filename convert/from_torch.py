@@ -28,10 +28,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from convert import gguf, hf, megatron, mistral_original
 from convert.cli import report
-from convert.errors import ConversionError
-from convert.sources import SafetensorsFile
+from convert.formats import gguf, hf, megatron, mistral_original
+from convert.read.errors import ConversionError, listed
+from convert.read.sources import SafetensorsFile
 from mistral_jax import cli
 from mistral_jax.io.checkpoint import StreamingWriter
 from mistral_jax.quant import int8 as quant
@@ -52,11 +52,14 @@ def detect(src: Path) -> str:
         SafetensorsFile(src)  # raises when it is not one
         raise ConversionError(f"{src} is a bare safetensors file; give the folder that holds it "
                               "with its config.json (a Hugging Face model folder)")
-    raise ConversionError(f"{src} is not a Hugging Face model folder (config.json with "
-                          "model.safetensors, a safetensors index or pytorch_model.bin) nor a "
-                          "Mistral release (params.json with consolidated.*.pth or "
-                          "consolidated.safetensors) nor a GGUF file nor a Megatron-LM checkpoint "
-                          "(.zip, .pt, or a directory of mp_rank_XX/model_optim_rng.pt)")
+    if src.is_dir():
+        names = sorted(p.name for p in src.iterdir())
+        what = f"a folder of {len(names)} file(s) ({', '.join(names[:3])}" \
+            f"{', ...' * (len(names) > 3)})" if names else "an empty folder"
+    else:
+        what = "a file"
+    raise listed(f"{src}: {what}, not a checkpoint this converter reads; give one of:",
+                 [f"{name}: {module.DESCRIPTION}" for name, module in FORMATS.items()])
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str | None = None,

@@ -30,7 +30,8 @@ import torch
 import transformers
 
 import mistral_jax
-from convert import from_torch, hf
+from convert import from_torch
+from convert.formats import hf
 from mistral_jax.base import trees
 from mistral_jax.cli import HelpFormatter, entry
 from mistral_jax.model import registry as models

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import mistral_jax
-from convert import hf, peft
 from convert.cli import report
-from convert.keymaps import torch_tensors
+from convert.formats import hf, peft
+from convert.mapping.keymaps import torch_tensors
 from mistral_jax import cli
 from mistral_jax.base import trees
 from mistral_jax.io import files, lora
@@ -29,7 +29,7 @@ from mistral_jax.quant import int8 as quant
 
 def hf_tensors(config, weights: dict) -> dict[str, np.ndarray]:
     """transformers' state dict ({HF key: array}) for our nested dict of numpy weights: the
-    import's key map (convert/hf.py) walked back."""
+    import's key map (convert/formats/hf.py) walked back."""
     return torch_tensors(hf.keymap(config), config, weights)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert import hf
+from convert.formats import hf
 from convert.parity import random_hf_model
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import mistral_jax
 from convert import from_torch
-from convert.errors import ConversionError
+from convert.read.errors import ConversionError
 from tests.reference import hf_model, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 12))
@@ -101,8 +101,9 @@ def test_config_that_does_not_match_the_weights(tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
     assert from_torch.main([str(src), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "transformer.wte.weight: shape (96, 32)" in last
+    lines = err[err.index("error: "):].splitlines()
+    assert lines[0].startswith(f"error: {src / 'config.json'} says n_embd 64; the weights have 32")
+    assert "    transformer.wte.weight: shape (96, 32) cannot give the config's (96, 64)" in lines
     assert not (tmp_path / "out").exists()
 
 
@@ -132,7 +133,9 @@ def test_not_a_checkpoint_and_not_a_model_folder(tmp_path, capsys):
     with pytest.raises(mistral_jax.CheckpointError, match="is not a mistral_jax checkpoint"):
         mistral_jax.load(tmp_path / "empty")
     assert from_torch.main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
-    assert "is not a Hugging Face model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: an empty folder, not a checkpoint" in err
+    assert "  hf: a Hugging Face model folder" in err
     assert from_torch.main([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

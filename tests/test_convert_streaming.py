@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import mistral_jax
-from convert import from_torch, hf
-from convert.sources import TensorSource
+from convert import from_torch
+from convert.formats import hf
+from convert.read.sources import TensorSource
 from mistral_jax.base import trees
 from mistral_jax.io.checkpoint import CheckpointError, StreamingWriter
 from mistral_jax.model import registry as models

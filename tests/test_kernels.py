@@ -203,6 +203,22 @@ def test_rejects_bad_arguments():
         kernels.matmul(x, jnp.zeros((2, 64, 32), jnp.bfloat16))
 
 
+@pytest.mark.parametrize("index", [-1, 3, 7])
+def test_a_layer_index_outside_the_stack_is_refused(index):
+    """A number at once, in either path; a traced one by the kernel when it runs (it used to
+    clamp it silently to the first or last layer)."""
+    x, w = jnp.ones((1, 64)), jnp.ones((3, 64, 32), jnp.bfloat16)
+    for fn in (kernels.matmul, kernels.reference):
+        with pytest.raises(ValueError, match=f"layer index {index} is outside w's 3 layers"):
+            fn(x, w, index=index)
+    _needs_kernel()
+    traced = jax.jit(lambda i: kernels.matmul(x, w, index=i))
+    assert np.array_equal(traced(2), kernels.reference(x, w, index=2))
+    with pytest.raises(ValueError, match=f"INVALID_ARGUMENT: matmul: layer index {index} is "
+                       "outside w's 3 layers"):  # how jax raises an FFI InvalidArgument
+        traced(index).block_until_ready()
+
+
 _CHILD = """
 import json, warnings
 import jax.numpy as jnp, numpy as np

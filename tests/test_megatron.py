@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import mistral_jax
-from convert import from_torch, megatron, megatron_files
-from convert.errors import ConversionError
-from convert.pickles import MegatronEnum, load_torch
+from convert import from_torch
+from convert.formats import megatron
+from convert.read import megatron_files
+from convert.read.errors import ConversionError
+from convert.read.pickles import MegatronEnum, load_torch
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 from tests.fetch import byte_level_bpe
@@ -383,7 +385,7 @@ def test_directory_without_a_checkpoint(tmp_path):
     (tmp_path / "empty" / megatron_files.TRACKER).write_text("100")
     with pytest.raises(ConversionError, match="no Megatron checkpoint"):
         megatron.conversion(tmp_path / "empty")
-    fails(tmp_path / "empty", tmp_path / "out", match="nor a Megatron-LM checkpoint")
+    fails(tmp_path / "empty", tmp_path / "out", match="megatron: a Megatron-LM checkpoint")
     (tmp_path / "empty" / "iter_0000100" / "__0_0.distcp").write_bytes(b"")
     with pytest.raises(ConversionError, match="torch_dist .* --ckpt-convert-format torch"):
         megatron.conversion(tmp_path / "empty")

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import mistral_jax
 from convert import from_torch
-from convert.errors import ConversionError
+from convert.read.errors import ConversionError
 from tests.reference import hf_model, layers_renamed, torch_logits
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 14))
@@ -108,7 +108,8 @@ def test_params_json_that_disagrees_with_the_tensors_is_named(tmp_path, capsys):
     write_release(tmp_path, params, sd)
     assert from_torch.main([str(tmp_path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert f"as {tmp_path / 'params.json'} describes it" in err
+    assert f"error: {tmp_path / 'params.json'} says intermediate_size 128; the weights have " \
+        "64: fix it" in err
     for w in ("w1", "w2", "w3"):
         assert f"layers.{{i}}.feed_forward.{w}.weight" in err or f"feed_forward.{w}.weight" in err
     assert not (tmp_path / "out").exists()

@@ -19,19 +19,22 @@ grows compute bound with M: at M = 16 it is 1.0-2x faster than float32 XLA, at M
 x is [M, K] float32 (bfloat16 is cast); w is int8, bfloat16 or float32, [K, N] (layout "kn": x @ w)
 or [N, K] (layout "nk": x @ w.T, e.g. a tied embedding table as the LM head). With `index`
 (an int32 scalar, may be traced, e.g. a scan's counter) w is a stack [L, K, N] / [L, N, K]
-and layer `index` is read in place; slicing it in XLA would copy the layer every step. int8
-needs `scale`, float32, per group of K/G consecutive k: [G, N] (kn) or [N, G] (nk), with a
-leading L when stacked; y[m, n] = sum_g scale[g, n] * sum_{k in group g} x[m, k] * w[k, n].
+and layer `index` is read in place; slicing it in XLA would copy the layer every step. An
+index outside [0, L) is refused (a ValueError when it is a number; when traced, the kernel's
+error at run time, where `reference`'s jnp indexing would clamp it). int8 needs `scale`,
+float32, per group of K/G consecutive k: [G, N] (kn) or [N, G] (nk), with a leading L when
+stacked; y[m, n] = sum_g scale[g, n] * sum_{k in group g} x[m, k] * w[k, n].
 
 `attention` (see its docstring) and `rows` exist for the same reason: XLA:CPU copied each block
 of a cache, and converted a whole 16-bit cache or embedding table to float32, every token.
 
-The C++ sources (*.cc, sharing common.h) are compiled into one library at first use with the
-system compiler (`CXX`, default g++) into ${MISTRAL_JAX_CACHE:-~/.cache/mistral_jax}/kernels/
-and dispatches on CPU features at run time. Where it cannot be used (no compiler, a failed
-build, not a CPU backend, an abstract mesh or arrays over several devices) `matmul` is
-`reference`, the same product in plain jnp. MISTRAL_JAX_CPU_KERNEL picks the path: auto
-(default, the best the CPU has), avx512, avx2, scalar, or off (reference).
+The C++ sources (*.cc, sharing common.h; matmul.h holds the matmul's tiles) are compiled into
+one library at first use with the system compiler (`CXX`, default g++) into
+${MISTRAL_JAX_CACHE:-~/.cache/mistral_jax}/kernels/ and dispatches on CPU features at run time.
+Where it cannot be used (no compiler, a failed build, not a CPU backend, an abstract mesh or
+arrays over several devices) `matmul` is `reference`, the same product in plain jnp.
+MISTRAL_JAX_CPU_KERNEL picks the path: auto (default, the best the CPU has), avx512, avx2,
+scalar, or off (reference).
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ _ATTENTION = "mistral_jax_attention"
 KV_TYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3}  # attention.cc's KvType
 _ISA_CODES = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 _ISA_NAMES = {1: "avx512", 2: "avx2", 3: "scalar"}
-_max_threads = 0  # 0: all of XLA's intra-op pool; for measurements
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -116,7 +118,7 @@ def build_seconds() -> float:
 
 
 def _build() -> ctypes.CDLL:
-    """Compiles matmul.cc (once per source, compiler and jaxlib) and loads it."""
+    """Compiles the sources (once per source, compiler and jaxlib) and loads them."""
     global _built_in
     cxx, out = _compiler(), _library_path()
     if not out.exists():
@@ -194,6 +196,8 @@ def _check(x, w, scale, index, layout):
     K, N = w.shape[-2:] if layout == "kn" else w.shape[:-3:-1]
     if x.shape[1] != K:
         raise ValueError(f"x {x.shape} and w {w.shape} (layout {layout}) disagree on K")
+    if stacked and not isinstance(index, jax.core.Tracer) and not 0 <= int(index) < w.shape[0]:
+        raise ValueError(f"layer index {int(index)} is outside w's {w.shape[0]} layers")
     if w.dtype == jnp.int8:
         if scale is None or scale.ndim != w.ndim or scale.shape[:-2] != w.shape[:-2]:
             raise ValueError(f"int8 w {w.shape} needs a scale of the same rank, got "
@@ -261,7 +265,7 @@ def matmul(x, w, scale=None, *, index=None, layout="kn"):
     idx = jnp.asarray(0 if index is None else index, jnp.int32).reshape(())
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], N), jnp.float32))
     return call(x, w, scale.astype(jnp.float32), idx, nk=np.int64(layout == "nk"),
-                isa=np.int64(_ISA_CODES[_mode()]), threads=np.int64(_max_threads))
+                isa=np.int64(_ISA_CODES[_mode()]))
 
 
 def rows(table, ids, scale=None):

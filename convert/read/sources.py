@@ -15,9 +15,9 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from convert import pages
-from convert.errors import ConversionError
-from convert.pickles import load_torch
+from convert.read import pages
+from convert.read.errors import ConversionError, listed
+from convert.read.pickles import load_torch
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -32,7 +32,7 @@ class TensorSource:
     """Named tensors read lazily, one at a time, from safetensors files or torch pickles.
 
     A safetensors tensor is read from its offset when asked for, so memory holds one tensor at a
-    time. A torch pickle goes through `convert.pickles.load_torch` (memory-mapped when the file
+    time. A torch pickle goes through `convert.read.pickles.load_torch` (memory-mapped when the file
     is in torch's zip format); `release(key)` hands a mapped tensor's pages back once it has been
     converted. Other sources (merged tensor-parallel shards, GGUF files)
     subclass this and override `keys` and `get` (and `release` if they hold memory).
@@ -60,9 +60,8 @@ class TensorSource:
                 files = {k: path / f for k, f in weight_map.items()}
                 missing = sorted({str(f) for f in files.values() if not f.is_file()})
                 if missing:
-                    raise ConversionError(
-                        f"{path / index} names shards that are absent: " + ", ".join(missing)
-                    )
+                    raise listed(f"{path / index} names {len(missing)} shard(s) that are absent; "
+                                 "copy them in beside it:", missing)
                 source = cls(files)
                 for f in dict.fromkeys(files.values()):  # read every header: fail early
                     source._handle(f)

@@ -3,7 +3,7 @@ the joining of tensor-parallel shards.
 
 A `Layout` is the pair of functions between one torch tensor and our value for it (one array,
 or a tuple of arrays where torch fuses several of ours, as GPT-2's `c_attn` fuses q|k|v). Key
-maps (convert/keymaps.py) pair a torch key with our name(s) and a layout; import calls
+maps (convert/mapping/keymaps.py) pair a torch key with our name(s) and a layout; import calls
 `to_ours`, export `to_torch`.
 
 Torch `Linear` stores [out, in]; we keep [in, out] and give attention heads an axis of their

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.dtypes
 import torch
 
-from convert.errors import ConversionError
+from convert.read.errors import ConversionError, listed
 
 
 class MegatronEnum:
@@ -103,10 +103,10 @@ def _name(g) -> str:
 
 
 def _refusal(where: str, names: list[str]) -> ConversionError:
-    return ConversionError(
+    return listed(
         f"{where}: refused to load: the pickle asks for {', '.join(sorted(set(names)))}, which a "
-        "model checkpoint has no reason to hold (allowed: tensors, argparse.Namespace args, "
-        "numpy rng state, Megatron enums); nothing in the file was run")
+        "model checkpoint has no reason to hold; nothing in the file was run",
+        ["(allowed: tensors, argparse.Namespace args, numpy rng state, Megatron enums)"])
 
 
 def _first_line(e: Exception) -> str:

@@ -1,8 +1,8 @@
 """Hugging Face folders (GPT2LMHeadModel, MistralForCausalLM, LlamaForCausalLM) <-> our weights.
 
 Each architecture is one table: HF key (with `{i}` for the layer) -> our weight name(s) and the
-layout between torch's tensor and ours, both ways (convert/layouts.py): import reads the table
-one way, export (convert/to_torch.py) the other. Torch `Linear` stores [out, in]; GPT-2's
+layout between torch's tensor and ours, both ways (convert/mapping/layouts.py): import reads the
+table one way, export (convert/to_torch.py) the other. Torch `Linear` stores [out, in]; GPT-2's
 `Conv1D` stores [in, out] and fuses q|k|v in `c_attn`. Heads become an explicit axis here, once.
 Other formats of the Llama family (Mistral's original release, GGUF) rename their keys onto
 `mistral_keymap`.
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.conversion import Conversion
-from convert.errors import ConversionError
-from convert.keymaps import KeyMap
-from convert.layouts import SAME, Layout, linear
-from convert.sources import TensorSource
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap
+from convert.mapping.layouts import SAME, Layout, linear
+from convert.read.errors import ConversionError
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import Config, GPT2Config
 from mistral_jax.io import files
 from mistral_jax.text.tokenizer import Tokenizer
@@ -80,6 +80,10 @@ def keymap(config: Config) -> KeyMap:
 
 # Buffers some checkpoints carry that are not weights (causal-mask tables, RoPE frequencies).
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
+
+
+DESCRIPTION = ("a Hugging Face model folder: config.json with model.safetensors, a safetensors "
+               "index or pytorch_model.bin")
 
 
 def detect(path: Path) -> bool:

@@ -1,5 +1,5 @@
 """Megatron-LM GPT-2 checkpoints -> our GPT-2 weights (the files are found and read by
-convert/megatron_files.py: the NGC zip, a .pt file, or a checkpoint directory).
+convert/read/megatron_files.py: the NGC zip, a .pt file, or a checkpoint directory).
 
 Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM") splits the column-parallel weights (fused
 QKV, h -> 4h and its bias, word embeddings, output layer) on dim 0 and the row-parallel ones
@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert import pages
-from convert.conversion import Conversion
-from convert.errors import ConversionError
-from convert.keymaps import KeyMap, key_pattern
-from convert.layouts import (
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap, key_pattern
+from convert.mapping.layouts import (
     COLUMN,
     REPLICATED,
     ROW,
@@ -36,8 +34,10 @@ from convert.layouts import (
     join_shards,
     linear,
 )
-from convert.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
-from convert.sources import TensorSource, to_numpy
+from convert.read import pages
+from convert.read.errors import ConversionError, listed
+from convert.read.megatron_files import Shard, dir_names, find_layout, read_shards, zip_names
+from convert.read.sources import TensorSource, to_numpy
 from mistral_jax.arch.configs import ConfigError, GPT2Config
 from mistral_jax.text.tokenizer import Tokenizer
 
@@ -119,6 +119,10 @@ def add_arguments(group) -> None:
                        f"{TANH_GELU} for a checkpoint without args)")
 
 
+DESCRIPTION = ("a Megatron-LM checkpoint: the NGC .zip, a .pt, or a directory of "
+               "mp_rank_XX/model_optim_rng.pt")
+
+
 def detect(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".pt" or (path.suffix == ".zip" and zipfile.is_zipfile(path)
@@ -144,8 +148,9 @@ def _check_shards(stages: list[list[Shard]]) -> None:
             keys, ref = set(shard.tensors), set(stage[0].tensors)
             if keys != ref:
                 diff = sorted(keys ^ ref)
-                raise ConversionError(f"{shard.where}: its tensors differ from {stage[0].where}'s "
-                                      f"({', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''})")
+                raise listed(f"{shard.where}: its tensors differ from {stage[0].where}'s "
+                             "(shards of different checkpoints?)",
+                             [*diff[:5], *["..."] * (len(diff) > 5)])
             for key in keys:
                 a, b = shard.tensors[key].shape, stage[0].tensors[key].shape
                 if a != b:

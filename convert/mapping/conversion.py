@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from convert.keymaps import KeyMap, Sink, convert_tensors, keymap_target
-from convert.sources import TensorSource
+from convert.mapping.keymaps import KeyMap, Sink, convert_tensors, keymap_target
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import Config
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models

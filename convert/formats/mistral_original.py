@@ -17,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.conversion import Conversion
-from convert.errors import ConversionError
-from convert.hf import mistral_keymap
-from convert.keymaps import KeyMap, renamed
-from convert.layouts import COLUMN, REPLICATED, ROW, join_shards, rope_halves
-from convert.sources import TensorSource
+from convert.formats.hf import mistral_keymap
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap, renamed
+from convert.mapping.layouts import COLUMN, REPLICATED, ROW, join_shards, rope_halves
+from convert.read.errors import ConversionError
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import MistralConfig
 from mistral_jax.text.tokenizer import Tokenizer
 
 DEFAULT_ROPE_THETA = 10000.0  # what Mistral-7B-v0.1 used; its params.json does not say
+
+
+DESCRIPTION = "a Mistral release: params.json with consolidated.*.pth or consolidated.safetensors"
 
 
 def detect(path: Path) -> bool:

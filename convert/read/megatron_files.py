@@ -3,7 +3,7 @@
 SRC is NVIDIA's NGC `.zip` (`release/mp_rank_00/model_optim_rng.pt` inside), one `.pt` file, or a
 checkpoint directory (`latest_checkpointed_iteration.txt`, `iter_NNNNNNN/` or `release/`, each
 holding `mp_rank_XX[_YYY]/model_optim_rng.pt`), or the iteration or rank directory inside one.
-Every torch file is read through `convert.pickles.load_torch`, memory-mapped where it can be.
+Every torch file is read through `convert.read.pickles.load_torch`, memory-mapped where it can be.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import ConversionError
-from convert.pickles import load_torch
+from convert.read.errors import ConversionError
+from convert.read.pickles import load_torch
 from mistral_jax.base import trees
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -9,7 +9,7 @@ config and the tokenizer; tensors are memory-mapped and dequantized one at a tim
 - Shapes: GGUF lists dims fastest first (ggml's `ne`); read back in C order a Linear weight is
   [out, in], as in torch, so HF's key map applies unchanged.
 - RoPE: q/k rows are permuted from HF's rotate-halves layout to interleaved pairs; permuted back.
-- Tokenizer: rebuilt from `tokenizer.ggml.*` in convert/gguf_tokenizer.py.
+- Tokenizer: rebuilt from `tokenizer.ggml.*` in convert/read/gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import pages
-from convert.conversion import Conversion
-from convert.errors import ConversionError
-from convert.gguf_tokenizer import read_tokenizer
-from convert.hf import mistral_keymap
-from convert.keymaps import KeyMap, keymap_target, renamed
-from convert.layouts import rope_halves
-from convert.sources import TensorSource
+from convert.formats.hf import mistral_keymap
+from convert.mapping.conversion import Conversion
+from convert.mapping.keymaps import KeyMap, keymap_target, renamed
+from convert.mapping.layouts import rope_halves
+from convert.read import pages
+from convert.read.errors import ConversionError, listed
+from convert.read.gguf_tokenizer import read_tokenizer
+from convert.read.sources import TensorSource
 from mistral_jax.arch.configs import ConfigError, MistralConfig
 from mistral_jax.quant import int8 as quant
 
@@ -59,6 +59,9 @@ def _gguf():
         raise ConversionError("reading GGUF files needs the gguf package: "
                               "pip install 'mistral_jax[gguf]'") from None
     return gguf
+
+
+DESCRIPTION = "a GGUF file (llama or mistral architecture)"
 
 
 def detect(path: Path) -> bool:
@@ -231,10 +234,10 @@ def conversion(path: Path, *, sliding_window: int | None = None) -> Conversion:
     unsupported = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                    if t.tensor_type.name not in SUPPORTED_TYPES]
     if unsupported:
-        raise ConversionError(f"{path}: {len(unsupported)} tensor(s) in a type this converter "
-                              f"does not dequantize: {', '.join(unsupported[:8])}"
-                              f"{' ...' if len(unsupported) > 8 else ''}; supported: "
-                              f"{', '.join(SUPPORTED_TYPES)}")
+        raise listed(f"{path}: {len(unsupported)} tensor(s) in a type this converter does not "
+                     "dequantize; convert the file again to a supported type",
+                     [*unsupported[:8], *["..."] * (len(unsupported) > 8),
+                      f"supported: {', '.join(SUPPORTED_TYPES)}"])
     notes = []  # what becomes of the quantized tensors depends on the flags: `storage_notes`
     name = str(meta.get("general.name", ""))
     if config.sliding_window is None and "mistral" in name.lower():
