@@ -52,12 +52,17 @@ def user_env():
 
 def test_relative_paths_everywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    hf_model("gpt2", Path("hf"))
+    theirs = hf_model("gpt2", Path("hf")).eval()
     assert from_torch.main(["hf", "ckpt"]) == 0
     model = mistral_jax.load("ckpt")
     mistral_jax.save(model, "copy")
     assert to_torch.main(["copy", "back"]) == 0
-    assert transformers.AutoConfig.from_pretrained("back").model_type == "gpt2"
+    back = transformers.AutoModelForCausalLM.from_pretrained("back").eval()
+    assert back.config.model_type == "gpt2"
+    ids = torch.tensor(np.random.default_rng(0).integers(0, theirs.config.vocab_size, (1, 12)))
+    with torch.no_grad():  # the weights made the round trip, not only the config
+        np.testing.assert_allclose(back(ids).logits.numpy(), theirs(ids).logits.numpy(),
+                                   atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "ckpt", "copy", "hf"]
 
 
@@ -295,6 +300,7 @@ def test_a_batch_of_conversations(text_ckpt):
              [{"role": "user", "content": "What is a lawyer?"}]]
     batch = mistral_jax.generate(params, messages=chats, max_new_tokens=6)
     assert batch == [mistral_jax.generate(params, messages=c, max_new_tokens=6) for c in chats]
+    assert all(batch)  # two replies, not two empty strings that agree
 
 
 def test_generate_takes_a_dtype(text_ckpt, capsys):
@@ -302,8 +308,8 @@ def test_generate_takes_a_dtype(text_ckpt, capsys):
     assert generate_cli.main([str(ckpt), "LAWYER", "--max-new-tokens", "5", "--dtype",
                               "bfloat16"]) == 0
     bf16 = mistral_jax.load(ckpt, dtype="bfloat16")
-    assert capsys.readouterr().out == "LAWYER" + mistral_jax.generate(
-        bf16, "LAWYER", max_new_tokens=5) + "\n"
+    text = mistral_jax.generate(bf16, "LAWYER", max_new_tokens=5)
+    assert text and capsys.readouterr().out == "LAWYER" + text + "\n"
 
 
 def test_float16_conversion(tmp_path):

@@ -1,17 +1,30 @@
-"""README.md's code fences pair up as a Markdown renderer pairs them: every block opens with a
-language and closes with a bare fence, and nothing that belongs to the prose (a heading, a
-table) lands inside a block, nor a command line outside one.
+"""The Markdown pages (README.md, CHANGELOG.md, docs/*.md) read as rendered. Their code
+fences pair up as a Markdown renderer pairs them: every block opens with a language and closes
+with a bare fence, and nothing that belongs to the prose (a heading, a table) lands inside a
+block, nor a command line outside one.
 
 A fence closed one line early is the failure this catches: the commands after it render as
 prose, and the bare fence meant to close the block opens a new one that swallows what follows
-(a table, the next `## ` heading) up to the next fence."""
+(a table, the next `## ` heading) up to the next fence.
+
+And what a page points at is there: README's Documentation section lists every docs page,
+every relative link reaches a file (and its `#anchor` a heading of it), and every repository
+path a page names in backticks exists."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+# a path in backticks under one of the repository's top folders; words in capitals are
+# placeholders (`runs/finetune-DATE-TIME/`), and `{a,b}` or `*` patterns are not paths
+PATH = re.compile(r"`((?:mistral_jax|convert|train|bench|tests|scripts|docs)/[\w./-]*)`")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 HEADING = re.compile(r"^#{2,6} \S")  # bash comments are "# ", Markdown sections "## " and deeper
 TABLE_ROW = re.compile(r"^\|.*\|\s*$")
@@ -53,9 +66,41 @@ def fence_problems(text: str) -> list[str]:
     return problems
 
 
-def test_every_readme_fence_opens_with_a_language_and_closes():
-    problems = fence_problems(README.read_text())
-    assert not problems, "README.md's code fences:\n" + "\n".join(problems)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_fence_opens_with_a_language_and_closes(page):
+    problems = fence_problems(page.read_text())
+    assert not problems, f"{page.name}'s code fences:\n" + "\n".join(problems)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors a renderer gives the headings of `page` (GitHub's rule: lower case, spaces
+    to hyphens, punctuation other than hyphens and underscores dropped)."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_and_paths_reach_what_they_name(page):
+    text = page.read_text()
+    for target in LINK.findall(text):
+        if re.match(r"\w+:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (page.parent / file).resolve() if file else page
+        assert linked.exists(), f"{page.name} links {target}: no such file"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name} links {target}: no such heading"
+    for path in PATH.findall(text) if page.name != "CHANGELOG.md" else ():  # it names old ones
+        if re.search(r"[A-Z]{2,}|[*{]", path):
+            continue
+        assert (ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
+
+
+def test_readme_lists_every_docs_page():
+    listed = README.read_text().split("\n## Documentation\n")[1].split("\n## ")[0]
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", listed))
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert pages and pages == linked
 
 
 BROKEN = """\
