@@ -266,7 +266,8 @@ def test_generation_from_python_and_the_command_line(followed):
 def test_reduced_precision_as_written(followed):
     cwd, namespace = followed.cwd, followed.namespaces["docs/precision.md"]
     model = mistral_jax.load(cwd / "ckpt-int8", kv_cache_dtype="int8")
-    assert model.layers.q[...].dtype == np.int8 and model.layers.q_scale[...].dtype == np.float32
+    assert model.layers.q.values[...].dtype == np.int8
+    assert model.layers.q.scale[...].dtype == np.float32
     prompt = "My favourite condiment is"
     generated(followed, f"python -m mistral_jax.generate ckpt-int8/ {prompt} --kv-cache-dtype "
               "int8 --verbose", model, prompt)
@@ -274,7 +275,7 @@ def test_reduced_precision_as_written(followed):
               "--verbose", mistral_jax.load(cwd / "ckpt", dtype="bfloat16"), prompt)
     assert "tokens/s" in result(followed, "python -m mistral_jax.generate ckpt-int8/").stderr
     quantized = namespace["quantized"]
-    assert quantized.kv_cache_dtype == "int8" and quantized.layers.q[...].dtype == np.int8
+    assert quantized.kv_cache_dtype == "int8" and quantized.layers.q.values[...].dtype == np.int8
 
 
 def test_fine_tuning_resumes_evaluates_and_exports(followed):
