@@ -17,17 +17,7 @@ import mistral_jax
 from mistral_jax.inference import generation as gen
 from mistral_jax.inference.sampling import Sampling, sample
 from mistral_jax.parallel import sharding
-from tests.reference import hf_model, ours
-
-# A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
-# so greedy decoding does not settle on one token.
-WINDOWED = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, sliding_window=4,
-                initializer_range=0.1)
-GPT2 = dict(n_head=8, n_embd=64, initializer_range=0.3)
-
-
-def prompt(length, seed=0):
-    return np.random.default_rng(seed).integers(3, 96, (1, length))
+from tests.reference import WINDOWED, hf_model, prompt
 
 
 def hf_greedy(model, ids, n, **kwargs):
@@ -39,16 +29,6 @@ def hf_greedy(model, ids, n, **kwargs):
                              pad_token_id=eos, **kwargs)
     out = out[:, ids.shape[1]:].numpy()
     return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=eos)
-
-
-@pytest.fixture(scope="module")
-def models_(tmp_path_factory):
-    pairs = {}
-    for name, kind, kwargs in [("mistral", "mistral", WINDOWED), ("gpt2", "gpt2", GPT2),
-                               ("llama", "llama", {"initializer_range": 0.1})]:
-        path = tmp_path_factory.mktemp(name)
-        pairs[name] = (hf_model(kind, path, **kwargs), ours(path))
-    return pairs
 
 
 @pytest.mark.parametrize("name", ["mistral", "gpt2", "llama"])
