@@ -8,9 +8,9 @@ and one that writes into a checkpoint folder copies it into its own tmp_path fir
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+if FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inherit it)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAKE_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -191,7 +191,8 @@ def test_sharded_model_generates_the_same_tokens(models_, name, spec):
     ids = np.concatenate([prompt(6, seed=s) for s in range(4)])
     expected = mistral_jax.generate_tokens(mine, ids, max_new_tokens=10)
     sharded = mistral_jax.shard(mine, mistral_jax.make_mesh(spec))
-    assert sharding.mesh_of(sharded) is not None
+    d, t = sharding.parse_mesh(spec)
+    assert dict(sharding.mesh_of(sharded).shape) == {"data": d, "model": t}
     np.testing.assert_array_equal(mistral_jax.generate_tokens(sharded, ids, max_new_tokens=10),
                                   expected)
 
@@ -336,7 +337,12 @@ def test_a_stream_compiles_its_step_once(text_model):
     jax.clear_caches()
     stream = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=12,
                                   stream=True)
-    assert "".join(stream) and stream.tokens >= 2
+    text = "".join(stream)
     # the prompt's bucket (16) in two window-sized chunks: the first, over an empty cache,
     # compiles apart from the second; then one decode step for every token
     assert compiled() == {"prefill": 2, "decode": 1}
+    ids = params.tokenizer.encode("My favourite condiment is")
+    row = mistral_jax.generate_tokens(params, [ids], max_new_tokens=12)[0].tolist()
+    eos = params.config.eos_token_id
+    assert stream.tokens == (row.index(eos) if eos in row else 12) >= 2
+    assert text == mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=12)

@@ -68,5 +68,6 @@ def test_every_exported_file_takes_its_mode_from_the_umask(tiny_ckpt, tmp_path):
     finally:
         os.umask(old)
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "back").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(modes)
+    assert sorted(modes) == ["config.json", "model.safetensors", "tokenizer.json",
+                            "tokenizer_config.json"], modes
     assert set(modes.values()) == {"0o640"}, modes
