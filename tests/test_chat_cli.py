@@ -55,9 +55,17 @@ def test_repetition_penalty_reaches_the_reply(tiny_ckpt, tiny_model):
     assert done.stdout == f"{expected}\n\n"
 
 
-def test_verbose_says_each_replys_rate(tiny_ckpt):
+def test_verbose_says_each_replys_rate(tiny_ckpt, tiny_model):
+    """Each reply's line counts its tokens (EOS not counted), as a stream of generate() does."""
+    counts, messages = [], [{"role": "system", "content": "Be brief."}]
+    for turn in ("Hi", "And salt?"):
+        messages.append({"role": "user", "content": turn})
+        stream = mistral_jax.generate(tiny_model, messages=messages, max_new_tokens=6,
+                                      stream=True)
+        messages.append({"role": "assistant", "content": "".join(stream)})
+        counts.append(stream.tokens)
     done = run_chat(tiny_ckpt, "Hi\nAnd salt?\n", "--verbose", "--max-new-tokens", "6")
     assert done.returncode == 0, done.stderr
     rates = re.findall(r"(\d+) tokens, ([\d.]+) tokens/s after the first; first token "
                        r"([\d.]+) s after the message", done.stderr)
-    assert len(rates) == 2 and all(1 <= int(n) <= 6 for n, _, _ in rates), done.stderr
+    assert [int(n) for n, _, _ in rates] == counts, done.stderr
