@@ -31,14 +31,14 @@ WAIT = 60  # seconds any one request may take
 PROMPT = "My favourite condiment is"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ckpt(tiny_ckpt):
     """conftest's tiny Mistral checkpoint (window 16, 256 positions, a byte-level BPE and a chat
     template), built once for the run."""
     return tiny_ckpt
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # module-scoped: `server` serves it
 def model(tiny_model):
     return tiny_model
 
