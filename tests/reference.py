@@ -13,6 +13,17 @@ from convert.parity import random_hf_model
 from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 
+# A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
+# so greedy decoding does not settle on one token (conftest.models_, test_generate).
+WINDOWED = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, sliding_window=4,
+                initializer_range=0.1)
+GPT2_WIDE = dict(n_head=8, n_embd=64, initializer_range=0.3)
+
+
+def prompt(length, seed=0):
+    """[1, length] random token ids in 3..95 (clear of the tiny models' special ids)."""
+    return np.random.default_rng(seed).integers(3, 96, (1, length))
+
 
 def hf_model(kind: str, path: Path | None = None, *, seed: int = 0, dtype=torch.float32,
              safe_serialization: bool = True, **overrides):
@@ -49,6 +60,15 @@ def ours(path: Path, dtype=None):
     """Our model from the HF folder `path`, through the converter."""
     config, weights = hf.convert(path, dtype)
     return trees.with_weights(models.abstract(config), weights)
+
+
+def top1_agreement(got: np.ndarray, ref: np.ndarray, resolution: float = 0.01) -> float:
+    """Share of positions where our argmax is the reference's, leaving out those where the
+    reference's top two are closer than `resolution` (bfloat16 carries 8 bits: near 1 a logit
+    moves by 0.004 when rounded, so such a position is a tie either way)."""
+    top2 = np.sort(ref, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] >= resolution
+    return float(np.mean((got.argmax(-1) == ref.argmax(-1))[decided]))
 
 
 def torch_logits(model, ids, mask=None, positions=None) -> np.ndarray:

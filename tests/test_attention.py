@@ -22,8 +22,7 @@ from mistral_jax.nn import blockwise as B
 from mistral_jax.nn import dense as D
 from mistral_jax.nn import layers as L
 from mistral_jax.nn.masking import Masking
-from tests.reference import hf_model, ours, torch_logits
-from tests.test_parity import top1_agreement
+from tests.reference import hf_model, ours, top1_agreement, torch_logits
 
 RNG = np.random.default_rng(0)
 

@@ -125,7 +125,7 @@ def test_hub_repo_id_resolves_from_the_cache_offline(tmp_path, monkeypatch, caps
 def test_a_gguf_file_of_a_hub_repo_resolves_from_the_cache(tmp_path, monkeypatch):
     from gguf import GGMLQuantizationType
 
-    from tests.test_gguf import write_gguf
+    from tests.gguf_reference import write_gguf
 
     model = hf_model("llama", tie_word_embeddings=True)
     (tmp_path / "repo").mkdir()

@@ -17,7 +17,7 @@ from mistral_jax.quant import int8 as quant
 from mistral_jax.serving import engine as eng
 from mistral_jax.serving import slots
 from mistral_jax.serving.engine import Engine, QueueFull
-from tests.test_generate import models_, prompt  # noqa: F401 (a fixture)
+from tests.reference import prompt
 
 WAIT = 120  # seconds any one wait may take before the test fails
 
@@ -69,7 +69,7 @@ def test_the_per_row_sampler_is_sample_row_by_row():
 
 
 @pytest.mark.parametrize("name", ["mistral", "gpt2"])
-def test_greedy_equals_generate_tokens(models_, engines, name):  # noqa: F811
+def test_greedy_equals_generate_tokens(models_, engines, name):
     # Mistral's window is 4: prompts of 9 and 21 wrap the rolling buffer; 2 slots for 3
     # requests: the third waits and takes a freed slot
     _, model = models_[name]
@@ -95,7 +95,7 @@ REQUESTS = [(3 + 37 * i // 15, 4 + 7 * i % 17, dict(KINDS[i % 5], seed=100 + i))
 # prefill compilations: each first-chunk width (attending to itself), and the chunk width of
 # the chunks after a first (attending to the cache too)
 @pytest.mark.parametrize("name,chunk,buckets", [("mistral", None, 2), ("gpt2", 32, 3)])
-def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chunk,  # noqa: F811
+def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chunk,
                                                      buckets):
     _, model = models_[name]
     jax.clear_caches()
@@ -118,16 +118,32 @@ def test_concurrent_requests_get_what_they_get_alone(models_, engines, name, chu
     assert compiled()["prefill"] == buckets
 
 
-def test_int8_weights_and_kv_cache_serve_what_generate_gives(models_, engines):  # noqa: F811
-    """The engine's per-row cache writes and freed slots with int8 keys, values and scales."""
+def test_int8_weights_and_kv_cache_serve_what_generate_gives(models_, engines):
+    """The engine's per-row cache writes and freed slots with int8 keys, values and scales:
+    each request gets what generate gives with the same int8 cache; and the int8 cache is the
+    one read, so the log-probabilities move (a little) from those over a float32 cache."""
     _, model = models_["mistral"]
-    int8 = with_options(quant.quantized(model), kv_cache_dtype="int8")
-    engine = engines(int8, max_batch=2)
-    assert engine._state.cache.k_scale is not None
+    float_kv = quant.quantized(model)
+    int8 = with_options(float_kv, kv_cache_dtype="int8")
     prompts = [prompt(n, seed=n)[0].tolist() for n in (3, 9, 21)]
-    requests = [engine.submit(p, max_tokens=12) for p in prompts]
-    for p, request in zip(prompts, requests, strict=True):
-        assert result(request) == alone(int8, p, 12)
+
+    def served(m):
+        engine = engines(m, max_batch=2)
+        requests = [engine.submit(p, max_tokens=12, logprobs=True) for p in prompts]
+        events = [list(r.events(timeout=WAIT)) for r in requests]
+        return ([([e.token for e in ev], r.finish_reason) for ev, r in zip(events, requests,
+                                                                          strict=True)],
+                [[e.logprob for e in ev] for ev in events])
+
+    got, logprobs = served(int8)
+    assert got == [alone(int8, p, 12) for p in prompts]
+    got_float, logprobs_float = served(float_kv)
+    moved = []  # |int8 - float32| for each token both caches chose alike so far
+    for (a, _), (b, _), la, lb in zip(got, got_float, logprobs, logprobs_float, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                    min(len(a), len(b)))
+        moved += np.abs(np.subtract(la[:same], lb[:same])).tolist()
+    assert len(moved) >= 12 and 1e-6 < max(moved) < 0.1, moved
 
 
 def test_prompt_widths_and_their_layout():
@@ -149,7 +165,8 @@ def test_prompt_widths_and_their_layout():
         assert ids.tolist() == positions.tolist() == list(range(70))
 
 
-def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engines):  # noqa: F811
+def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engines,
+                                                                   monkeypatch):
     _, model = models_["gpt2"]
     jax.clear_caches()
     engine = engines(model, max_batch=2)  # GPT-2's 64 positions: a chunk of 64
@@ -161,17 +178,28 @@ def test_warm_up_compiles_every_width_and_a_freed_slot_is_emptied(models_, engin
                      (3, 7, "prefill, 16 tokens"), (4, 7, "prefill, 32 tokens"),
                      (5, 7, "prefill, 64 tokens"), (6, 7, "freeing a slot"),
                      (7, 7, "moving a slot")]
+    emptied = []  # (slot, its row of the cache index once forgotten: all -1, nothing to read)
+    real_forget = slots.forget
+
+    def forget(state, slot):
+        state = real_forget(state, slot)
+        emptied.append((int(slot), bool((np.asarray(state.cache.index)[int(slot)] == -1).all())))
+        return state
+
+    monkeypatch.setattr(slots, "forget", forget)
     requests = [engine.submit(prompt(n, seed=n)[0].tolist(), max_tokens=3)
                 for n in (1, 9, 17, 31, 40, 60)]
     for request in requests:
         result(request)
     assert compiled() == {"decode": 2, "prefill": 3}  # the requests compiled nothing
     engine.stop()  # (its thread ends after the turn that freed the last slot)
-    assert (np.asarray(engine._state.cache.index) == -1).all()  # nothing left to read
+    # every request's slot was freed when it ended (slot 0: a request left in slot 1 moves down)
+    assert len(emptied) == len(requests)
+    assert all(empty for _, empty in emptied), emptied
 
 
 def test_a_request_left_in_a_high_slot_moves_down_and_still_gets_what_it_gets_alone(
-        models_, engines, monkeypatch):  # noqa: F811
+        models_, engines, monkeypatch):
     """Three short requests end; the long one in the last slot moves to the first, so the
     step narrows to one row, and its tokens are those it gets alone."""
     _, model = models_["gpt2"]
@@ -191,7 +219,7 @@ def test_a_request_left_in_a_high_slot_moves_down_and_still_gets_what_it_gets_al
     assert moves[0][0] == 3  # the long request left the last slot first
 
 
-def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):  # noqa: F811
+def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines):
     _, model = models_["mistral"]
     engine = engines(model)
     ids = prompt(6)[0].tolist()
@@ -207,7 +235,7 @@ def test_seed_changes_the_sample_and_logprobs_are_the_models(models_, engines): 
                                expected[np.arange(len(tokens)), tokens], atol=1e-4)
 
 
-def test_running_requests_decode_while_a_prompt_is_prefilled(models_, engines):  # noqa: F811
+def test_running_requests_decode_while_a_prompt_is_prefilled(models_, engines):
     _, model = models_["mistral"]
     model = copy.copy(model)
     model.config = dataclasses.replace(model.config, eos_token_id=None)  # no early stop
@@ -222,7 +250,7 @@ def test_running_requests_decode_while_a_prompt_is_prefilled(models_, engines): 
     assert result(running) == alone(model, prompt(5)[0].tolist(), 110)
 
 
-def test_cancelling_frees_the_slot(models_, engines):  # noqa: F811
+def test_cancelling_frees_the_slot(models_, engines):
     _, model = models_["mistral"]
     model = copy.copy(model)  # no EOS: the first request runs until it is cancelled
     model.config = dataclasses.replace(model.config, eos_token_id=None)
@@ -251,7 +279,7 @@ def test_cancelling_frees_the_slot(models_, engines):  # noqa: F811
     assert first.completion_tokens < 100 and dropped.completion_tokens == 0
 
 
-def test_the_queue_is_bounded(models_):  # noqa: F811
+def test_the_queue_is_bounded(models_):
     _, model = models_["gpt2"]
     engine = Engine(model, max_queue=2)  # not started: everything waits
     try:
@@ -268,7 +296,7 @@ def test_the_queue_is_bounded(models_):  # noqa: F811
 
 
 @pytest.mark.parametrize("option", ["max_batch", "max_len", "max_queue", "prefill_chunk"])
-def test_bad_engine_options_name_the_option(models_, option):  # noqa: F811
+def test_bad_engine_options_name_the_option(models_, option):
     with pytest.raises(ValueError, match=f"{option}=0 must be >= 1"):
         Engine(models_["gpt2"][1], **{option: 0})
     with pytest.raises(ValueError, match="needs 65 positions"):
@@ -280,7 +308,7 @@ def test_bad_engine_options_name_the_option(models_, option):  # noqa: F811
     (dict(max_tokens=60), "max_len"), (dict(prompt_ids=[5, 500]), "token id 500"),
     (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
     (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
-def test_bad_requests_name_the_field(models_, kwargs, field):  # noqa: F811
+def test_bad_requests_name_the_field(models_, kwargs, field):
     _, model = models_["gpt2"]  # 64 positions
     engine = Engine(model)
     try:
@@ -291,7 +319,7 @@ def test_bad_requests_name_the_field(models_, kwargs, field):  # noqa: F811
 
 
 @pytest.mark.parametrize("spec", ["1x2", "2x2"])
-def test_sharded_engine_generates_the_same_tokens(models_, engines, spec):  # noqa: F811
+def test_sharded_engine_generates_the_same_tokens(models_, engines, spec):
     _, model = models_["mistral"]
     sharded = mistral_jax.shard(model, mistral_jax.make_mesh(spec))
     engine = engines(sharded, max_batch=4)

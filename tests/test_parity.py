@@ -8,7 +8,7 @@ import torch
 import mistral_jax
 from mistral_jax.nn.dense import MIN_QUERY_BLOCK
 from mistral_jax.nn.layers import default_positions
-from tests.reference import hf_model, ours, torch_logits
+from tests.reference import hf_model, ours, top1_agreement, torch_logits
 
 ATOL = 1e-4
 
@@ -127,15 +127,6 @@ def test_long_sequences_in_causal_query_blocks_equal_torch(kind, overrides, tmp_
     assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected) <= 1e-5
 
 
-def top1_agreement(got: np.ndarray, ref: np.ndarray, resolution: float = 0.01) -> float:
-    """Share of positions where our argmax is the reference's, leaving out those where the
-    reference's top two are closer than `resolution` (bfloat16 carries 8 bits: near 1 a logit
-    moves by 0.004 when rounded, so such a position is a tie either way)."""
-    top2 = np.sort(ref, axis=-1)[..., -2:]
-    decided = top2[..., 1] - top2[..., 0] >= resolution
-    return float(np.mean((got.argmax(-1) == ref.argmax(-1))[decided]))
-
-
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])
 def test_bfloat16_top1_agrees_with_torch(kind, tmp_path):
     theirs = hf_model(kind, tmp_path)
@@ -149,19 +140,16 @@ def test_bfloat16_top1_agrees_with_torch(kind, tmp_path):
     assert top1_agreement(got, ref_bf16) >= 0.99
 
 
-def test_convert_parity_names_the_tokens_it_measured_on(tmp_path, capsys):
+def test_convert_parity_names_the_tokens_it_measured_on(tiny_hf, tiny_ckpt, capsys):
     """convert.parity's line says what its perplexity is of: text, tokenized with the
     checkpoint's tokenizer, when there is one (in CKPT, or in the HF folder converted in
     memory); random ids, whose perplexity is high for any model, only without one."""
-    from convert import from_torch, parity
-    from tests.reference import text_model
+    from convert import parity
 
-    text_model(tmp_path / "hf")
-    assert from_torch.main([str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
     capsys.readouterr()
     text = ", on 2 x 32 tokens of text (The Devil's Dictionary from its entry LAWYER on, in " \
         "train/corpus, with the checkpoint's tokenizer) [ok]\n"
-    for argv in ([tmp_path / "hf", tmp_path / "ckpt"], [tmp_path / "hf"]):
+    for argv in ([tiny_hf, tiny_ckpt], [tiny_hf]):
         assert parity.main([str(a) for a in argv]) == 0
         assert capsys.readouterr().out.endswith(text)
     assert parity.main(["--demo"]) == 0

@@ -26,26 +26,21 @@ import mistral_jax
 from mistral_jax.serving.app import create_app
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.server import Server
-from tests.reference import text_model
 
 WAIT = 60  # seconds any one request may take
 PROMPT = "My favourite condiment is"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny Mistral (window 16, 256 positions) with a byte-level BPE and a chat template."""
-    from convert import from_torch
-
-    src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("ckpt") / "tiny"
-    text_model(src)
-    assert from_torch.main([str(src), str(out)]) == 0
-    return out
+def ckpt(tiny_ckpt):
+    """conftest's tiny Mistral checkpoint (window 16, 256 positions, a byte-level BPE and a chat
+    template), built once for the run."""
+    return tiny_ckpt
 
 
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return mistral_jax.load(ckpt)
+@pytest.fixture(scope="module")  # module-scoped: `server` serves it
+def model(tiny_model):
+    return tiny_model
 
 
 @contextlib.contextmanager
