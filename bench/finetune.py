@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     from convert import from_torch
     from tests.fetch import wheel_member
-    from train import default
+    from train.input import default
 
     result = {"cpu_count": os.cpu_count(), "lora": {}, "main_job": {}}
     with tempfile.TemporaryDirectory() as tmp:

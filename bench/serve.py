@@ -43,7 +43,7 @@ import mistral_jax  # noqa: E402
 from bench.common import equal_threads  # noqa: E402
 from bench.decode import SMOLLM2_GGUF  # noqa: E402
 from convert import from_torch  # noqa: E402
-from train import default  # noqa: E402
+from train.input import default  # noqa: E402
 
 SLOTS, BURST = 32, 4
 TTFT_P99_S = 2.0  # the latency the headline arrival rate must keep

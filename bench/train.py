@@ -3,7 +3,7 @@ config (DESIGN.md "Benchmarks": Mistral, vocab 8000, hidden 512, intermediate 15
 8 heads, 2 kv heads, head_dim 64, no window, untied; batch 8 x 256; float32), ours on one
 device vs transformers' MistralForCausalLM with torch.optim.AdamW, in the same run with the
 same thread count; medians after warm-up. MFU is GEMM-relative: model FLOPs/s over a jitted
-large float32 matmul's FLOPs/s measured in the same run (train/flops.py counts the FLOPs).
+large float32 matmul's FLOPs/s measured in the same run (train/compute/flops.py counts the FLOPs).
 
     python bench/train.py [--repeats 5] [--remat none] [--json out.json]
 
@@ -36,9 +36,10 @@ from mistral_jax.arch import configs
 from mistral_jax.base import trees  # noqa: E402
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options  # noqa: E402
-from train import data as D  # noqa: E402
-from train import finetune, flops  # noqa: E402
-from train import step as S  # noqa: E402
+from train import finetune  # noqa: E402
+from train.compute import flops  # noqa: E402
+from train.compute import step as S  # noqa: E402
+from train.input import data as D  # noqa: E402
 
 CONFIG = configs.preset("mistral-20m")
 BATCH, SEQ, LR = 8, 256, 1e-4

@@ -91,7 +91,7 @@ PASSAGE = "LAWYER"  # the dictionary entry the text compared on starts at
 
 def passage(entries: int = 20) -> str:
     """`entries` entries of the dictionary from PASSAGE on: plain prose, hundreds of tokens."""
-    from train import default
+    from train.input import default
 
     found = default.entries(default.CORPUS.read_text(encoding="utf-8"))
     first = next(i for i, e in enumerate(found) if e.startswith(PASSAGE + ","))

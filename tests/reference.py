@@ -42,7 +42,7 @@ def text_model(path: Path, *, vocab_size: int = 512, **overrides):
     """A tiny random transformers Mistral with a real byte-level BPE (trained on the shipped
     corpus, <s> / </s> as BOS / EOS) and a chat template, saved as an HF folder at `path`."""
     from tests.fetch import byte_level_bpe
-    from train import default
+    from train.input import default
 
     bpe = byte_level_bpe(default.entries(default.CORPUS.read_text()[:80000]), vocab_size,
                          ["<s>", "</s>"])

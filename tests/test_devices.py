@@ -17,7 +17,9 @@ from mistral_jax.parallel import devices
 from mistral_jax.parallel.sharding import ShardingError
 from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
-from train import default, finetune, loop
+from train import finetune
+from train.input import default
+from train.run import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 heads, 2 kv heads, MLP 64: a model axis of 1, 2, 4 or 8 splits it, 3 does not.

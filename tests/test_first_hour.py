@@ -26,8 +26,9 @@ from mistral_jax.cli import generate as generate_cli
 from mistral_jax.io import files
 from mistral_jax.parallel import devices
 from tests.reference import hf_model, text_model
-from train import default, finetune
 from train import eval as eval_cli
+from train import finetune
+from train.input import default
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,7 +341,7 @@ def test_eval_gives_transformers_loss_on_the_same_tokens(text_ckpt, tmp_path, ca
     """train.eval packs like fine-tuning, each document alone; transformers runs each packed
     segment by itself and the summed losses agree."""
     hf, ckpt = text_ckpt
-    from train import data as D
+    from train.input import data as D
 
     entries = default.entries(default.CORPUS.read_text())[40:60]
     (tmp_path / "val.jsonl").write_text("".join(

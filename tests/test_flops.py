@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from mistral_jax.arch import configs
-from train import flops
+from train.compute import flops
 
 # Per layer: q [8, 2 x 4] 64 weights, k and v [8, 1 x 4] 32 each, o 64, gate / up / down 128
 # each: 576. The LM head [8, 32]: 256.

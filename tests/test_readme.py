@@ -6,9 +6,8 @@ The only changes are flags appended to shorten the work (`--steps`, a shorter `-
 fewer new tokens) and the `python` that runs them (this virtualenv's). A command two pages show
 runs once. Each page's Python blocks run in a namespace of their own, as one session would. The
 files the commands expect (`path/to/hf-folder`, `train.jsonl`, `val.jsonl`) are made first: a
-tiny random transformers Mistral with a real BPE tokenizer and a chat template, and JSONL from
-the shipped corpus. SKIPPED names what is not run (a download, a GPU, a quarter of an hour) and
-why; the serving blocks run in their own test, against a live server."""
+tiny transformers Mistral with a BPE tokenizer and a chat template, JSONL from the corpus. SKIPPED
+says what is not run, and why; the serving blocks run in their own test, on a live server."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ import mistral_jax
 from mistral_jax.base import trees
 from mistral_jax.text.chat_template import encode_chat
 from tests.reference import ours, text_model
-from train import default
+from train.input import default
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -266,8 +265,8 @@ def test_generation_from_python_and_the_command_line(followed):
 def test_reduced_precision_as_written(followed):
     cwd, namespace = followed.cwd, followed.namespaces["docs/precision.md"]
     model = mistral_jax.load(cwd / "ckpt-int8", kv_cache_dtype="int8")
-    assert model.layers.q.values[...].dtype == np.int8
-    assert model.layers.q.scale[...].dtype == np.float32
+    q = model.layers.q
+    assert (q.values[...].dtype, q.scale[...].dtype) == (np.int8, np.float32)
     prompt = "My favourite condiment is"
     generated(followed, f"python -m mistral_jax.generate ckpt-int8/ {prompt} --kv-cache-dtype "
               "int8 --verbose", model, prompt)

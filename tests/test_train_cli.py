@@ -22,8 +22,10 @@ from mistral_jax.arch import configs
 from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
 from tests.reference import hf_model
-from train import default, finetune, report
-from train.checkpoints import RunCheckpoints, saved_steps
+from train import finetune
+from train.input import default
+from train.run import report
+from train.run.checkpoints import RunCheckpoints, saved_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = default.CORPUS.read_text()
@@ -64,8 +66,8 @@ def losses(out):
 
 
 def assert_mfu_is_a_fraction(rows):
-    """Every training row has an MFU above 0 and below 1 (train/flops.py: model FLOPs over the
-    measured peak of the run's own devices)."""
+    """Every training row has an MFU above 0 and below 1 (train/compute/flops.py: model FLOPs over
+    the measured peak of the run's own devices)."""
     mfu = [r["mfu"] for r in rows if "loss" in r]
     assert mfu and all(0 < m < 1 for m in mfu), mfu
 
@@ -149,7 +151,7 @@ def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, tmp
 def test_resume_continues_with_the_same_losses(files, uninterrupted, monkeypatch, capsys):
     """Ctrl-C after step 3: the run says where its last checkpoint is and the command that
     resumes it; that command gives the uninterrupted run's losses."""
-    from train import data
+    from train.input import data
 
     out, calls = files / "interrupted", []
     real_next = data.Batches.__next__

@@ -1,4 +1,4 @@
-"""train/data.py: reading, packing, completion-only labels, document isolation, seeded and
+"""train/input/data.py: reading, packing, completion-only labels, document isolation, seeded and
 resumable batches placed with their data-axis sharding."""
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mistral_jax
-from train import data as D
+from train.input import data as D
 
 IGNORE = -100
 

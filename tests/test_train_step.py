@@ -1,4 +1,4 @@
-"""train/step.py and train/lora.py on a tiny sharded Mistral: accumulation equals one big
+"""train/compute/step.py and train/lora.py on a tiny sharded Mistral: accumulation equals one big
 batch, one compilation, skipped non-finite steps, remat, unrolled layers and bfloat16 keep the
 numbers, packed documents isolated as if alone, and LoRA trains only its adapters."""
 
@@ -13,8 +13,8 @@ from mistral_jax.base import trees
 from mistral_jax.io import lora
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options
-from train import data as D
-from train import step as S
+from train.compute import step as S
+from train.input import data as D
 
 TINY = configs.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,

@@ -23,8 +23,8 @@ from mistral_jax.parallel import devices
 # What --seq-len, --dtype and --isolate-documents are when neither the command line nor the
 # run that wrote the checkpoint or adapters says (train.finetune's own defaults).
 DEFAULTS = {"seq_len": 256, "dtype": "float32", "isolate_documents": True}
-RUN_FILE = "run.json"  # train.loop.RUN_FILE: what a run records in OUT, beside final/, adapters/
-RUN_OUTPUTS = ("final", "adapters")  # train.loop's FINAL and ADAPTERS
+RUN_FILE = "run.json"  # train.run.loop.RUN_FILE: what a run records beside final/, adapters/
+RUN_OUTPUTS = ("final", "adapters")  # train.run.loop's FINAL and ADAPTERS
 
 
 def run_settings(args) -> tuple[dict, str | None]:
@@ -98,8 +98,8 @@ def evaluate(args) -> tuple[float, float, int]:
     from mistral_jax.base.notes import note
     from mistral_jax.io import lora
     from mistral_jax.io.checkpoint import read_config
-    from train import data as D
-    from train import step as S
+    from train.compute import step as S
+    from train.input import data as D
 
     if lora.is_adapters(args.ckpt):
         base = lora.read_info(args.ckpt).get("base") or "BASE"

@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 
-from train.errors import UsageError
+from train.run.errors import UsageError
 
 
 def positive(kind):
@@ -128,7 +128,7 @@ GENERIC = dict(steps=1000, batch_size=8, seq_len=256, lr=1e-4, eval_every=200, s
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    from train import default
+    from train.input import default
 
     base = default.FLAGS if args.init is None else GENERIC
     for name, value in base.items():
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     from mistral_jax.io.checkpoint import CheckpointError
     from mistral_jax.io.lora import LoraError
     from mistral_jax.parallel.sharding import ShardingError
-    from train.data import DataError
+    from train.input.data import DataError
 
     errors = (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError,
               FileNotFoundError)
@@ -198,7 +198,7 @@ def start_run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from mistral_jax.base.notes import LOGGER
     from mistral_jax.parallel import devices
-    from train.loop import Interrupted, Stopped, run
+    from train.run.loop import Interrupted, Stopped, run
 
     try:
         args = with_defaults(args)

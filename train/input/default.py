@@ -13,9 +13,9 @@ from pathlib import Path
 
 from mistral_jax.arch.configs import MistralConfig
 from mistral_jax.text.tokenizer import Tokenizer
-from train.data import Document
+from train.input.data import Document
 
-CORPUS = Path(__file__).parent / "corpus" / "devils_dictionary.txt"
+CORPUS = Path(__file__).parents[1] / "corpus" / "devils_dictionary.txt"
 VOCAB = 4096
 # A 4-layer Mistral of 5.1M parameters (Llama-style: no window), grouped-query attention.
 CONFIG = MistralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=768,

@@ -18,11 +18,13 @@ from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options
 from mistral_jax.parallel import devices
 from mistral_jax.text.tokenizer import Tokenizer
-from train import data as D
-from train import default, flops, report
-from train import step as S
-from train.checkpoints import CHECKPOINTS, RunCheckpoints, has_checkpoints, saved_steps
-from train.errors import UsageError
+from train.compute import flops
+from train.compute import step as S
+from train.input import data as D
+from train.input import default
+from train.run import report
+from train.run.checkpoints import CHECKPOINTS, RunCheckpoints, has_checkpoints, saved_steps
+from train.run.errors import UsageError
 
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
@@ -215,7 +217,7 @@ class Trainer:
                                           lora_rank=args.lora_rank or 0)
 
     def model_flops(self, batches: D.Batches) -> float:
-        """The model FLOPs of the step on the batch `batches` hands out next (train.flops)."""
+        """The model FLOPs of the step on the batch `batches` hands out next (compute.flops)."""
         segments = batches.rows.segments[batches.row_indices(batches.position)]
         pairs = flops.attention_pairs(segments, self.setup.config.sliding_window,
                                       self.args.isolate_documents)
