@@ -43,6 +43,8 @@ def linear(config: Config, name: str) -> Layout:
     shaped as arch/weights.py says: q [d, heads, head_dim], o [heads, head_dim, d], gate [d, f]."""
     w = next(w for w in weights.TABLES[model_type(config)] if w.name == name)
     shape = weights.shape(w, config)[w.lead:]
+    if len(shape) == 2:  # no axis to split: a tensor of the wrong size keeps its own shape,
+        return Layout(lambda t: t.T, lambda x: x.T)  # so the error can name the config field
     k = math.prod(shape[:w.inputs])
     return Layout(lambda t: t.T.reshape(shape), lambda x: x.reshape(k, -1).T)
 
