@@ -59,3 +59,11 @@ def tiny_model(tiny_ckpt):
     import mistral_jax
 
     return mistral_jax.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def megatron_tensors():
+    """A random GPT-2 as Megatron's language_model holds it (test_megatron, its errors)."""
+    from tests.megatron_reference import megatron_weights
+
+    return megatron_weights()

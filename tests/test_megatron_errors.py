@@ -29,16 +29,10 @@ from tests.megatron_reference import (
     save_megatron,
 )
 
-
-@pytest.fixture(scope="module")
-def weights():
-    return megatron_weights()
-
-
 # --- bad input --------------------------------------------------------------------------------
 
-def test_truncated_file(weights, tmp_path):
-    src = save_megatron(tmp_path / "src", weights, 3.0, tp=2)
+def test_truncated_file(megatron_tensors, tmp_path):
+    src = save_megatron(tmp_path / "src", megatron_tensors, 3.0, tp=2)
     shard = src / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt"
     shard.write_bytes(shard.read_bytes()[:5000])
     fails(src, tmp_path / "out", match=f"{shard}: cannot read as a torch checkpoint")
@@ -57,9 +51,9 @@ def test_directory_without_a_checkpoint(tmp_path):
         megatron.conversion(tmp_path / "empty")
 
 
-def test_the_tracker_chooses_among_iterations(weights, tmp_path):
+def test_the_tracker_chooses_among_iterations(megatron_tensors, tmp_path):
     later = megatron_weights(seed=1)
-    src = save_megatron(tmp_path, weights, 3.0, iteration="iter_0000100")
+    src = save_megatron(tmp_path, megatron_tensors, 3.0, iteration="iter_0000100")
     save_megatron(tmp_path, later, 3.0, iteration="iter_0000200")  # the tracker now says 200
     expected = megatron_forward(later, 3.0, F.gelu, IDS)
     assert np.abs(ours(src)[0] - expected).max() <= 1e-4
@@ -68,18 +62,18 @@ def test_the_tracker_chooses_among_iterations(weights, tmp_path):
         megatron.conversion(src)
 
 
-def test_mismatched_shards(weights, tmp_path):
-    a = save_megatron(tmp_path / "a", weights, 3.0, tp=2)
-    b = save_megatron(tmp_path / "b", weights, 2.0, tp=2)
+def test_mismatched_shards(megatron_tensors, tmp_path):
+    a = save_megatron(tmp_path / "a", megatron_tensors, 3.0, tp=2)
+    b = save_megatron(tmp_path / "b", megatron_tensors, 2.0, tp=2)
     rank1 = a / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt"
     rank1.write_bytes((b / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt").read_bytes())
     fails(a, tmp_path / "out", match=f"{rank1}: checkpoint_version 2.0, but .* has 3.0")
-    c = save_megatron(tmp_path / "c", weights, 3.0, tp=4)  # a TP-4 shard among TP-2 ones
+    c = save_megatron(tmp_path / "c", megatron_tensors, 3.0, tp=4)  # a TP-4 shard among TP-2 ones
     rank1.write_bytes((c / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt").read_bytes())
     fails(a, tmp_path / "out", match=f"{rank1}: args.tensor_model_parallel_size = 4")
     (c / "iter_0000100" / "mp_rank_02").rename(tmp_path / "gone")
     fails(c, tmp_path / "out", match="shards mp_rank_02 are absent")
-    d = save_megatron(tmp_path / "d", weights, 3.0, tp=2)  # same args, a tensor cut short
+    d = save_megatron(tmp_path / "d", megatron_tensors, 3.0, tp=2)  # same args, a tensor cut short
     rank1 = d / "iter_0000100" / "mp_rank_01" / "model_optim_rng.pt"
     ckpt = torch.load(rank1, weights_only=False)
     bias = ckpt["model"]["language_model"]["encoder"]
@@ -89,8 +83,8 @@ def test_mismatched_shards(weights, tmp_path):
           r"dense_h_to_4h.bias is \(127,\), but \(128,\) in .*mp_rank_00")
 
 
-def test_missing_tensors_are_all_listed(weights, tmp_path):
-    w = {k: v for k, v in weights.items()
+def test_missing_tensors_are_all_listed(megatron_tensors, tmp_path):
+    w = {k: v for k, v in megatron_tensors.items()
          if "layers.2.mlp.dense_4h_to_h.bias" not in k and "final_layernorm.bias" not in k}
     src = save_megatron(tmp_path / "src", w, 3.0)
     message = fails(src, tmp_path / "out", match="2 problem")
@@ -99,19 +93,19 @@ def test_missing_tensors_are_all_listed(weights, tmp_path):
         in message
 
 
-def test_missing_heads_without_args(weights, tmp_path):
-    src = save_megatron(tmp_path / "src", weights, 0, args=None)
+def test_missing_heads_without_args(megatron_tensors, tmp_path):
+    src = save_megatron(tmp_path / "src", megatron_tensors, 0, args=None)
     fails(src, tmp_path / "out", match="--num-attention-heads")
     fails(src, tmp_path / "out", "--num-attention-heads", "5", match="n_embd=64 is not a "
           "multiple of n_head=5")
 
 
-def test_not_a_gpt2(weights, tmp_path):
-    src = save_megatron(tmp_path / "src", weights, 3.0, args=megatron_args(swiglu=True))
+def test_not_a_gpt2(megatron_tensors, tmp_path):
+    src = save_megatron(tmp_path / "src", megatron_tensors, 3.0, args=megatron_args(swiglu=True))
     fails(src, tmp_path / "out", match="args.swiglu = True")
 
 
-# --- torch pickles that ask for more than weights ---------------------------------------------
+# --- torch pickles that ask for more than weights -------------------------------------------------
 
 class Payload:
     """Runs a shell command when unpickled by an unguarded torch.load / pickle.load."""
@@ -124,7 +118,7 @@ class Payload:
 
 
 @pytest.mark.parametrize("container", ["pt", "legacy-pt", "ngc-zip"])
-def test_malicious_pickle_is_refused_and_never_runs(weights, container, tmp_path):
+def test_malicious_pickle_is_refused_and_never_runs(megatron_tensors, container, tmp_path):
     marker = tmp_path / "ran"
     ckpt = {"model": {"language_model": {"x": torch.zeros(2)}}, "args": Payload(marker)}
     pt = tmp_path / "model_optim_rng.pt"
