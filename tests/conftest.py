@@ -13,6 +13,15 @@ if FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inhe
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAKE_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One XLA compilation cache for the run, new each run: the workers and every CLI a test starts
+# (a subprocess compiling the same tiny model's steps again) share it, so a program compiled once
+# is loaded from disk after. Set in the controller before the workers start; they inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mistral_jax-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
 
