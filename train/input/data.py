@@ -130,7 +130,7 @@ def summary(rows: Rows, docs: list[Document], what: str, *,
     lines = [f"note: {describe(rows, len(docs), what)}, {rows.padding_share:.1%} padding{cut}"]
     chats = sum(docs[d].messages is not None for d in rows.cut)
     if chats and isolate_documents:
-        lines.append(f"warning: {chats:,} of {what.removeprefix('the ')}'s "
+        lines.append(f"warning: {what}: {chats:,} of "
                      f"{sum(d.messages is not None for d in docs):,} conversations are longer "
                      f"than --seq-len {seq_len} and were cut into pieces, at the start of a user "
                      "turn where one fits (a piece does not see the turns before it)")
