@@ -152,3 +152,12 @@ def test_reading_messages_lines(tmp_path):
     docs = D.read_documents(path)
     assert docs == [D.Document(messages=tuple(conversation)), D.Document("t")]
     assert [d.where for d in docs] == [f"{path}:1", f"{path}:2"]
+
+
+def test_a_tokenizer_without_a_template_says_where_to_add_one(chatml, tmp_path):
+    bare = Tokenizer.from_file(chatml.save(tmp_path)[0], config=b'{"eos_token": "<|im_end|>"}')
+    assert bare.chat_template is None
+    doc = D.Document(messages=(say("user", "hi"), say("assistant", "hello")), where="c.jsonl:3")
+    with pytest.raises(D.DataError, match="^c.jsonl:3: the checkpoint's tokenizer has no chat "
+                       "template .* tokenizer_config.json"):
+        D.tokenize([doc], bare)

@@ -55,6 +55,10 @@ def encode(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], *,
     """The conversation's ids, the tokens counted (`loss_on` "assistant": the assistant's
     turns and their end-of-turn tokens; "all": every token) and the tokens where user turns
     after the first message start. A ValueError says what cannot be rendered or counted."""
+    if tokenizer.chat_template is None and tokenizer.kind != "sentencepiece":
+        raise ValueError("the checkpoint's tokenizer has no chat template to render "
+                         "conversations with: add its chat_template to the checkpoint's "
+                         "tokenizer_config.json (or a chat_template.jinja file)")
     roles = [m["role"] for m in messages]
     if loss_on == "assistant" and "assistant" not in roles:
         raise ValueError("the conversation has no assistant message, so --loss-on assistant "
