@@ -73,8 +73,8 @@ def _jsonl_document(line: str, where: str) -> Document:
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with \"text\" or \"prompt\" and "
-                        f"\"completion\", got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object with \"text\", \"prompt\" and "
+                        f"\"completion\", or \"messages\", got {type(row).__name__}")
     if "text" in row and isinstance(row["text"], str):
         return Document(row["text"], where=where)
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
