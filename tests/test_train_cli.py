@@ -127,8 +127,8 @@ def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, tmp
     full = files / "uninterrupted"
     loss, said = evaluate(str(full / "final"))
     assert f"{loss:.4f}" == f"{uninterrupted[1][6]:.4f}"
-    assert "--seq-len 32, --dtype float32, --isolate-documents: as the run in " \
-        f"{full} trained" in said
+    assert "--seq-len 32, --dtype float32, --isolate-documents, --loss-on assistant: as the " \
+        f"run in {full} trained" in said
     assert evaluate(str(full / "final"), "--seq-len", "256")[0] != pytest.approx(loss, abs=1e-3)
 
     lora = tmp_path / "lora"

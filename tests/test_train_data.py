@@ -42,12 +42,12 @@ def test_prompt_and_completion_count_only_the_completion_and_its_eos():
 
 def test_isolated_documents_restart_positions_and_are_not_predicted_across():
     docs = D.tokenize([D.Document("abc"), D.Document("de"), D.Document("f")], Chars())
-    rows = D.pack(docs, 8, pad_id=9)  # isolated is the default
-    # a b c EOS | d e EOS | f ... (then EOS, in the next row)
-    assert rows.segments[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    rows = D.pack(docs, 8, pad_id=9)  # isolated is the default: whole documents, best fit
+    # a b c EOS | d e EOS | padding; then f EOS in a row of its own: no document is cut
+    assert rows.segments.tolist() == [[0, 0, 0, 0, 1, 1, 1, -1], [2, 2] + [-1] * 6]
     assert rows.positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
     assert rows.labels[0].tolist() == [1, 2, 3, 0, IGNORE, 5, 0, IGNORE]
-    assert rows.positions[1].tolist()[:2] == [0, 0]  # f's EOS starts the row; padding after
+    assert rows.ids[1].tolist() == [6, 0] + [9] * 6 and rows.cut == ()
 
 
 def test_reading_text_and_jsonl(tmp_path):

@@ -5,9 +5,9 @@ fine-tuning run's eval prints, on the same tokenization and packing.
     python -m train.eval base/ --data val.jsonl --adapters run/adapters --mesh 1x8
 
 On a run's OUT/final, or with --adapters OUT/adapters, the settings that change the loss
-(--seq-len, --dtype, --isolate-documents) default to the run's own, from OUT/run.json; a flag
-given on the command line wins. The run's eval counts at most its --eval-batches batches; this
-counts every row of --data.
+(--seq-len, --dtype, --isolate-documents, --loss-on) default to the run's own, from
+OUT/run.json; a flag given on the command line wins. The run's eval counts at most its
+--eval-batches batches; this counts every row of --data.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from mistral_jax import cli
 from mistral_jax.parallel import devices
 
-# What --seq-len, --dtype and --isolate-documents are when neither the command line nor the
-# run that wrote the checkpoint or adapters says (train.finetune's own defaults).
-DEFAULTS = {"seq_len": 256, "dtype": "float32", "isolate_documents": True}
+# What --seq-len, --dtype, --isolate-documents and --loss-on are when neither the command line
+# nor the run that wrote the checkpoint or adapters says (train.finetune's own defaults).
+DEFAULTS = {"seq_len": 256, "dtype": "float32", "isolate_documents": True, "loss_on": "assistant"}
 RUN_FILE = "run.json"  # train.run.loop.RUN_FILE: what a run records beside final/, adapters/
 RUN_OUTPUTS = ("final", "adapters")  # train.run.loop's FINAL and ADAPTERS
 
@@ -64,8 +64,9 @@ def arguments():
     p.add_argument("ckpt", help="checkpoint directory (convert.from_torch or train.finetune "
                    "writes one)")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt files (each "
-                   "one document) or .jsonl with {\"text\"} or {\"prompt\", \"completion\"} per "
-                   "line (the completion counted only), as train.finetune reads them")
+                   "one document) or .jsonl with {\"text\"}, {\"prompt\", \"completion\"} (the "
+                   "completion counted only) or {\"messages\"} (see --loss-on) per line, as "
+                   "train.finetune reads them")
     p.add_argument("--adapters", metavar="DIR", help="LoRA adapters directory to apply")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: "
                    f"the run's, on a fine-tuning run's output; else {DEFAULTS['seq_len']})")
@@ -74,6 +75,9 @@ def arguments():
                    help="each document attends only to itself, positions restarting, as "
                    "train.finetune trains by default; --no-isolate-documents: rows attend "
                    "across the documents packed into them (default: the run's, else isolated)")
+    p.add_argument("--loss-on", choices=["assistant", "all"], default=None,
+                   help="the tokens of a conversation counted: the assistant's turns and their "
+                   "end-of-turn tokens, or all (default: the run's, else assistant)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: the run's, else float32)")
     cli.add_mesh(p)
@@ -95,7 +99,7 @@ def evaluate(args) -> tuple[float, float, int]:
 
     import mistral_jax
     from mistral_jax.base import trees
-    from mistral_jax.base.notes import note
+    from mistral_jax.base.notes import note, warn
     from mistral_jax.io import lora
     from mistral_jax.io.checkpoint import read_config
     from train.compute import step as S
@@ -126,7 +130,10 @@ def evaluate(args) -> tuple[float, float, int]:
     tokenizer = model.tokenizer
     pad = tokenizer.pad_id if tokenizer and tokenizer.pad_id is not None else \
         (tokenizer.eos_id if tokenizer else 0)
-    rows = D.pack(D.tokenize(docs, tokenizer), seq_len, pad_id=pad, isolate_documents=isolate)
+    rows = D.pack(D.tokenize(docs, tokenizer, loss_on=settings["loss_on"]), seq_len,
+                  pad_id=pad, isolate_documents=isolate)
+    for line in D.summary(rows, docs, "the data", isolate_documents=isolate)[1:]:
+        warn(line.removeprefix("warning: "))
     dtype = jnp.bfloat16 if settings["dtype"] == "bfloat16" else jnp.float32
     with jax.set_mesh(mesh):
         batch = D.eval_batch(rows, batch_size=args.batch_size,

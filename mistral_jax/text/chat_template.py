@@ -9,6 +9,10 @@ trim_blocks and lstrip_blocks, the loopcontrols extension, `raise_exception(mess
 (`bos_token`, ...) as strings. The text is then tokenized with special-token strings such as
 "<s>" mapped to their ids and nothing added (no BOS of the tokenizer's own).
 
+`{% generation %}...{% endgeneration %}` marks what the assistant generates, as transformers'
+extension of that name does for `return_assistant_tokens_mask`; `render_spans` gives the character
+spans so marked (training counts the tokens over them), `render` drops the marks.
+
 A sentencepiece tokenizer without a template gets Mistral-7B-Instruct-v0.1's format, the
 chat_template of its tokenizer_config.json on the Hugging Face Hub (early-2024 revision):
     <s>[INST] {user} [/INST]{assistant}</s>[INST] {user} [/INST]
@@ -21,11 +25,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mistral_jax.text.tokenizer import Tokenizer
@@ -52,6 +58,26 @@ MISTRAL_V01_TEMPLATE = r"""
 """
 
 
+# What a {% generation %} block's output is wrapped in while rendering: two Unicode noncharacters,
+# which the standard sets aside for a program's internal use, so no real text holds them.
+GENERATION_START, GENERATION_END = "\ufdd0", "\ufdd1"
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}BODY{% endgeneration %}` renders BODY between GENERATION_START and
+    GENERATION_END."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_wrap"), [], [], body).set_lineno(lineno)
+
+    def _wrap(self, caller) -> str:
+        return GENERATION_START + caller() + GENERATION_END
+
+
 class _TemplateRaised(jinja2.TemplateError):
     """`raise_exception(message)` called by a template: its message is for the user."""
 
@@ -69,7 +95,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", _Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -107,13 +133,51 @@ def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
     """The prompt text for `messages`: `template`, else the tokenizer's chat template, else (for a
     sentencepiece tokenizer) Mistral-7B-Instruct-v0.1's format. A template's raise_exception and
     any other template error become a ValueError."""
+    return render_spans(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                        template=template)[0]
+
+
+def render_spans(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
+                 add_generation_prompt: bool = True, template: str | None = None,
+                 ) -> tuple[str, list[tuple[int, int]]]:
+    """`render`'s text and the [start, end) character spans of its {% generation %} blocks
+    (none when the template has no such block)."""
     plain = _check_messages(messages)
+    source = _template(tokenizer, template)
+    text = _render(tokenizer, plain, add_generation_prompt, source)
+    if "endgeneration" not in source:
+        return text, []
+    if any(GENERATION_START in m["content"] or GENERATION_END in m["content"] for m in plain):
+        raise ValueError("a message holds U+FDD0 or U+FDD1, the noncharacters that mark "
+                         "{% generation %} blocks while rendering; remove them from the text")
+    return _unmark(text)
+
+
+def _unmark(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """`text` without the generation marks, and the spans they enclosed (nested ones merged)."""
+    parts, spans, depth, start, length = [], [], 0, 0, 0
+    for i, part in enumerate(re.split(f"([{GENERATION_START}{GENERATION_END}])", text)):
+        if i % 2 == 0:
+            parts.append(part)
+            length += len(part)
+        elif part == GENERATION_START:
+            depth += 1
+            start = length if depth == 1 else start
+        elif depth:
+            depth -= 1
+            if depth == 0 and length > start:
+                spans.append((start, length))
+    return "".join(parts), spans
+
+
+def _render(tokenizer: Tokenizer, plain: list[dict[str, Any]], add_generation_prompt: bool,
+            source: str) -> str:
     specials = {f"{name}_token": tokenizer.id_to_piece(i) for name, i in (
         ("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("unk", tokenizer.unk_id),
         ("pad", tokenizer.pad_id)) if i is not None}
     try:
         # tools/documents: None, as transformers passes them when not given
-        return _compile(_template(tokenizer, template)).render(
+        return _compile(source).render(
             messages=plain, tools=None, documents=None,
             add_generation_prompt=add_generation_prompt, **specials)
     except _TemplateRaised as e:

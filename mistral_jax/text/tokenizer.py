@@ -169,6 +169,47 @@ class Tokenizer:
             out += [ids[part]] if i % 2 else self._sp.encode(part) if part else []
         return out
 
+    def encode_offsets(self, text: str, *, parse_special: bool = False,
+                       ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_text`'s ids and each token's [start, end) character span in `text`.
+
+        A tokenizer.json gives the spans itself. Sentencepiece gives each piece's byte span in
+        the text it was given (its `proto` output), mapped here to characters; the leading byte
+        pieces of a character it spells byte by byte come with empty spans, and take the span of
+        the piece that ends the character, so every token has the text it stands for."""
+        if self.kind == "hf":
+            encoding = self._hf.encode(text, add_special_tokens=False)
+            return encoding.ids, [tuple(o) for o in encoding.offsets]
+        parts = (self._special_pieces[0].split(text) if parse_special else [text])
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        at = 0  # the character where the part starts
+        for i, part in enumerate(parts):  # odd parts are special tokens
+            if i % 2:
+                ids.append(self._special_pieces[1][part])
+                spans.append((at, at + len(part)))
+            elif part:
+                ids_, spans_ = self._sp_offsets(part)
+                ids += ids_
+                spans += [(at + a, at + b) for a, b in spans_]
+            at += len(part)
+        return ids, spans
+
+    def _sp_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        char_at = [0] * (len(text.encode("utf-8")) + 1)  # byte offset -> character offset
+        byte = 0
+        for c, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            char_at[byte:byte + n] = [c] * n
+            byte += n
+        char_at[byte] = len(text)
+        spans = [(char_at[p.begin], char_at[p.end]) for p in pieces]
+        for k in range(len(spans) - 2, -1, -1):  # byte pieces: the span of the one after
+            if spans[k][0] == spans[k][1] and spans[k + 1][0] == spans[k][0]:
+                spans[k] = spans[k + 1]
+        return [p.id for p in pieces], spans
+
     @functools.cached_property
     def _special_pieces(self) -> tuple[re.Pattern[str], dict[str, int]]:
         """A regex splitting on the sentencepiece special pieces (longest first), and their ids."""

@@ -1,8 +1,11 @@
-"""Training data: text / JSONL files -> tokenized documents -> rows of `seq_len` tokens packed
-with EOS between documents -> seeded, resumable batches placed with their `data`-axis sharding.
+"""Training data: text / JSONL files -> tokenized documents (each ending in EOS, or in its chat
+template's end of turn) -> rows of `seq_len` tokens (packing.py) -> seeded, resumable batches
+placed with their `data`-axis sharding.
 
-A plain text file is one document. A JSONL file holds one object per line with `text`, or with
-`prompt` and `completion` (the loss then counts the completion and its EOS only).
+A plain text file is one document. A JSONL file holds one object per line with `text`; or with
+`prompt` and `completion` (the loss then counts the completion and its EOS only); or with
+`messages`, a conversation rendered with the checkpoint's chat template (chat.py: by default the
+loss counts the assistant's turns only). `loss_on="all"` counts every token of every document.
 
 Packing is global and deterministic (the same rows in the same order whatever the number of
 processes); each process then builds only the rows its own devices hold
@@ -14,11 +17,9 @@ last; without, a row is one stream of text.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -28,6 +29,10 @@ from jax.sharding import PartitionSpec as P
 
 from mistral_jax.nn.layers import IGNORE_INDEX
 from mistral_jax.parallel.sharding import DATA
+from train.input import chat
+from train.input.packing import Rows, Tokens, describe, pack
+
+__all__ = ["Rows", "Tokens", "describe", "pack"]  # packing's, here for the callers of data
 
 
 class DataError(ValueError):
@@ -36,8 +41,10 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    text: str = ""  # the whole document when `prompt` is None
+    text: str = ""  # the whole document when `prompt` and `messages` are None
     prompt: str | None = None  # with a prompt, `text` is the completion
+    messages: tuple[dict[str, str], ...] | None = None  # a conversation
+    where: str = field(default="", compare=False)  # FILE:LINE, for errors
 
 
 def read_documents(path: str | Path) -> list[Document]:
@@ -66,91 +73,68 @@ def _jsonl_document(line: str, where: str) -> Document:
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with \"text\" or \"prompt\" and "
-                        f"\"completion\", got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object with \"text\", \"prompt\" and "
+                        f"\"completion\", or \"messages\", got {type(row).__name__}")
     if "text" in row and isinstance(row["text"], str):
-        return Document(row["text"])
+        return Document(row["text"], where=where)
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        return Document(row["completion"], prompt=row["prompt"])
-    raise DataError(f"{where}: expected a string field \"text\", or string fields \"prompt\" and "
-                    f"\"completion\"; found fields {sorted(row)}")
+        return Document(row["completion"], prompt=row["prompt"], where=where)
+    if "messages" in row:
+        try:
+            return Document(messages=chat.check_messages(row["messages"]), where=where)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+    raise DataError(f"{where}: expected a string field \"text\", string fields \"prompt\" and "
+                    f"\"completion\", or a list \"messages\"; found fields {sorted(row)}")
 
 
-def tokenize(docs: list[Document], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, counted) per document: the tokenizer's ids then EOS; `counted` marks the tokens
-    the loss predicts (all of them, or a completion and its EOS)."""
+def tokenize(docs: list[Document], tokenizer, *, loss_on: str = "assistant") -> list[Tokens]:
+    """Tokens per document: the tokenizer's ids then EOS (a conversation: its template's text);
+    `counted` marks the tokens the loss predicts: all of them under `loss_on="all"`, else a
+    completion and its EOS, or the assistant's turns (chat.py)."""
     if tokenizer is None:
         raise DataError("the checkpoint has no tokenizer, so text cannot be tokenized; add one "
                         "to the checkpoint directory (tokenizer.model or tokenizer.json)")
     if tokenizer.eos_id is None:
         raise DataError(f"the tokenizer {tokenizer.name} has no EOS token to separate documents")
+    if loss_on not in chat.LOSS_ON:
+        raise DataError(f"loss_on must be one of {', '.join(chat.LOSS_ON)}, got {loss_on!r}")
     out = []
     for doc in docs:
+        if doc.messages is not None:
+            try:
+                out.append(chat.encode(tokenizer, doc.messages, loss_on=loss_on))
+            except ValueError as e:
+                raise DataError(f"{doc.where or 'a conversation'}: {e}") from None
+            continue
         if doc.prompt is None:
             ids = tokenizer.encode(doc.text) + [tokenizer.eos_id]
             counted = [True] * len(ids)
         else:
             prompt = tokenizer.encode(doc.prompt)
             completion = tokenizer.encode_text(doc.text) + [tokenizer.eos_id]
-            ids, counted = prompt + completion, [False] * len(prompt) + [True] * len(completion)
-        out.append((np.asarray(ids, np.int32), np.asarray(counted, bool)))
+            ids = prompt + completion
+            counted = [loss_on == "all"] * len(prompt) + [True] * len(completion)
+        out.append(Tokens(np.asarray(ids, np.int32), np.asarray(counted, bool)))
     return out
 
 
-@dataclass(frozen=True)
-class Rows:
-    """Packed rows, each [n_rows, seq_len]: the model's inputs and labels."""
-
-    ids: np.ndarray
-    labels: np.ndarray  # IGNORE_INDEX where the token is not predicted
-    positions: np.ndarray
-    segments: np.ndarray  # a document's index; -1 on padding
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.ids.tobytes() + self.labels.tobytes()).hexdigest()[:16]
-
-    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {"ids": self.ids[index], "labels": self.labels[index],
-                "positions": self.positions[index], "segments": self.segments[index]}
-
-
-def pack(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int,
-         isolate_documents: bool = True) -> Rows:
-    """Concatenate the documents and cut rows of `seq_len`; the last row is padded."""
-    ids = np.concatenate([d[0] for d in docs])
-    counted = np.concatenate([d[1] for d in docs])
-    segments = np.concatenate([np.full(len(d[0]), i, np.int32) for i, d in enumerate(docs)])
-    n_rows = math.ceil(len(ids) / seq_len)
-    pad = n_rows * seq_len - len(ids)
-    ids = np.concatenate([ids, np.full(pad, pad_id, np.int32)]).reshape(n_rows, seq_len)
-    counted = np.concatenate([counted, np.zeros(pad, bool)]).reshape(n_rows, seq_len)
-    segments = np.concatenate([segments, np.full(pad, -1, np.int32)]).reshape(n_rows, seq_len)
-    labels = np.where(counted, ids, IGNORE_INDEX).astype(np.int32)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
-    if isolate_documents:
-        starts = np.ones_like(segments, bool)
-        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-        labels[:, 1:][starts[:, 1:]] = IGNORE_INDEX  # not predicted from another document
-        positions = _positions_within_segments(starts)
-    return Rows(ids, labels, positions, segments)
-
-
-def describe(rows: Rows, documents: int, what: str) -> str:
-    """"WHAT: N documents, M tokens, R rows of S tokens" (for messages)."""
-    tokens = int((rows.segments >= 0).sum())
-    return (f"{what}: {documents:,} document{'s' * (documents != 1)}, {tokens:,} tokens, "
-            f"{len(rows):,} row{'s' * (len(rows) != 1)} of {rows.ids.shape[1]} tokens")
-
-
-def _positions_within_segments(starts: np.ndarray) -> np.ndarray:
-    """Each token's distance from the start of its segment in the row."""
-    index = np.broadcast_to(np.arange(starts.shape[1]), starts.shape)
-    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return (index - last_start).astype(np.int32)
+def summary(rows: Rows, docs: list[Document], what: str, *,
+            isolate_documents: bool = True) -> list[str]:
+    """What start-up says about packed data: a line of counts and the padding share, and a
+    warning when conversations were cut to fit the rows."""
+    seq_len = rows.ids.shape[1]
+    cut = "" if not rows.cut else (f", {len(rows.cut):,} longer than a row cut into pieces"
+                                   if isolate_documents else
+                                   f", {len(rows.cut):,} running on into the next row")
+    lines = [f"note: {describe(rows, len(docs), what)}, {rows.padding_share:.1%} padding{cut}"]
+    chats = sum(docs[d].messages is not None for d in rows.cut)
+    if chats and isolate_documents:
+        lines.append(f"warning: {what}: {chats:,} of "
+                     f"{sum(d.messages is not None for d in docs):,} conversations are longer "
+                     f"than --seq-len {seq_len} and were cut into pieces, at the start of a user "
+                     "turn where one fits (a piece does not see the turns before it)")
+    return lines
 
 
 def check_batch(batch_size: int, grad_accum: int, data_axis: int) -> None:

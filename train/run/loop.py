@@ -29,7 +29,7 @@ from train.run.errors import UsageError
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype", "loss_on")
 
 
 class Stopped(RuntimeError):
@@ -81,9 +81,12 @@ def set_up(args) -> Setup:
     train_docs, eval_docs = _documents(args)
     pad = tokenizer.pad_id if tokenizer and tokenizer.pad_id is not None else \
         (tokenizer.eos_id if tokenizer else 0)
-    packed = lambda docs: D.pack(D.tokenize(docs, tokenizer), args.seq_len, pad_id=pad,
+    packed = lambda docs: D.pack(D.tokenize(docs, tokenizer, loss_on=args.loss_on),
+                                 args.seq_len, pad_id=pad,
                                  isolate_documents=args.isolate_documents)
     rows = packed(train_docs)
+    messages += D.summary(rows, train_docs, "the training data",
+                          isolate_documents=args.isolate_documents)
     if len(rows) < args.batch_size:
         messages.append("warning: " + D.describe(rows, len(train_docs), "the training data")
                         + f": fewer than one batch of {args.batch_size}, so each batch "
@@ -91,6 +94,9 @@ def set_up(args) -> Setup:
                         "row is seen about "
                         f"{args.steps * args.batch_size / len(rows):.0f} times")
     eval_rows = packed(eval_docs) if eval_docs else None
+    if eval_rows is not None:
+        messages += D.summary(eval_rows, eval_docs, "the eval data",
+                              isolate_documents=args.isolate_documents)[1:]  # its warning
     record = {"config": to_hf_dict(config), **{k: getattr(args, k) for k in SAME_ON_RESUME}}
     if args.init is not None:
         record["init"] = str(Path(args.init).absolute())
