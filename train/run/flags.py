@@ -78,8 +78,8 @@ def parser(kind: str, doc: str | None, *, raising: bool = False) -> argparse.Arg
             "entries)")
     add("--out", help=f"output directory (default: a new runs/{kind}-DATE-TIME; --resume "
         "needs it named)")
-    add("--steps", type=positive(int), help="optimizer steps in all (default 1000; default run "
-        "120)")
+    add("--steps", type=positive(int), help="optimizer steps in all (default 1000"
+        + ("" if dpo else "; default run 120") + ")")
     add("--batch-size", type=positive(int), help=("preference pairs (two rows each)" if dpo
         else "rows of --seq-len tokens") + " per optimizer step, over all devices (default 8)")
     add("--seq-len", type=positive(int), help="most tokens of a prompt and a response; longer "
@@ -114,12 +114,12 @@ def parser(kind: str, doc: str | None, *, raising: bool = False) -> argparse.Arg
             help="attention stays within each packed document and positions restart at each "
             "one; --no-isolate-documents lets a row attend across the documents packed into "
             "it (default: isolated)")
-    add("--eval-every", type=positive(int), help="evaluate every N steps (default 200; default "
-        "run 40)")
+    add("--eval-every", type=positive(int), help="evaluate every N steps (default 200"
+        + ("" if dpo else "; default run 40") + ")")
     add("--eval-batches", type=positive(int), default=8, help="at most this many batches of "
         "eval data (default 8)")
     add("--save-every", type=positive(int), help="checkpoint every N steps, and at the end "
-        "(default 200; default run 40)")
+        "(default 200" + ("" if dpo else "; default run 40") + ")")
     add("--keep", type=positive(int), default=3, help="checkpoints to keep (default 3)")
     add("--resume", action="store_true", help="continue the run in --out from its latest "
         "checkpoint: the same losses as if it had not stopped")
@@ -156,7 +156,9 @@ def with_defaults(args: argparse.Namespace, kind: str = "finetune") -> argparse.
 
     if kind == "dpo":
         base = DPO
-        args.isolate_documents = False
+        # not a DPO flag (a row holds one sequence); recorded in OUT/run.json, where train.eval
+        # reads how to pack its data for the result: as fine-tuning does by default
+        args.isolate_documents = True
     else:
         base = default.FLAGS if args.init is None else GENERIC
     for name, value in base.items():

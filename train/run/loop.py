@@ -29,7 +29,7 @@ from train.run.errors import UsageError
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")  # and the objective's
 
 
 class Stopped(RuntimeError):
@@ -42,7 +42,10 @@ class Interrupted(RuntimeError):
 
     def __init__(self, at: int, step: int | None, directory: Path):
         self.at, self.step, self.directory = at, step, directory
-        super().__init__(f"interrupted at step {at}")
+        super().__init__(f"interrupted at step {at}; " + (
+            "no checkpoint was saved yet" if step is None else
+            f"the last checkpoint is step {step} in {directory}: the same run with --resume "
+            "(resume=True) continues it"))
 
 
 @dataclass
@@ -102,7 +105,7 @@ class CausalLM:
     loss that each metrics row carries (`metrics`) and what an evaluation reports (`report`)."""
 
     kind = "finetune"
-    same_on_resume = ("isolate_documents",)  # beyond SAME_ON_RESUME
+    same_on_resume: tuple[str, ...] = ()  # flags of its own that --resume must find the same
     metrics: tuple[str, ...] = ()
 
     def data(self, args, tokenizer, messages: list[str]) -> tuple[D.Rows, D.Rows | None]:

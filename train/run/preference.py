@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mistral_jax.base.notes import note
 from train.compute import flops
 from train.compute import preference as P
 from train.input import prefs
@@ -81,7 +82,12 @@ class Preference:
             parts["eval"] = setup.eval_rows
         path = Path(args.out) / REFERENCE_FILE
         stored = _read(path, parts)
-        if stored is None:
+        pairs = sum(len(rows) for rows in parts.values())
+        if stored is not None:
+            note(f"the reference's log-probabilities of {pairs} pairs: read from {path}")
+        else:
+            note(f"the reference's log-probabilities of {pairs} pairs (--init's): computed once, "
+                 f"before the first step, and kept in {path}")
             step = P.make_reference_step(trainer.template, trainer.mesh, dtype=trainer.dtype)
             weights = trainer.assemble(trainer.state.params, trainer.frozen)
             stored = {name: _reference(step, weights, rows, args, trainer.mesh)
