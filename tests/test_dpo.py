@@ -67,6 +67,9 @@ def files(tmp_path_factory):
     return d
 
 
+FULL = ("--mesh", "2x2", "--grad-accum", "2")
+
+
 def flags_of(files, ckpt, out, *extra):
     return ["--init", str(ckpt), "--data", str(files / "prefs.jsonl"), "--eval-data",
             str(files / "eval.jsonl"), "--out", str(out), "--steps", "4", "--batch-size", "4",
@@ -75,9 +78,9 @@ def flags_of(files, ckpt, out, *extra):
 
 @pytest.fixture(scope="module")
 def full(files, tiny_ckpt):
-    """Full tuning, sigmoid loss, on a 2x2 mesh, in this process."""
+    """Full tuning, sigmoid loss, on a 2x2 mesh, 2 micro-batches a step, in this process."""
     out = files / "full"
-    assert dpo.main(flags_of(files, tiny_ckpt, out, "--mesh", "2x2")) == 0
+    assert dpo.main(flags_of(files, tiny_ckpt, out, *FULL)) == 0
     return out
 
 
@@ -243,7 +246,7 @@ def test_resume_gives_the_same_losses_without_computing_the_reference_again(
         return real_next(self)
 
     monkeypatch.setattr(prefs.PairBatches, "__next__", stop_after_two)
-    argv = flags_of(files, tiny_ckpt, out, "--mesh", "2x2")
+    argv = flags_of(files, tiny_ckpt, out, *FULL)
     assert dpo.main(argv) == 130
     monkeypatch.undo()
     said = capsys.readouterr().err.strip().splitlines()
