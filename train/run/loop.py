@@ -27,9 +27,10 @@ from train.run.checkpoints import CHECKPOINTS, RunCheckpoints, has_checkpoints, 
 from train.run.errors import UsageError
 
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
-# Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
+# Flags that define a run's trajectory: --resume refuses a checkpoint made with others (these,
+# and the objective's own `same_on_resume`).
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")  # and the objective's
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
 
 
 class Stopped(RuntimeError):
@@ -107,6 +108,7 @@ class CausalLM:
     kind = "finetune"
     same_on_resume: tuple[str, ...] = ()  # flags of its own that --resume must find the same
     metrics: tuple[str, ...] = ()
+    loss_label = "cross-entropy (nats / token)"  # loss.png's y axis
 
     def data(self, args, tokenizer, messages: list[str]) -> tuple[D.Rows, D.Rows | None]:
         """(training rows, eval rows or None); warnings appended to `messages`."""
@@ -231,7 +233,7 @@ def run(args, objective=None, *, on_step=None, on_eval=None) -> None:
                               out / CHECKPOINTS)
         trainer.finish(out)
         if primary:
-            if report.plot_loss(out) is None:
+            if report.plot_loss(out, objective.loss_label) is None:
                 progress.message("no loss.png: matplotlib is not installed")
             progress.message(trainer.next_step(out))
 

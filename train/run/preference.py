@@ -33,6 +33,7 @@ class Preference:
     kind = "dpo"
     same_on_resume = ("beta", "loss")
     metrics = P.METRICS
+    loss_label = "preference loss (mean over pairs)"  # loss.png's y axis
 
     def data(self, args, tokenizer, messages: list[str]):
         pad = tokenizer.pad_id if tokenizer and tokenizer.pad_id is not None else \
