@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-if ! .venv/bin/python -c "import mistral_jax, train, torch, transformers, pytest, xdist, gguf, accelerate, matplotlib, peft, fastapi, uvicorn, openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import mistral_jax, train, torch, transformers, pytest, xdist, gguf, accelerate, matplotlib, peft, fastapi, uvicorn, openai, trl" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   # torch first and pinned: 2.13.0 is a CPU build; an unpinned torch pulls a multi-GB CUDA one.
   .venv/bin/pip install -q torch==2.13.0

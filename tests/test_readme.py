@@ -43,8 +43,8 @@ JOBS = ("Convert", "Generate", "Serve", "Fine-tune", "Evaluate")  # README's qui
 PYTHONS = ("python", ".venv/bin/python")
 NEW_TOKENS = 8
 # appended to shorten a command: argparse takes the last of a repeated flag
-SHORTEN = {"train.finetune": ["--steps", "3", "--seq-len", "64", "--batch-size", "8",
-                              "--eval-every", "3", "--save-every", "3", "--eval-batches", "1"],
+SHORTEN = {**dict.fromkeys(("train.finetune", "train.dpo"), ["--steps", "3", "--seq-len", "64",
+           "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--eval-batches", "1"]),
            "mistral_jax.generate": ["--max-new-tokens", str(NEW_TOKENS)]}
 # a command matching the pattern is not run here, for the reason given
 SKIPPED = {
@@ -134,6 +134,8 @@ def make_inputs(cwd: Path) -> None:
     for file, part in (("train.jsonl", entries[:300]), ("val.jsonl", entries[300:340])):
         (cwd / file).write_text("".join(json.dumps({"prompt": e[:30], "completion": e[30:]})
                                         + "\n" for e in part))
+        (cwd / f"prefs-{file}").write_text("".join(json.dumps({"prompt": e[:30], "chosen": e[30:80],
+                                          "rejected": e[80:]}) + "\n" for e in part if len(e) > 99))
 
 
 class Followed(NamedTuple):
@@ -222,8 +224,7 @@ def test_the_quickstart_converts_checks_and_exports(followed):
     again = transformers.AutoModelForCausalLM.from_pretrained(cwd / "hf-out").eval()
     ids = torch.tensor(namespace["ids"])
     with torch.no_grad():
-        np.testing.assert_allclose(again(ids).logits.numpy(), theirs(ids).logits.numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(again(ids).logits.numpy(), theirs(ids).logits.numpy(), atol=1e-5)
     assert namespace["logits"].shape == (1, ids.shape[1], theirs.config.vocab_size)
 
 
@@ -296,8 +297,7 @@ def test_fine_tuning_resumes_evaluates_and_exports(followed):
     ids = np.asarray([trained.tokenizer.encode("LAWYER, n. One skilled in")])
     with torch.no_grad():
         expected = theirs(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(mistral_jax.forward(trained, ids)), expected,
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mistral_jax.forward(trained, ids)), expected, atol=1e-4)
 
 
 def test_lora_adapters_go_everywhere(followed):

@@ -44,7 +44,8 @@ def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
     tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     shardings = S.state_shardings(params, tx, mesh)
     state = S.init_state(params, tx, 0, shardings)
-    step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p)
+    step = S.make_train_step(tx, shardings, S.causal_lm_loss(model, dtype=dtype,
+                                                             assemble=lambda p, f: p))
     return mesh, model, state, step
 
 
@@ -171,7 +172,8 @@ def test_lora_trains_only_adapters_and_merges_into_plain_weights():
     merge = lambda p, f: lora.merge(f, p, 2.0)
     shardings = S.state_shardings(adapters, tx, mesh)
     state = S.init_state(adapters, tx, 0, shardings)
-    step = S.make_train_step(model, tx, shardings, dtype=jnp.float32, assemble=merge)
+    step = S.make_train_step(tx, shardings, S.causal_lm_loss(model, dtype=jnp.float32,
+                                                             assemble=merge))
     base_before = flat(base)
     with jax.set_mesh(mesh):
         for _ in range(3):

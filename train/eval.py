@@ -138,9 +138,10 @@ def evaluate(args) -> tuple[float, float, int]:
     with jax.set_mesh(mesh):
         batch = D.eval_batch(rows, batch_size=args.batch_size,
                              max_batches=-(-len(rows) // args.batch_size), mesh=mesh)
-        step = S.make_eval_step(model, dtype=dtype, assemble=lambda params, _: params,
-                                isolate_documents=isolate)
-        total, count = step(trees.weights(model), {}, batch)
+        step = S.make_eval_step(S.causal_lm_loss(model, dtype=dtype,
+                                                 assemble=lambda params, _: params,
+                                                 isolate_documents=isolate))
+        total, count, _ = step(trees.weights(model), {}, batch)
     loss, perplexity = S.mean_loss(total, count)
     return loss, perplexity, int(count)
 

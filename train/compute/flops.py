@@ -107,6 +107,15 @@ def training_flops(config, *, lora_targets=(), lora_rank: int = 0) -> StepFlops:
     return StepFlops(per_token, per_pair)
 
 
+def forward_flops(config) -> StepFlops:
+    """The model FLOPs of a forward pass alone (preference tuning's reference under LoRA):
+    2 per matmul weight per token, 4 * head_dim per query head and (query, key) pair."""
+    per_token = sum(2 * n_in * n_out for n_in, n_out in layer_matmuls(config).values())
+    per_pair = config.num_attention_heads * config.head_dim * 4
+    return StepFlops(config.n_layers * per_token + 2 * config.hidden_size * config.vocab_size,
+                     config.n_layers * per_pair)
+
+
 def attention_pairs(segments: np.ndarray, window: int | None, isolate_documents: bool) -> int:
     """The (query, key) pairs a causal mask lets through in rows of document ids `segments`
     [..., seq] (-1: padding): inside the window, inside a document when documents are

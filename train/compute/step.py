@@ -71,68 +71,87 @@ def loss_terms(template, weights: dict, batch: dict, isolate_documents: bool):
     return model.loss_terms(batch["ids"], batch["labels"], batch["positions"], segments)
 
 
-def make_train_step(template, tx: optax.GradientTransformation, shardings: TrainState, *,
-                    dtype, assemble: Callable[[dict, dict], dict],
-                    isolate_documents: bool = True):
+# A loss: `loss(params, frozen, micro_batch) -> (summed loss, (count, {name: summed value}))`.
+# The step divides the sum and each named value by the count over the whole batch (tokens for
+# the causal LM, pairs for preference tuning), so micro-batches add up to the batch's mean.
+Loss = Callable[[dict, dict, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+def causal_lm_loss(template, *, dtype, assemble: Callable[[dict, dict], dict],
+                   isolate_documents: bool = True) -> Loss:
+    """Next-token cross-entropy over the counted tokens. `assemble(params, frozen)` gives the
+    model's weights (the params themselves for full fine-tuning, base + adapters for LoRA)."""
+
+    def loss(params, frozen, batch):
+        weights = cast(assemble(params, frozen), dtype)
+        total, count = loss_terms(template, weights, batch, isolate_documents)
+        return total, (count, {})
+
+    return loss
+
+
+def make_train_step(tx: optax.GradientTransformation, shardings: TrainState, loss: Loss):
     """`step(state, frozen, batch) -> (state, metrics)`, jitted with the state donated and
     returned in `shardings` (so the next call finds what it compiled for).
 
-    `batch` leaves are [micro-batches, rows, seq]; `assemble(params, frozen)` gives the model's
-    weights (the params themselves for full fine-tuning, base + adapters for LoRA)."""
-
-    def micro_loss(params, frozen, batch):
-        weights = cast(assemble(params, frozen), dtype)
-        return loss_terms(template, weights, batch, isolate_documents)
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
+    `batch` leaves are [micro-batches, ...]; metrics: the mean `loss`, `grad_norm`, `finite`,
+    `tokens` (the count the loss is averaged over) and the loss's named values, averaged."""
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     replicated = shardings.step
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, replicated))
     def step(state: TrainState, frozen: dict, batch: dict):
         def accumulate(carry, micro):
-            grads, total, count = carry
-            (loss_sum, n), g = grad_fn(state.params, frozen, micro)
-            return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
+            grads, total, count, named = carry
+            (loss_sum, (n, values)), g = grad_fn(state.params, frozen, micro)
+            return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n,
+                    jax.tree.map(jnp.add, named, values)), None
 
         if batch["ids"].shape[0] == 1:  # no accumulation: no zeros to add the gradient to
-            (total, count), grads = grad_fn(state.params, frozen,
-                                            jax.tree.map(lambda x: x[0], batch))
+            (total, (count, named)), grads = grad_fn(state.params, frozen,
+                                                     jax.tree.map(lambda x: x[0], batch))
         else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-            (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
+            total, (count, named) = _zero_outputs(loss, state.params, frozen, batch)
+            init = (jax.tree.map(jnp.zeros_like, state.params), total, count, named)
+            (grads, total, count, named), _ = jax.lax.scan(accumulate, init, batch)
         count = jnp.maximum(count, 1)
-        loss = total / count
+        loss_value = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
                          state.step + 1, jax.random.key_data(
                              jax.random.split(jax.random.wrap_key_data(state.key))[0]))
-        return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
+        return new, {"loss": loss_value, "grad_norm": grad_norm, "finite": finite,
+                     "tokens": count, **{k: v / count for k, v in named.items()}}
 
     return step
 
 
-def make_eval_step(template, *, dtype, assemble, isolate_documents: bool = True):
-    """`eval_step(params, frozen, batch) -> (summed loss, counted tokens)` over micro-batches."""
+def make_eval_step(loss: Loss):
+    """`eval_step(params, frozen, batch) -> (summed loss, count, {name: summed value})` over
+    the micro-batches of `batch`."""
 
     @jax.jit
     def eval_step(params, frozen, batch):
-        weights = cast(assemble(params, frozen), dtype)
-
         def one(carry, micro):
-            total, n = loss_terms(template, weights, micro, isolate_documents)
-            return (carry[0] + total, carry[1] + n), None
+            total, (n, named) = loss(params, frozen, micro)
+            return jax.tree.map(jnp.add, carry, (total, n, named)), None
 
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        return jax.lax.scan(one, init, batch)[0]
+        total, (n, named) = _zero_outputs(loss, params, frozen, batch)
+        return jax.lax.scan(one, (total, n, named), batch)[0]
 
     return eval_step
+
+
+def _zero_outputs(loss: Loss, params, frozen, batch):
+    """Zeros shaped as `loss`'s outputs on one micro-batch of `batch`: where sums start."""
+    micro = jax.tree.map(lambda x: x[0], batch)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        jax.eval_shape(loss, params, frozen, micro))
 
 
 def mean_loss(total, count) -> tuple[float, float]:

@@ -27,9 +27,12 @@ from train.run.checkpoints import CHECKPOINTS, RunCheckpoints, has_checkpoints, 
 from train.run.errors import UsageError
 
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
-# Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
+# Flags that define a run's trajectory: --resume refuses a checkpoint made with others (these,
+# and the objective's own `same_on_resume`).
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype", "loss_on")
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
+# Flags recorded since a later version: a run.json without one ran with the value given here.
+RECORDED_SINCE = {"loss_on": "assistant", "quantize_base": None}
 
 
 class Stopped(RuntimeError):
@@ -42,7 +45,10 @@ class Interrupted(RuntimeError):
 
     def __init__(self, at: int, step: int | None, directory: Path):
         self.at, self.step, self.directory = at, step, directory
-        super().__init__(f"interrupted at step {at}")
+        super().__init__(f"interrupted at step {at}; " + (
+            "no checkpoint was saved yet" if step is None else
+            f"the last checkpoint is step {step} in {directory}: the same run with --resume "
+            "(resume=True) continues it"))
 
 
 @dataclass
@@ -58,7 +64,8 @@ class Setup:
     run_record: dict
 
 
-def set_up(args) -> Setup:
+def set_up(args, objective=None) -> Setup:
+    objective = objective or CausalLM()
     out = Path(args.out)
     if args.init is None:
         config, tokenizer = default.CONFIG, default.tokenizer()
@@ -78,6 +85,69 @@ def set_up(args) -> Setup:
                          f"{config.learned_positions} positions this GPT-2 has learned")
     if args.lora_rank:
         lora.check_targets(args.lora_targets, model_type(config))
+    rows, eval_rows = objective.data(args, tokenizer, messages)
+    same = SAME_ON_RESUME + objective.same_on_resume
+    record = {"config": to_hf_dict(config), **{k: getattr(args, k) for k in same}}
+    if args.init is not None:
+        record["init"] = str(Path(args.init).absolute())
+    if args.resume:
+        if not has_checkpoints(out):
+            raise UsageError(f"--resume: {out} holds no checkpoint to resume from")
+        _check_same_run(out, record)
+    elif has_checkpoints(out):
+        raise UsageError(f"{out} already holds a run's checkpoints; pass --resume to continue "
+                         "it, or choose another --out")
+    return Setup(config, tokenizer, mesh, messages, rows, eval_rows, record)
+
+
+class CausalLM:
+    """What a run optimizes, here next-token prediction on packed documents; train.run.
+    preference's `Preference` (DPO) is the other. An objective gives the data (`data`), its
+    batches, the step's loss (`loss`), anything computed once before the first step
+    (`prepare`), the work of a step (`work`: tokens and model FLOPs), the named values of the
+    loss that each metrics row carries (`metrics`) and what an evaluation reports (`report`)."""
+
+    kind = "finetune"
+    same_on_resume: tuple[str, ...] = ("loss_on",)  # its own flags --resume must find the same
+    metrics: tuple[str, ...] = ()
+    loss_label = "cross-entropy (nats / token)"  # loss.png's y axis
+
+    def data(self, args, tokenizer, messages: list[str]) -> tuple[D.Rows, D.Rows | None]:
+        """(training rows, eval rows or None); warnings appended to `messages`."""
+        return packed_rows(args, tokenizer, messages)
+
+    def batches(self, rows, args, mesh):
+        return D.Batches(rows, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         seed=args.seed, mesh=mesh)
+
+    def eval_batch(self, rows, args, mesh):
+        return D.eval_batch(rows, batch_size=args.batch_size, max_batches=args.eval_batches,
+                            mesh=mesh)
+
+    def loss(self, trainer) -> S.Loss:
+        return S.causal_lm_loss(trainer.template, dtype=trainer.dtype, assemble=trainer.assemble,
+                                isolate_documents=trainer.args.isolate_documents)
+
+    def prepare(self, trainer) -> None:
+        """Nothing to compute before the first step."""
+
+    def work(self, trainer, batches: D.Batches) -> tuple[int, float]:
+        """(tokens, model FLOPs) of the step on the batch `batches` hands out next."""
+        segments = batches.rows.segments[batches.row_indices(batches.position)]
+        pairs = flops.attention_pairs(segments, trainer.setup.config.sliding_window,
+                                      trainer.args.isolate_documents)
+        return (trainer.args.batch_size * trainer.args.seq_len,
+                trainer.flops.of(int((segments >= 0).sum()), pairs))
+
+    def report(self, total, count, named) -> tuple[dict, str]:
+        """(the eval metrics row's values, what the progress line says) of an eval step."""
+        loss, ppl = S.mean_loss(total, count)
+        return {"eval_loss": loss, "eval_ppl": ppl}, f"eval loss {loss:.4f}, perplexity {ppl:.2f}"
+
+
+def packed_rows(args, tokenizer, messages: list[str]) -> tuple[D.Rows, D.Rows | None]:
+    """The causal LM's data: the documents of --data (or the default run's) tokenized and
+    packed into rows of --seq-len, and the same of --eval-data (None without)."""
     train_docs, eval_docs = _documents(args)
     pad = tokenizer.pad_id if tokenizer and tokenizer.pad_id is not None else \
         (tokenizer.eos_id if tokenizer else 0)
@@ -97,17 +167,7 @@ def set_up(args) -> Setup:
     if eval_rows is not None:
         messages += D.summary(eval_rows, eval_docs, "the eval data",
                               isolate_documents=args.isolate_documents)[1:]  # its warning
-    record = {"config": to_hf_dict(config), **{k: getattr(args, k) for k in SAME_ON_RESUME}}
-    if args.init is not None:
-        record["init"] = str(Path(args.init).absolute())
-    if args.resume:
-        if not has_checkpoints(out):
-            raise UsageError(f"--resume: {out} holds no checkpoint to resume from")
-        _check_same_run(out, record)
-    elif has_checkpoints(out):
-        raise UsageError(f"{out} already holds a run's checkpoints; pass --resume to continue "
-                         "it, or choose another --out")
-    return Setup(config, tokenizer, mesh, messages, rows, eval_rows, record)
+    return rows, eval_rows
 
 
 def _documents(args) -> tuple[list[D.Document], list[D.Document]]:
@@ -128,6 +188,7 @@ def _check_same_run(out: Path, record: dict) -> None:
         raise UsageError(f"--resume: {path} is missing, so the checkpoints cannot be matched "
                          "to this run")
     saved = json.loads(path.read_text())
+    saved = {**RECORDED_SINCE, **saved}
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in record.items()
               if json.loads(json.dumps(v)) != saved.get(k)]
     if differ:
@@ -135,8 +196,12 @@ def _check_same_run(out: Path, record: dict) -> None:
                          + "; ".join(differ) + "); use the same flags, or another --out")
 
 
-def run(args) -> None:
-    setup = set_up(args)  # every check that can fail on bad input is made before this returns
+def run(args, objective=None, *, on_step=None, on_eval=None) -> None:
+    """The run `args` asks for, optimizing `objective` (default: the causal LM); `on_step` and
+    `on_eval` are called with each metrics row written (by process 0)."""
+    objective = objective or CausalLM()
+    # every check that can fail on bad input is made before this returns
+    setup = set_up(args, objective)
     out = Path(args.out)
     primary = jax.process_index() == 0
     mesh = setup.mesh
@@ -150,10 +215,9 @@ def run(args) -> None:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     peak = flops.peak_flops_per_s(list(mesh.devices.flat), dtype)  # before any step: alone
     with jax.set_mesh(mesh):
-        trainer = Trainer(args, setup, mesh, dtype, peak)
+        trainer = Trainer(args, setup, mesh, dtype, peak, objective)
         checkpoints = RunCheckpoints(out, args.keep)
-        batches = D.Batches(setup.rows, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                            seed=args.seed, mesh=mesh)
+        batches = objective.batches(setup.rows, args, mesh)
         if args.resume:
             start = checkpoints.latest()
             trainer.state, record = checkpoints.restore(start, trainer.state)
@@ -166,7 +230,8 @@ def run(args) -> None:
                 progress.message(f"resumed from step {start} in {out / 'checkpoints'}")
         interrupted = False
         try:
-            trainer.loop(batches, checkpoints, progress, out if primary else None)
+            trainer.loop(batches, checkpoints, progress, out if primary else None,
+                         on_step=on_step, on_eval=on_eval)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -177,7 +242,7 @@ def run(args) -> None:
                               out / CHECKPOINTS)
         trainer.finish(out)
         if primary:
-            if report.plot_loss(out) is None:
+            if report.plot_loss(out, objective.loss_label) is None:
                 progress.message("no loss.png: matplotlib is not installed")
             progress.message(trainer.next_step(out))
 
@@ -185,8 +250,9 @@ def run(args) -> None:
 class Trainer:
     """The model, optimizer and jitted steps of one run, and its state."""
 
-    def __init__(self, args, setup: Setup, mesh, dtype, peak: float):
+    def __init__(self, args, setup: Setup, mesh, dtype, peak: float, objective=None):
         self.args, self.setup, self.mesh, self.dtype, self.peak = args, setup, mesh, dtype, peak
+        self.objective = objective = objective or CausalLM()
         self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
         options = Options(attention=args.attention, remat=args.remat, unroll=args.unroll)
         if args.init is None:
@@ -203,44 +269,47 @@ class Trainer:
                                args.lora_rank, args.seed, mesh)
             self.frozen = weights
             self.assemble = lambda params, frozen: lora.merge(frozen, params, self.scale)
+            self.base = lambda frozen: frozen  # the weights without the adapters (DPO's reference)
         else:
             params, self.frozen = weights, {}
             self.assemble = lambda params, frozen: params
+            self.base = None
         self.tx = S.optimizer(lr=args.lr, warmup=args.warmup, steps=args.steps,
                               weight_decay=args.weight_decay, clip=args.clip)
         self.schedule = S.learning_rate(lr=args.lr, warmup=args.warmup, steps=args.steps)
         shardings = S.state_shardings(params, self.tx, mesh)
         self.state = S.init_state(params, self.tx, args.seed, shardings)
-        kwargs = dict(dtype=dtype, assemble=self.assemble,
-                      isolate_documents=args.isolate_documents)
-        self.train_step = S.make_train_step(self.template, self.tx, shardings, **kwargs)
-        self.eval_step = S.make_eval_step(self.template, **kwargs)
-        self.eval_data = None
-        if setup.eval_rows is not None:
-            self.eval_data = D.eval_batch(setup.eval_rows, batch_size=args.batch_size,
-                                          max_batches=args.eval_batches, mesh=mesh)
+        loss = objective.loss(self)
+        self.train_step = S.make_train_step(self.tx, shardings, loss)
+        self.eval_step = S.make_eval_step(loss)
         self.flops = flops.training_flops(setup.config, lora_targets=args.lora_targets,
                                           lora_rank=args.lora_rank or 0)
+        objective.prepare(self)  # on the initial weights, before a resumed run restores its own
+        self.eval_data = None
+        if setup.eval_rows is not None:
+            self.eval_data = objective.eval_batch(setup.eval_rows, args, mesh)
 
-    def model_flops(self, batches: D.Batches) -> float:
-        """The model FLOPs of the step on the batch `batches` hands out next (compute.flops)."""
-        segments = batches.rows.segments[batches.row_indices(batches.position)]
-        pairs = flops.attention_pairs(segments, self.setup.config.sliding_window,
-                                      self.args.isolate_documents)
-        return self.flops.of(int((segments >= 0).sum()), pairs)
+    def evaluate(self) -> tuple[dict, str]:
+        """(the eval metrics row's values, what to say) on the eval data."""
+        return self.objective.report(*self.eval_step(self.state.params, self.frozen,
+                                                     self.eval_data))
 
-    def evaluate(self) -> tuple[float, float]:
-        return S.mean_loss(*self.eval_step(self.state.params, self.frozen, self.eval_data))
-
-    def loop(self, batches, checkpoints: RunCheckpoints, progress, out: Path | None) -> None:
+    def loop(self, batches, checkpoints: RunCheckpoints, progress, out: Path | None, *,
+             on_step=None, on_eval=None) -> None:
         args = self.args
         metrics = report.Metrics(out) if out is not None else None
-        tokens = args.batch_size * args.seq_len
+
+        def write(row, callback):
+            if metrics is not None:
+                metrics.write(row)
+                if callback is not None:
+                    callback(row)
+
         step, bad, last_saved = int(self.state.step), 0, checkpoints.latest()
         self.steps_done = step
         try:
             while step < args.steps:
-                step_flops = self.model_flops(batches)
+                tokens, step_flops = self.objective.work(self, batches)
                 start = time.perf_counter()
                 self.state, m = self.train_step(self.state, self.frozen, next(batches))
                 loss, finite, grad_norm = jax.device_get((m["loss"], m["finite"],
@@ -266,17 +335,18 @@ class Trainer:
                                                        self.dtype, at_least=achieved)
                 mfu = achieved / self.peak
                 progress.update(step, float(loss), rate, mfu)
-                if metrics is not None and step % args.log_every == 0:
-                    metrics.write({"step": step, "loss": float(loss), "tokens_per_s": rate,
-                                   "lr": float(self.schedule(step - 1)),
-                                   "grad_norm": float(grad_norm), "mfu": mfu})
+                if step % args.log_every == 0:
+                    named = jax.device_get({k: m[k] for k in self.objective.metrics})
+                    write({"step": step, "loss": float(loss),
+                           **{k: float(named[k]) for k in self.objective.metrics},
+                           "tokens_per_s": rate,
+                           "lr": float(self.schedule(step - 1)),
+                           "grad_norm": float(grad_norm), "mfu": mfu}, on_step)
                 if self.eval_data is not None and (step % args.eval_every == 0
                                                    or step == args.steps):
-                    eval_loss, ppl = self.evaluate()
-                    progress.message(f"step {step}: eval loss {eval_loss:.4f}, perplexity "
-                                     f"{ppl:.2f}")
-                    if metrics is not None:
-                        metrics.write({"step": step, "eval_loss": eval_loss, "eval_ppl": ppl})
+                    values, said = self.evaluate()
+                    progress.message(f"step {step}: {said}")
+                    write({"step": step, **values}, on_eval)
                 if step % args.save_every == 0 or step == args.steps:
                     checkpoints.save(step, self.state, {
                         "data_position": batches.position,

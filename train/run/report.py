@@ -96,7 +96,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def plot_loss(out: Path) -> Path | None:
+def plot_loss(out: Path, ylabel: str = "cross-entropy (nats / token)") -> Path | None:
     """OUT/loss.png: training loss by step, eval loss as points."""
     rows = read_metrics(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -116,7 +116,7 @@ def plot_loss(out: Path) -> Path | None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
