@@ -100,7 +100,8 @@ def _text_pair(row: dict, where: str, tokenizer) -> Pair:
                             "message)")
     responses = []
     for field in ("chosen", "rejected"):
-        ids, counted = D.tokenize([D.Document(row[field], prompt=row["prompt"])], tokenizer)[0]
+        tokens = D.tokenize([D.Document(row[field], prompt=row["prompt"])], tokenizer)[0]
+        ids, counted = tokens.ids, tokens.counted
         start = len(ids) - int(counted.sum())
         responses.append(tuple(ids[start:].tolist()))
     return Pair(tuple(ids[:start].tolist()), *responses)
