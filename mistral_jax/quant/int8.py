@@ -21,6 +21,7 @@ each layer's weight to float before its dot, a copy the many rows share.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -175,10 +176,49 @@ def project(equation: str, x: jax.Array, w, *, kernel: bool) -> jax.Array:
         g = scale.shape[lead] if layout == "kn" else scale.shape[-1]
         scale = scale.reshape((*scale.shape[:lead], *((g, n) if layout == "kn" else (n, g))))
     x2 = x.reshape(-1, k)
-    matmul = kernels.matmul if kernel and x2.shape[0] <= KERNEL_MAX_ROWS else kernels.reference
-    y = matmul(x2, values.reshape(shaped), scale, index=index, layout=layout)
+    if kernel and x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = kernels.matmul(x2, values.reshape(shaped), scale, index=index, layout=layout)
+    elif scale is None or index is not None:
+        y = kernels.reference(x2, values.reshape(shaped), scale, index=index, layout=layout)
+    else:
+        y = _dequantizing(x2.astype(jnp.float32), values.reshape(shaped), scale, layout)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return y.reshape(*x.shape[:x.ndim - n_in], *outs).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dequantizing(x, values, scale, layout: str):
+    """`kernels.reference` for an int8 weight, differentiable in x only: the weight is frozen
+    (only LoRA trains over an int8 base). XLA's own backward pass would keep the float weight it
+    converts as a residual, under the layer scan a float copy of every layer's weight held from
+    the forward pass to the backward; here the backward converts again, one layer at a time.
+    (The CPU kernel serves decoding only: at the 2048 rows of a training micro-batch XLA's
+    float32 dot is faster, see bench/qlora.py.)"""
+    return kernels.reference(x, values, scale, layout=layout)
+
+
+def _dequantizing_fwd(x, values, scale, layout):
+    return kernels.reference(x, values, scale, layout=layout), (values, scale)
+
+
+def _dequantizing_bwd(layout, residuals, g):
+    """dx = g (values * scale)^T: x [M, K], g [M, N]; each group of K/G inputs of an output
+    channel shares a scale ([G, N] kn, [N, G] nk)."""
+    values, scale = residuals
+    w = values.astype(jnp.float32)
+    if layout == "kn":  # w [K, N]
+        groups = scale.shape[0]
+        gs = g[:, None, :] * scale  # [M, G, N]
+        dx = jnp.einsum("mgn,gkn->mgk", gs, w.reshape(groups, -1, w.shape[1]))
+    else:  # w [N, K]
+        groups = scale.shape[1]
+        gs = g[:, None, :] * scale.T  # [M, G, N]
+        dx = jnp.einsum("mgn,ngk->mgk", gs, w.reshape(w.shape[0], groups, -1))
+    zero = np.zeros(values.shape, jax.dtypes.float0)
+    return dx.reshape(g.shape[0], -1), zero, jnp.zeros_like(scale)
+
+
+_dequantizing.defvjp(_dequantizing_fwd, _dequantizing_bwd)
 
 
 # --- models ------------------------------------------------------------------------------------
