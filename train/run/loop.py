@@ -17,6 +17,7 @@ from mistral_jax.io import checkpoint, files, lora
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options
 from mistral_jax.parallel import devices
+from mistral_jax.quant import int8 as quant
 from mistral_jax.text.tokenizer import Tokenizer
 from train.compute import flops
 from train.compute import step as S
@@ -29,7 +30,7 @@ from train.run.errors import UsageError
 RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others.
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype", "quantize_base")
 
 
 class Stopped(RuntimeError):
@@ -64,10 +65,16 @@ def set_up(args) -> Setup:
         config, tokenizer = default.CONFIG, default.tokenizer()
     else:
         config = checkpoint.read_config(args.init)
-        if checkpoint.is_quantized(args.init):
+        if checkpoint.is_quantized(args.init) and not args.lora_rank:
             raise UsageError(f"--init {args.init} holds int8 weights, and training needs float "
                              "ones: start from the float checkpoint (converted without "
-                             "--quantize), and quantize what it gives")
+                             "--quantize), and quantize what it gives; or train LoRA adapters "
+                             "over it (--lora-rank R), the base frozen in int8")
+        if checkpoint.is_quantized(args.init) and args.merge_lora:
+            raise UsageError(f"--merge-lora: --init {args.init} holds int8 weights, and adapters "
+                             "merge into float ones: leave --merge-lora out, then merge the "
+                             "adapters into the float checkpoint it was converted from: python "
+                             "-m train.merge_lora FLOAT OUT/adapters MERGED")
         tokenizer = Tokenizer.from_dir(args.init)
     micro = args.batch_size // args.grad_accum if args.batch_size % args.grad_accum == 0 else None
     mesh, mesh_note = devices.mesh_for(args.mesh, config, micro_batch=micro)
@@ -187,16 +194,25 @@ class Trainer:
             model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
                                 mesh=mesh, options=options)
         else:
-            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options)
+            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options,
+                                    quantize=args.quantize_base)
+        self.quantized = quant.is_quantized(model)  # a frozen int8 base (QLoRA)
         weights = trees.weights(model)
-        self.template = trees.with_weights(model, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), weights))
+        abstract = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        self.template = trees.with_weights(model, abstract(weights))
+        adapted = self.template
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
             params = lora.init(weights, trees.logical_axes(model), args.lora_targets,
                                args.lora_rank, args.seed, mesh)
             self.frozen = weights
-            self.assemble = lambda params, frozen: lora.merge(frozen, params, self.scale)
+            # The adapters stay beside the frozen base (x W + scale (x A) B in each layer), never
+            # merged into it: an int8 base stays int8, and a float base's step is faster than
+            # with W + scale A B formed each step, whose backward computes W's full gradient
+            # (bench/qlora.py, default model, batch 8 x 256, q,v rank 8, 2-core AMD EPYC: ...)
+            adapted = lora.attach(self.template, abstract(params), self.scale)
+            self.assemble = lora.beside
         else:
             params, self.frozen = weights, {}
             self.assemble = lambda params, frozen: params
@@ -207,8 +223,8 @@ class Trainer:
         self.state = S.init_state(params, self.tx, args.seed, shardings)
         kwargs = dict(dtype=dtype, assemble=self.assemble,
                       isolate_documents=args.isolate_documents)
-        self.train_step = S.make_train_step(self.template, self.tx, shardings, **kwargs)
-        self.eval_step = S.make_eval_step(self.template, **kwargs)
+        self.train_step = S.make_train_step(adapted, self.tx, shardings, **kwargs)
+        self.eval_step = S.make_eval_step(adapted, **kwargs)
         self.eval_data = None
         if setup.eval_rows is not None:
             self.eval_data = D.eval_batch(setup.eval_rows, batch_size=args.batch_size,
@@ -287,10 +303,18 @@ class Trainer:
         if args.lora_rank:
             lora.write(self.state.params, out / ADAPTERS, rank=args.lora_rank,
                        alpha=args.lora_alpha, targets=args.lora_targets,
-                       config=self.setup.config, base=self.setup.run_record.get("init"))
+                       config=self.setup.config, base=self.setup.run_record.get("init"),
+                       base_quantize="int8" if self.quantized else None)
             if not args.merge_lora:
                 return
-        weights = jax.jit(self.assemble)(self.state.params, self.frozen)
+            if self.quantized:  # --quantize-base: merged into the float --init (set_up checked)
+                model = checkpoint.load(args.init, mesh=self.mesh, adapters=out / ADAPTERS)
+                checkpoint.save(model, out / FINAL, overwrite=True)
+                return
+            merge = lambda params, frozen: lora.merge(frozen, params, self.scale)  # noqa: E731
+        else:
+            merge = self.assemble
+        weights = jax.jit(merge)(self.state.params, self.frozen)
         checkpoint.save(trees.with_weights(self.template, weights), out / FINAL,
                         overwrite=True)
 
