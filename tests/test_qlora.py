@@ -120,14 +120,15 @@ def test_qlora_gradients_equal_the_merged_paths_on_the_dequantized_base(kind):
 
 
 def test_the_trainer_keeps_the_base_int8_and_trains_float32_adapters(tmp_path):
+    """Even under bfloat16 compute: the compute copy is cast inside the step."""
     args = finetune.with_defaults(finetune.parser().parse_args([
         "--mesh", "1x1", "--init", str(small_checkpoint(tmp_path)), "--lora-rank", "2",
         "--lora-targets", "q,v,down", "--quantize-base", "int8", "--steps", "2", "--seq-len",
-        "32", "--batch-size", "2", "--out", str(tmp_path / "run")]))
+        "32", "--batch-size", "2", "--dtype", "bfloat16", "--out", str(tmp_path / "run")]))
     finetune.check(args)
     setup = loop.set_up(args)
     with jax.set_mesh(setup.mesh):
-        trainer = loop.Trainer(args, setup, setup.mesh, jnp.float32, 1.0)
+        trainer = loop.Trainer(args, setup, setup.mesh, jnp.bfloat16, 1.0)
         frozen = trees.flatten(trainer.frozen)
         for name in quant.table(setup.config):
             if name + ".values" in frozen:
@@ -206,6 +207,11 @@ def test_a_qlora_run_writes_adapters_that_load_evaluate_and_export(qlora_run, ca
     ids = IDS[:, :8]
     logits = np.asarray(mistral_jax.forward(on_float, ids))
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(on_int8, ids)), logits, atol=0.05)
+    # decoding on the int8 base (the CPU kernel, the adapters beside) as on its float copy
+    reference = lora.apply(quant.dequantized(mistral_jax.load(d / "int8")),
+                           d / "run" / "adapters")  # (merged)
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(on_int8, ids, max_new_tokens=6),
+                                  mistral_jax.generate_tokens(reference, ids, max_new_tokens=6))
     # PEFT: the export loads onto the float base exported, with our logits
     assert to_torch.main([str(d / "base"), str(d / "hf")]) == 0
     assert to_torch.main([str(d / "run" / "adapters"), str(d / "peft")]) == 0
