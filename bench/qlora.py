@@ -1,9 +1,9 @@
 """`python bench/qlora.py`: LoRA over a frozen int8 base (QLoRA, `train.finetune --quantize-base
 int8`) against LoRA over the float32 base, in one run, on the default run's model
-(train/input/default.py CONFIG, 5.1M parameters), LoRA rank 8 on q, v (train.finetune's
-default targets):
+(train/input/default.py CONFIG, 5.1M parameters), LoRA rank 8:
 
-1. the train step (batch 8 x 256, one device, float32 compute, AdamW): the float base with the
+1. the train step (batch 8 x 256, one device, float32 compute, AdamW; LoRA on q, v,
+   train.finetune's default targets): the float base with the
    adapters merged into it each step (W + scale A B, how LoRA trained before), the float base
    with the adapters beside it (x W + scale (x A) B), the int8 base beside; medians of rounds
    that take one step of each in turn, and each compiled step's temporary bytes (XLA);
@@ -11,8 +11,8 @@ default targets):
    XLA's dequantizing dot (what training uses);
 3. the frozen base's bytes (the sum of its arrays' nbytes), int8 against float32;
 4. the loss: the default run trains a base (`--base-steps`), then the same LoRA run
-   (`--lora-steps`, on the default corpus) over it as float32 and as int8; the mean train loss
-   of the last 5 steps and the final eval loss of each.
+   (`--lora-steps`, every target, lr 1e-2, on the default corpus and its held-out entries) over
+   it as float32 and as int8; the mean train loss of the last 5 steps and the final eval loss.
 
     .venv/bin/python bench/qlora.py [--repeats 5] [--base-steps 120] [--lora-steps 30] [--json F]
 """
@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import mistral_jax  # noqa: E402
 from bench.common import median_time, timed  # noqa: E402
 from mistral_jax import kernels  # noqa: E402
 from mistral_jax.base import trees  # noqa: E402
@@ -48,7 +49,7 @@ BATCH, SEQ, RANK, TARGETS = 8, 256, 8, ["q", "v"]
 
 def steps(ids: np.ndarray) -> dict:
     """{name: (run one step, the compiled step's temporary bytes)} for the three ways."""
-    mesh = jax.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     out = {}
     with jax.set_mesh(mesh):
         model = models.init(default.CONFIG, seed=0, mesh=mesh)
@@ -118,12 +119,15 @@ def losses(base_steps: int, lora_steps: int) -> dict:
         tmp = Path(tmp)
         finetune(tmp / "base", "--steps", str(base_steps))
         flags = ["--init", str(tmp / "base" / "final"), "--lora-rank", str(RANK), "--steps",
-                 str(lora_steps), "--lr", "3e-3", "--eval-every", str(lora_steps)]
+                 str(lora_steps), "--lr", "1e-2", "--eval-every", str(lora_steps),
+                 "--lora-targets", "q,k,v,o,gate,up,down"]
         for name, extra in (("float32", []), ("int8", ["--quantize-base", "int8"])):
             rows = finetune(tmp / name, *flags, *extra)
             train = [r["loss"] for r in rows if "loss" in r]
             result[name] = {"train_last5": float(np.mean(train[-5:])), "first": train[0],
-                            "eval": [r["eval_loss"] for r in rows if "eval_loss" in r][-1]}
+                            "eval": [r["eval_loss"] for r in rows if "eval_loss" in r][-1],
+                            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in
+                                                             rows if "loss" in r][1:]))}
     return result
 
 
@@ -163,10 +167,11 @@ def main() -> None:
     if not args.skip_losses:
         result["losses"] = got = losses(args.base_steps, args.lora_steps)
         for name, r in got.items():
-            print(f"LoRA {args.lora_steps} steps on the {name} base: loss {r['first']:.4f} -> "
-                  f"{r['train_last5']:.4f} (mean of the last 5), eval {r['eval']:.4f}")
+            print(f"LoRA {args.lora_steps} steps on the {name} base: loss {r['first']:.5f} -> "
+                  f"{r['train_last5']:.5f} (mean of the last 5), eval {r['eval']:.5f}, "
+                  f"{r['tokens_per_s']:.0f} tokens/s")
         diff = {k: got["int8"][k] - got["float32"][k] for k in ("train_last5", "eval")}
-        print(f"int8 - float32: train {diff['train_last5']:+.4f}, eval {diff['eval']:+.4f}")
+        print(f"int8 - float32: train {diff['train_last5']:+.5f}, eval {diff['eval']:+.5f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -77,22 +77,27 @@ def test_an_adapter_per_row_gives_each_row_its_own_adapter():
         np.testing.assert_allclose(together[i:i + 1], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [(2, 3), (8, 8)])  # fewer rows than inputs, and more
 @pytest.mark.parametrize("equation, shape, group", [
     ("btd,dnh->btnh", (16, 4, 8), None), ("btd,dnh->btnh", (16, 4, 8), 8),
     ("btnh,nhd->btd", (4, 8, 16), None), ("btd,vd->btv", (24, 16), None),
     ("btd,vd->btv", (24, 16), 4)])
-def test_the_int8_matmul_differentiates_in_x_as_its_dequantized_weight(equation, shape, group):
-    """The backward pass of XLA's dequantizing matmul (its own, so that no float copy of the
-    weight is kept for it) gives the float weight's dx, per column or per group of inputs."""
+def test_the_int8_matmul_differentiates_in_x_as_its_dequantized_weight(equation, shape, group,
+                                                                        rows):
+    """XLA's dequantizing matmul and its own backward pass (no float copy of the weight kept
+    for it) give the float weight's product and dx, per column or per group of inputs, with
+    the scales on the output (few rows) or on the weight (many)."""
     layout = "nk" if equation.endswith("->btv") else "kn"
     n_in = 2 if equation.startswith("btnh") else 1
     k = jax.random.split(jax.random.key(1), 3)
     values, scale = quant.quantize(jax.random.normal(k[0], shape), 0, n_in, layout, group)
     w = quant.dequantize(values, scale, 0, n_in, layout)
-    x = jax.random.normal(k[1], (2, 3, *(shape[:n_in] if layout == "kn" else shape[1:])))
+    x = jax.random.normal(k[1], (*rows, *(shape[:n_in] if layout == "kn" else shape[1:])))
     out = jax.random.normal(k[2], jnp.einsum(equation, x, w).shape)
     grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * out))(x)  # noqa: E731
-    got = grad(lambda x: quant.project(equation, x, quant.QWeight(values, scale), kernel=False))
+    int8 = lambda x: quant.project(equation, x, quant.QWeight(values, scale), kernel=False)  # noqa: E731
+    np.testing.assert_allclose(int8(x), jnp.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
+    got = grad(int8)
     np.testing.assert_allclose(got, grad(lambda x: jnp.einsum(equation, x, w)), rtol=1e-5,
                                atol=1e-5)
 
