@@ -193,10 +193,21 @@ def test_bad_kv_cache_dtype_is_refused(tmp_path):
     assert mistral_jax.load(tmp_path / "m", kv_cache_dtype="int8").kv_cache_dtype == "int8"
 
 
-def test_int8_checkpoint_with_adapters_is_refused(tmp_path):
-    mistral_jax.save(quant.quantized(model(MISTRAL)), tmp_path / "q")
-    with pytest.raises(mistral_jax.CheckpointError, match="int8 weights"):
-        mistral_jax.load(tmp_path / "q", adapters=tmp_path / "none")
+def test_int8_checkpoint_takes_adapters_beside_its_weights(tmp_path):
+    """Not merged (an int8 W + A B would be requantized): the layer adds (x A) B to x W."""
+    from mistral_jax.io import lora
+
+    q = quant.quantized(model(MISTRAL))
+    mistral_jax.save(q, tmp_path / "q")
+    adapters = lora.init(trees.weights(q), trees.logical_axes(q), ["q", "down"], 2, 0)
+    adapters["layers"]["q"]["b"] = jnp.ones_like(adapters["layers"]["q"]["b"])
+    lora.write(adapters, tmp_path / "a", rank=2, alpha=4.0, targets=["q", "down"],
+               config=MISTRAL, base=None)
+    loaded = mistral_jax.load(tmp_path / "q", adapters=tmp_path / "a")
+    assert loaded.layers.q.values[...].dtype == jnp.int8
+    np.testing.assert_allclose(mistral_jax.forward(loaded, IDS),
+                               mistral_jax.forward(lora.attach(q, adapters, 2.0), IDS), atol=1e-6)
+    assert np.abs(mistral_jax.forward(loaded, IDS) - mistral_jax.forward(q, IDS)).max() > 1e-3
 
 
 def test_kernel_off_uses_xla(tmp_path):

@@ -27,6 +27,7 @@ from mistral_jax.io.files import WEIGHTS
 from mistral_jax.model import registry as models
 from mistral_jax.model.decoder import Decoder
 from mistral_jax.model.options import Options
+from mistral_jax.nn import adapters as nn_adapters
 from mistral_jax.parallel.placement import onto, place
 from mistral_jax.quant import int8 as quant
 from mistral_jax.text.tokenizer import Tokenizer
@@ -39,6 +40,12 @@ class CheckpointError(ValueError):
 def save(model: Decoder, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` (config, tokenizer, weights) as a checkpoint directory, atomically.
     Every process of a multi-process run calls it; each writes the shards it holds."""
+    if nn_adapters.attached(model) is not None:
+        raise CheckpointError(f"{path}: this model carries LoRA adapters beside its weights "
+                              "(unmerged, as over an int8 base), which a checkpoint does not "
+                              "hold: keep them as an adapters directory (--adapters DIR), or "
+                              "merge them into the float checkpoint (python -m "
+                              "train.merge_lora FLOAT ADAPTERS OUT)")
     weights = trees.weights(model)
     if model.vocab_padded != model.config.vocab_size:  # checkpoints hold the real vocab only
         axes = trees.logical_axes(model)
@@ -210,8 +217,9 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     With `mesh`, each weight is restored directly into its `NamedSharding` from the sharding
     rules (no device holds a full copy of a sharded weight), the vocab padded where the model axis
     needs it; `adapters`, a LoRA adapters directory (train.finetune's OUT/adapters), is merged
-    into the weights; `quantize="int8"` quantizes the matmul weights (see `quant`) after the
-    adapters are merged. A checkpoint saved quantized loads quantized.
+    into float weights, and kept beside int8 ones (see `nn.adapters`); `quantize="int8"`
+    quantizes the matmul weights (see `quant`) after the adapters are merged. A checkpoint
+    saved quantized loads quantized.
 
     How the model runs is its `options` (`model.options.Options`): given whole, or by the
     shortcuts `sequence_parallel` (as in `registry.shard`), `attention` (an
@@ -233,9 +241,6 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, adapters=None,
     check_weights(config, stored, str(path), abstract, kinds)
     groups = quant.group_counts(trees.flatten(stored), kinds)
     if groups:
-        if adapters is not None:
-            raise CheckpointError(f"{path} holds int8 weights, and adapters merge into float "
-                                  "ones: load the float checkpoint with adapters=, quantize=")
         abstract = quant.restructure(abstract, groups)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,7 +1,9 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): each targeted
 weight W is used as W + (alpha / r) A B with A [in, r] random and B [r, out] zero, and only A and
-B are trained. The sum is formed once per step from the stacked weights, so the model code is
-unchanged; `merge` writes it into the weights for good.
+B are trained. Training keeps them beside the weights (`attach`; the layer computes
+x W + (alpha / r) (x A) B, see `nn/adapters`), so the frozen base may be int8 (QLoRA, Dettmers et
+al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", with int8 for NF4); `merge` writes
+the sum into float weights for good, as loading adapters onto a float base does.
 
 A and B take their sharding from W's logical axes: for a column-parallel W (q, gate) B is split
 like W's output and A is replicated; for a row-parallel W (o, down) A is split like W's input.
@@ -27,7 +29,10 @@ from mistral_jax.arch import weights
 from mistral_jax.arch.configs import Config, model_type, to_hf_dict
 from mistral_jax.base import trees
 from mistral_jax.io import files
+from mistral_jax.nn import adapters as nn_adapters
+from mistral_jax.nn.adapters import ATTRIBUTE
 from mistral_jax.parallel import sharding
+from mistral_jax.quant import int8 as quant
 
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "mistral_jax-lora"
@@ -73,17 +78,23 @@ def _shardings(name: str, names: tuple, a_shape: tuple, b_shape: tuple, mesh):
             NamedSharding(mesh, sharding.spec_for(b_axes, b_shape, mesh)))
 
 
+def _base(tree: dict, name: str):
+    """Stacked weight `name` (its array or axes) in a weights tree; an int8 weight's values."""
+    w = tree["layers"][name]
+    return w["values"] if isinstance(w, dict) else w
+
+
 def init(weights: dict, axes: dict, targets: list[str], rank: int, seed: int, mesh=None) -> dict:
-    """{"layers": {name: {"a": [L, *in, r], "b": [L, r, *out]}}} for each target, float32."""
+    """{"layers": {name: {"a": [L, *in, r], "b": [L, r, *out]}}} for each target, float32
+    (over float or int8 weights alike)."""
     adapters, keys = {}, iter(jax.random.split(jax.random.key(seed), len(targets)))
     for name in targets:
-        w = weights["layers"][name]
-        a_shape, b_shape = shapes(name, w.shape, rank)
+        a_shape, b_shape = shapes(name, _base(weights, name).shape, rank)
         a = jax.random.normal(next(keys), a_shape, jnp.float32) / math.sqrt(
             math.prod(a_shape[1:-1]))
         b = jnp.zeros(b_shape, jnp.float32)
         if mesh is not None:
-            a_at, b_at = _shardings(name, axes["layers"][name], a_shape, b_shape, mesh)
+            a_at, b_at = _shardings(name, _base(axes, name), a_shape, b_shape, mesh)
             a, b = jax.device_put(a, a_at), jax.device_put(b, b_at)
         adapters[name] = {"a": a, "b": b}
     return {"layers": adapters}
@@ -95,6 +106,19 @@ def delta(name: str, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     letters = "ijklmn"
     ins, outs = letters[:n_in], letters[n_in: n_in + b.ndim - 2]
     return scale * jnp.einsum(f"z{ins}r,zr{outs}->z{ins}{outs}", a, b)
+
+
+def beside(adapters: dict, base: dict) -> dict:
+    """The tree `trees.with_weights` fills a model from, for a model that carries `adapters`
+    unmerged (`attach`): the base weights and the adapters under layers.lora."""
+    return {**base, "layers": {**base["layers"], ATTRIBUTE: adapters["layers"]}}
+
+
+def attach(model, adapters: dict, scale: float):
+    """`model` carrying `adapters` ({"layers": {name: {"a", "b"}}}, arrays or shapes) beside
+    its weights, unmerged (`nn.adapters`): how LoRA trains, and how adapters run on an int8
+    base."""
+    return nn_adapters.attach(model, adapters["layers"], scale)
 
 
 def merge(base: dict, adapters: dict, scale: float) -> dict:
@@ -112,10 +136,13 @@ def merge(base: dict, adapters: dict, scale: float) -> dict:
 
 
 def write(adapters: dict, path: str | os.PathLike, *, rank: int, alpha: float,
-          targets: list[str], config: Config, base: str | None) -> Path:
-    """The adapters directory `path` (replaced whole if it exists; every process takes part)."""
+          targets: list[str], config: Config, base: str | None,
+          base_quantize: str | None = None) -> Path:
+    """The adapters directory `path` (replaced whole if it exists; every process takes part).
+    `base_quantize`: "int8" when they were trained over `base` quantized (QLoRA)."""
     info = {"format": FORMAT, "model_type": model_type(config), "rank": rank, "alpha": alpha,
-            "targets": list(targets), "base": base, "base_config": to_hf_dict(config)}
+            "targets": list(targets), "base": base, "base_config": to_hf_dict(config),
+            "base_quantize": base_quantize}
     with files.atomic_directory(path, overwrite=True) as tmp:
         files.write_json(tmp / CONFIG_FILE, info)
         files.write_arrays(tmp / files.WEIGHTS, adapters)
@@ -149,8 +176,9 @@ def read_info(path: str | os.PathLike) -> dict:
 
 
 def apply(model, path: str | os.PathLike):
-    """`model` with the adapters in `path` merged into its weights (on the model's mesh, if
-    any). The adapters must have been trained on a model of the same shape."""
+    """`model` with the adapters in `path` merged into its float weights, or beside its int8
+    ones (unmerged: see `nn.adapters`), on the model's mesh if any. The adapters must have been
+    trained on a model of the same shape."""
     path = Path(path).absolute()
     info = read_info(path)
     kind = model_type(model.config)
@@ -163,7 +191,7 @@ def apply(model, path: str | os.PathLike):
     mesh = sharding.mesh_of(model)
     target, problems = {}, []
     for name in info["targets"]:
-        a_shape, b_shape = shapes(name, weights["layers"][name].shape, info["rank"])
+        a_shape, b_shape = shapes(name, _base(weights, name).shape, info["rank"])
         got = stored.get("layers", {}).get(name, {})
         for part, want in (("a", a_shape), ("b", b_shape)):
             if part not in got:
@@ -171,7 +199,7 @@ def apply(model, path: str | os.PathLike):
             elif tuple(got[part].shape) != want:
                 problems.append(f"layers.{name}.{part}: shape {tuple(got[part].shape)}, this "
                                 f"model needs {want}")
-        a_at, b_at = _shardings(name, axes["layers"][name], a_shape, b_shape, mesh)
+        a_at, b_at = _shardings(name, _base(axes, name), a_shape, b_shape, mesh)
         target[name] = {"a": jax.ShapeDtypeStruct(a_shape, jnp.float32, sharding=a_at),
                         "b": jax.ShapeDtypeStruct(b_shape, jnp.float32, sharding=b_at)}
     if problems:
@@ -179,6 +207,8 @@ def apply(model, path: str | os.PathLike):
                         f"{info.get('base') or 'another model'}): " + "; ".join(problems))
     adapters = files.read_arrays(path / files.WEIGHTS, {"layers": target})
     scale = info["alpha"] / info["rank"]
+    if quant.is_quantized(model):
+        return attach(model, adapters, scale)
     merged = jax.jit(lambda w, ad: merge(w, ad, scale), donate_argnums=0,
                      out_shardings=jax.tree.map(lambda x: x.sharding, weights))(weights, adapters)
     return trees.with_weights(model, merged)

@@ -17,6 +17,7 @@ from mistral_jax import kernels
 from mistral_jax.arch import weights
 from mistral_jax.model import cache as kv
 from mistral_jax.model.options import REMAT_POLICIES, Options
+from mistral_jax.nn import adapters
 from mistral_jax.nn import attention as A
 from mistral_jax.nn import layers as L
 from mistral_jax.nn.masking import Masking
@@ -47,9 +48,11 @@ class StackedLayers(nnx.Module):
     table named "layers.*"); under a scan, one layer's slice of them."""
 
     def matmul(self, name: str):
-        """Weight `name` as a matmul takes it: the array, or an int8 `quant.QWeight`."""
+        """Weight `name` as a matmul takes it: the array, or an int8 `quant.QWeight`; with its
+        LoRA adapter beside it (`nn.adapters`) when the model carries one for `name`."""
         w = getattr(self, name)
-        return w.weight() if isinstance(w, quant.Int8) else w[...]
+        w = w.weight() if isinstance(w, quant.Int8) else w[...]
+        return adapters.adapt(getattr(self, adapters.ATTRIBUTE, None), name, w)
 
 
 class Indexed:
@@ -59,8 +62,10 @@ class Indexed:
     def __init__(self, layers: StackedLayers, index: jax.Array):
         self._layers, self._index = layers, index
 
-    def matmul(self, name: str) -> quant.Stacked:
-        return quant.Stacked(*quant.arrays(getattr(self._layers, name)), self._index)
+    def matmul(self, name: str):
+        w = quant.Stacked(*quant.arrays(getattr(self._layers, name)), self._index)
+        return adapters.adapt(getattr(self._layers, adapters.ATTRIBUTE, None), name, w,
+                              self._index)
 
     def __getattr__(self, name):
         return _Row(getattr(self._layers, name), self._index)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +42,44 @@ class ParamMaker:
 # --- projections -------------------------------------------------------------------------------
 
 
+class Adapted(NamedTuple):
+    """A weight and its LoRA adapter, kept apart: `project` computes x W + scale (x A) B and
+    never forms W + scale A B, so an int8 W stays int8 (QLoRA, Dettmers et al. 2023) and the
+    backward pass gives A and B their rank-r gradients without W's full-size one.
+
+    A [*in, r] and B [r, *out] are one layer's slices. With one more leading axis (A [b, *in, r],
+    B [b, r, *out]) each row of the batch has its own adapter (several adapters in one batch)."""
+
+    weight: object  # what `project` takes: an array, a quant.QWeight or a quant.Stacked
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+
 def project(equation: str, x: jax.Array, w) -> jax.Array:
     """`jnp.einsum(equation, x, w)` for a weight projection ("btd,dnh->btnh"). `w` is an array,
-    an int8 `quant.QWeight` (dequantized inside the matmul), or a `quant.Stacked` layer of a
-    stacked weight (the decode step's matmuls in the CPU kernel, see `Decoder.step`)."""
+    an int8 `quant.QWeight` (dequantized inside the matmul), a `quant.Stacked` layer of a
+    stacked weight (the decode step's matmuls in the CPU kernel, see `Decoder.step`), or any of
+    these `Adapted` (LoRA beside it)."""
+    if isinstance(w, Adapted):
+        return project(equation, x, w.weight) + low_rank(equation, x, w)
     if isinstance(w, quant.QWeight | quant.Stacked):
         return quant.project(equation, x, w, kernel=isinstance(w, quant.Stacked))
     return _einsum(equation, x, w)
+
+
+def low_rank(equation: str, x: jax.Array, w: Adapted) -> jax.Array:
+    """scale (x A) B for the weight `equation` contracts x with ("btd,dnh->btnh": x A is
+    "btd,dr->btr", then "btr,rnh->btnh"); the scale is applied to the rank-r product."""
+    xs, rest = equation.split(",")
+    ws, out = rest.split("->")
+    n_in = sum(c in xs for c in ws)
+    ins, outs = ws[:n_in], ws[n_in:]
+    kept = "".join(c for c in xs if c not in ins)
+    r = next(c for c in "rzyxw" if c not in equation)
+    row = xs[0] if w.a.ndim > n_in + 1 else ""  # an adapter per row: its batch letter
+    xa = _einsum(f"{xs},{row}{ins}{r}->{kept}{r}", x, w.a.astype(x.dtype))
+    return _einsum(f"{kept}{r},{row}{r}{outs}->{out}", xa * w.scale, w.b.astype(x.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

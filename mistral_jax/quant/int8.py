@@ -21,6 +21,7 @@ each layer's weight to float before its dot, a copy the many rows share.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -171,14 +172,72 @@ def project(equation: str, x: jax.Array, w, *, kernel: bool) -> jax.Array:
     outs = inner[n_in:] if layout == "kn" else inner[:len(inner) - n_in]
     n = math.prod(outs)
     shaped = (*values.shape[:lead], *((k, n) if layout == "kn" else (n, k)))
+    scale_shaped = None
     if scale is not None:
         g = scale.shape[lead] if layout == "kn" else scale.shape[-1]
-        scale = scale.reshape((*scale.shape[:lead], *((g, n) if layout == "kn" else (n, g))))
+        scale_shaped = (*scale.shape[:lead], *((g, n) if layout == "kn" else (n, g)))
     x2 = x.reshape(-1, k)
-    matmul = kernels.matmul if kernel and x2.shape[0] <= KERNEL_MAX_ROWS else kernels.reference
-    y = matmul(x2, values.reshape(shaped), scale, index=index, layout=layout)
+    in_kernel = kernel and x2.shape[0] <= KERNEL_MAX_ROWS
+    if scale is not None and index is None and not in_kernel:  # (training's: differentiable)
+        y = _dequantizing(x2.astype(jnp.float32), values, scale, layout, shaped, scale_shaped)
+    else:
+        y = (kernels.matmul if in_kernel else kernels.reference)(
+            x2, values.reshape(shaped), None if scale is None else scale.reshape(scale_shaped),
+            index=index, layout=layout)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return y.reshape(*x.shape[:x.ndim - n_in], *outs).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dequantizing(x, values, scale, layout: str, shaped: tuple, scale_shaped: tuple):
+    """XLA's matmul of x [M, K] and an int8 weight (values and scale as the model holds them,
+    made [K, N] and [G, N] (kn) or [N, K] and [N, G] (nk) here), differentiable in x only: the
+    weight is frozen (only LoRA trains over an int8 base).
+
+    At least as many rows as inputs (a training micro-batch), the scales multiply the weight
+    as it is converted (the float copy of one layer's weight that XLA:CPU makes for the dot
+    anyway) rather than the [M, N] output: in the default model's QLoRA step 29 MB less
+    temporary memory, the LM head's logits not held twice. Fewer rows (decoding off the CPU
+    kernel): `kernels.reference`, the convert fused into the dot on a GPU, scales after.
+
+    XLA's own backward pass would keep that float weight as a residual, under the layer scan a
+    float copy of every layer's weight held from the forward pass to the backward (11 MB more
+    there: the layers' whole float base); here the backward converts again, one layer at a
+    time. The residuals are the weight's arrays as they came in, which the scan reads back from
+    the stacked weights (reshaped ones, it saved a copy of: another int8 base). The CPU kernel
+    serves decoding only: at a micro-batch's 2048 rows XLA's dot is faster (bench/qlora.py)."""
+    w, s = values.reshape(shaped), scale.reshape(scale_shaped)
+    if x.shape[0] < x.shape[1]:
+        return kernels.reference(x, w, s, layout=layout)
+    w = dequantize(w, s, 0, 1, layout)
+    return x @ w if layout == "kn" else x @ w.T
+
+
+def _dequantizing_fwd(x, values, scale, layout, shaped, scale_shaped):
+    return _dequantizing(x, values, scale, layout, shaped, scale_shaped), (values, scale)
+
+
+def _dequantizing_bwd(layout, shaped, scale_shaped, residuals, g):
+    """dx = g (values * scale)^T for g [M, N]: the scales on the weight or on g, as forward."""
+    values, scale = residuals
+    w, s = values.reshape(shaped), scale.reshape(scale_shaped)
+    k = shaped[0] if layout == "kn" else shaped[1]
+    if g.shape[0] >= k:
+        w = dequantize(w, s, 0, 1, layout)
+        dx = g @ w.T if layout == "kn" else g @ w
+    elif layout == "kn":  # each group of K/G inputs of an output channel shares a scale
+        groups = s.shape[0]
+        dx = jnp.einsum("mgn,gkn->mgk", g[:, None, :] * s,
+                        w.astype(jnp.float32).reshape(groups, -1, w.shape[1]))
+    else:
+        groups = s.shape[1]
+        dx = jnp.einsum("mgn,ngk->mgk", g[:, None, :] * s.T,
+                        w.astype(jnp.float32).reshape(w.shape[0], groups, -1))
+    return (dx.reshape(g.shape[0], -1), np.zeros(values.shape, jax.dtypes.float0),
+            jnp.zeros_like(scale))
+
+
+_dequantizing.defvjp(_dequantizing_fwd, _dequantizing_bwd)
 
 
 # --- models ------------------------------------------------------------------------------------

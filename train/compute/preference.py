@@ -94,10 +94,12 @@ def pair_losses(policy, reference, counted, *, beta: float, kind: str):
 
 
 def preference_loss(template, *, dtype, assemble: Callable[[dict, dict], dict],
-                    base: Callable[[dict], dict] | None, beta: float, kind: str) -> Loss:
-    """The step's loss over a micro-batch of pairs. The reference: with `base` (LoRA), the
-    weights `base(frozen)` (the frozen base without its adapters: the same arrays, no second
-    copy), run in the step; without, `batch["reference"]` [m, 2], computed before training
+                    base: Callable[[dict], dict] | None, beta: float, kind: str,
+                    reference_template=None) -> Loss:
+    """The step's loss over a micro-batch of pairs, the policy `template` filled by
+    `assemble(params, frozen)`. The reference: with `base` (LoRA), `reference_template` (the
+    model without adapters) filled with `base(frozen)` (the frozen base: the same arrays, no
+    second copy), run in the step; without, `batch["reference"]` [m, 2], computed before training
     (`make_reference_step`). Pairs with nothing counted (an eval batch's filling) count not."""
 
     def loss(params, frozen, batch):
@@ -107,7 +109,8 @@ def preference_loss(template, *, dtype, assemble: Callable[[dict, dict], dict],
             reference = batch["reference"]
         else:
             reference = jax.lax.stop_gradient(
-                response_log_probs(template, cast(base(frozen), dtype), batch)[0])
+                response_log_probs(reference_template or template, cast(base(frozen), dtype),
+                                   batch)[0])
         losses, rewards = pair_losses(policy, reference, counted, beta=beta, kind=kind)
         real = counted[:, 0] > 0
         total = lambda v: jnp.sum(jnp.where(real, v, 0.0))

@@ -148,6 +148,10 @@ def parser(kind: str, doc: str | None, *, raising: bool = False) -> argparse.Arg
     add("--merge-lora", action="store_true", help="with LoRA: also write OUT/final, a plain "
         "checkpoint with the adapters merged into the weights (OUT/adapters is written "
         "either way; python -m train.merge_lora merges them later)")
+    add("--quantize-base", choices=["int8"], help="with LoRA: hold the frozen base in int8 "
+        "(weight-only, per output channel; QLoRA), a quarter of its float32 bytes, while the "
+        "adapters and their gradients stay float32. An int8 --init (convert.from_torch "
+        "--quantize int8) is an int8 base without it")
     add("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0, for "
         "jax.distributed.initialize")
     add("--num-processes", type=positive(int), default=1, help="multi-host: processes in all")
@@ -193,6 +197,9 @@ def check(args: argparse.Namespace, kind: str = "finetune") -> None:
                          "reference) and --data PAIRS.jsonl")
     if args.merge_lora and not args.lora_rank:
         raise UsageError("--merge-lora needs --lora-rank")
+    if args.quantize_base and not args.lora_rank:
+        raise UsageError(f"--quantize-base {args.quantize_base} needs --lora-rank: only a "
+                         "frozen base can be int8, and full fine-tuning trains every weight")
     if args.lora_rank and args.init is None:
         raise UsageError("--lora-rank needs --init CKPT: adapters adapt a checkpoint (the "
                          "default run starts from random weights that are not saved)")

@@ -17,6 +17,7 @@ from mistral_jax.io import checkpoint, files, lora
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options
 from mistral_jax.parallel import devices
+from mistral_jax.quant import int8 as quant
 from mistral_jax.text.tokenizer import Tokenizer
 from train.compute import flops
 from train.compute import step as S
@@ -30,7 +31,7 @@ RUN_FILE, FINAL, ADAPTERS = "run.json", "final", "adapters"
 # Flags that define a run's trajectory: --resume refuses a checkpoint made with others (these,
 # and the objective's own `same_on_resume`).
 SAME_ON_RESUME = ("init", "seq_len", "batch_size", "grad_accum", "seed", "lora_rank",
-                  "lora_targets", "lora_alpha", "isolate_documents", "dtype")
+                  "lora_targets", "lora_alpha", "isolate_documents", "dtype", "quantize_base")
 # Flags recorded since a later version: a run.json without one ran with the value given here.
 RECORDED_SINCE = {"loss_on": "assistant", "quantize_base": None}
 
@@ -71,10 +72,16 @@ def set_up(args, objective=None) -> Setup:
         config, tokenizer = default.CONFIG, default.tokenizer()
     else:
         config = checkpoint.read_config(args.init)
-        if checkpoint.is_quantized(args.init):
+        if checkpoint.is_quantized(args.init) and not args.lora_rank:
             raise UsageError(f"--init {args.init} holds int8 weights, and training needs float "
                              "ones: start from the float checkpoint (converted without "
-                             "--quantize), and quantize what it gives")
+                             "--quantize), and quantize what it gives; or train LoRA adapters "
+                             "over it (--lora-rank R), the base frozen in int8")
+        if checkpoint.is_quantized(args.init) and args.merge_lora:
+            raise UsageError(f"--merge-lora: --init {args.init} holds int8 weights, and adapters "
+                             "merge into float ones: leave --merge-lora out, then merge the "
+                             "adapters into the float checkpoint it was converted from: python "
+                             "-m train.merge_lora FLOAT OUT/adapters MERGED")
         tokenizer = Tokenizer.from_dir(args.init)
     micro = args.batch_size // args.grad_accum if args.batch_size % args.grad_accum == 0 else None
     mesh, mesh_note = devices.mesh_for(args.mesh, config, micro_batch=micro)
@@ -125,7 +132,7 @@ class CausalLM:
                             mesh=mesh)
 
     def loss(self, trainer) -> S.Loss:
-        return S.causal_lm_loss(trainer.template, dtype=trainer.dtype, assemble=trainer.assemble,
+        return S.causal_lm_loss(trainer.adapted, dtype=trainer.dtype, assemble=trainer.assemble,
                                 isolate_documents=trainer.args.isolate_documents)
 
     def prepare(self, trainer) -> None:
@@ -259,16 +266,25 @@ class Trainer:
             model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
                                 mesh=mesh, options=options)
         else:
-            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options)
+            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options,
+                                    quantize=args.quantize_base)
+        self.quantized = quant.is_quantized(model)  # a frozen int8 base (QLoRA)
         weights = trees.weights(model)
-        self.template = trees.with_weights(model, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), weights))
+        abstract = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        self.template = trees.with_weights(model, abstract(weights))
+        self.adapted = self.template  # the model the step runs: with LoRA, adapters beside
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
             params = lora.init(weights, trees.logical_axes(model), args.lora_targets,
                                args.lora_rank, args.seed, mesh)
             self.frozen = weights
-            self.assemble = lambda params, frozen: lora.merge(frozen, params, self.scale)
+            # The adapters stay beside the frozen base (x W + scale (x A) B in each layer), never
+            # merged into it: an int8 base stays int8, and a float base's step is faster than
+            # with W + scale A B formed each step, whose backward computes W's full gradient
+            # (bench/qlora.py, default model, batch 8 x 256, q,v rank 8, 2-core AMD EPYC: ...)
+            self.adapted = lora.attach(self.template, abstract(params), self.scale)
+            self.assemble = lora.beside
             self.base = lambda frozen: frozen  # the weights without the adapters (DPO's reference)
         else:
             params, self.frozen = weights, {}
@@ -363,10 +379,18 @@ class Trainer:
         if args.lora_rank:
             lora.write(self.state.params, out / ADAPTERS, rank=args.lora_rank,
                        alpha=args.lora_alpha, targets=args.lora_targets,
-                       config=self.setup.config, base=self.setup.run_record.get("init"))
+                       config=self.setup.config, base=self.setup.run_record.get("init"),
+                       base_quantize="int8" if self.quantized else None)
             if not args.merge_lora:
                 return
-        weights = jax.jit(self.assemble)(self.state.params, self.frozen)
+            if self.quantized:  # --quantize-base: merged into the float --init (set_up checked)
+                model = checkpoint.load(args.init, mesh=self.mesh, adapters=out / ADAPTERS)
+                checkpoint.save(model, out / FINAL, overwrite=True)
+                return
+            merge = lambda params, frozen: lora.merge(frozen, params, self.scale)  # noqa: E731
+        else:
+            merge = self.assemble
+        weights = jax.jit(merge)(self.state.params, self.frozen)
         checkpoint.save(trees.with_weights(self.template, weights), out / FINAL,
                         overwrite=True)
 

@@ -67,8 +67,9 @@ class Preference:
                                 max_batches=args.eval_batches, mesh=mesh)
 
     def loss(self, trainer):
-        return P.preference_loss(trainer.template, dtype=trainer.dtype,
+        return P.preference_loss(trainer.adapted, dtype=trainer.dtype,
                                  assemble=trainer.assemble, base=trainer.base,
+                                 reference_template=trainer.template,
                                  beta=trainer.args.beta, kind=trainer.args.loss)
 
     def prepare(self, trainer) -> None:
