@@ -22,7 +22,7 @@ from mistral_jax.nn import layers as L
 from mistral_jax.quant import int8 as quant
 from train import finetune, merge_lora
 from train.input import default
-from train.run import loop
+from train.run import flags, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(1, 64, (2, 12)).astype(np.int32)
@@ -126,11 +126,11 @@ def test_qlora_gradients_equal_the_merged_paths_on_the_dequantized_base(kind):
 
 def test_the_trainer_keeps_the_base_int8_and_trains_float32_adapters(tmp_path):
     """Even under bfloat16 compute: the compute copy is cast inside the step."""
-    args = finetune.with_defaults(finetune.parser().parse_args([
+    args = flags.with_defaults(flags.parser("finetune", None).parse_args([
         "--mesh", "1x1", "--init", str(small_checkpoint(tmp_path)), "--lora-rank", "2",
         "--lora-targets", "q,v,down", "--quantize-base", "int8", "--steps", "2", "--seq-len",
         "32", "--batch-size", "2", "--dtype", "bfloat16", "--out", str(tmp_path / "run")]))
-    finetune.check(args)
+    flags.check(args)
     setup = loop.set_up(args)
     with jax.set_mesh(setup.mesh):
         trainer = loop.Trainer(args, setup, setup.mesh, jnp.bfloat16, 1.0)
