@@ -3,7 +3,7 @@ int8`) against LoRA over the float32 base, in one run, on the default run's mode
 (train/input/default.py CONFIG, 5.1M parameters), LoRA rank 8:
 
 1. the train step (batch 8 x 256, one device, float32 compute, AdamW; LoRA on q, v,
-   train.finetune's default targets): the float base with the
+   train.finetune's default targets, or --step-targets): the float base with the
    adapters merged into it each step (W + scale A B, how LoRA trained before), the float base
    with the adapters beside it (x W + scale (x A) B), the int8 base beside; medians of rounds
    that take one step of each in turn, and each compiled step's temporary bytes (XLA);
@@ -11,10 +11,11 @@ int8`) against LoRA over the float32 base, in one run, on the default run's mode
    XLA's dequantizing dot (what training uses);
 3. the frozen base's bytes (the sum of its arrays' nbytes), int8 against float32;
 4. the loss: the default run trains a base (`--base-steps`), then the same LoRA run
-   (`--lora-steps`, every target, lr 1e-2, on the default corpus and its held-out entries) over
+   (`--lora-steps`, every target, `--lora-lr`, on the default corpus and its held-out entries) over
    it as float32 and as int8; the mean train loss of the last 5 steps and the final eval loss.
 
-    .venv/bin/python bench/qlora.py [--repeats 5] [--base-steps 120] [--lora-steps 30] [--json F]
+    .venv/bin/python bench/qlora.py [--repeats 5] [--base-steps 120] [--lora-steps 30]
+        [--lora-lr 3e-3] [--step-targets q,v] [--skip-losses] [--json F]
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from train.compute import step as S  # noqa: E402
 from train.input import data as D  # noqa: E402
 from train.input import default  # noqa: E402
 
-BATCH, SEQ, RANK, TARGETS = 8, 256, 8, ["q", "v"]
+BATCH, SEQ, RANK = 8, 256, 8
 
 
-def steps(ids: np.ndarray) -> dict:
+def steps(ids: np.ndarray, targets: list[str]) -> dict:
     """{name: (run one step, the compiled step's temporary bytes)} for the three ways."""
     mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
     out = {}
@@ -63,7 +64,7 @@ def steps(ids: np.ndarray) -> dict:
                                    ("float beside", "float", False),
                                    ("int8 beside", "int8", False)):
             frozen = trees.weights(bases[base])
-            params = lora.init(frozen, trees.logical_axes(bases[base]), TARGETS, RANK, 0, mesh)
+            params = lora.init(frozen, trees.logical_axes(bases[base]), targets, RANK, 0, mesh)
             scale = 2.0
             if merged:
                 template, assemble = model, lambda p, f: lora.merge(f, p, 2.0)
@@ -113,13 +114,13 @@ def finetune(out: Path, *flags: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def losses(base_steps: int, lora_steps: int) -> dict:
+def losses(base_steps: int, lora_steps: int, lr: float) -> dict:
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         finetune(tmp / "base", "--steps", str(base_steps))
         flags = ["--init", str(tmp / "base" / "final"), "--lora-rank", str(RANK), "--steps",
-                 str(lora_steps), "--lr", "1e-2", "--eval-every", str(lora_steps),
+                 str(lora_steps), "--lr", str(lr), "--eval-every", str(lora_steps),
                  "--lora-targets", "q,k,v,o,gate,up,down"]
         for name, extra in (("float32", []), ("int8", ["--quantize-base", "int8"])):
             rows = finetune(tmp / name, *flags, *extra)
@@ -136,6 +137,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--base-steps", type=int, default=120)
     parser.add_argument("--lora-steps", type=int, default=30)
+    parser.add_argument("--step-targets", default="q,v", help="LoRA targets of the timed "
+                        "steps (default q,v: train.finetune's)")
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--skip-losses", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -144,7 +148,7 @@ def main() -> None:
     result = {"device": f"{jax.devices()[0].device_kind}: {cpu}, {os.cpu_count()} cores"}
     print(result["device"])
     ids = np.random.default_rng(0).integers(0, default.VOCAB, (BATCH, SEQ)).astype(np.int32)
-    made = steps(ids)
+    made = steps(ids, args.step_targets.split(","))
     result["base_bytes"] = made.pop("bytes")
     ratio = result["base_bytes"]["int8"] / result["base_bytes"]["float"]
     print(f"frozen base: int8 {result['base_bytes']['int8'] / 1e6:.2f} MB, float32 "
@@ -156,16 +160,20 @@ def main() -> None:
         for name, (run, _) in made.items():
             seconds[name] += timed(run, 0, 1)
     result["step_s"] = {k: float(np.median(v)) for k, v in seconds.items()}
+    result["step_vs_float_merged"] = {k: float(np.median(np.array(v) / seconds["float merged"]))
+                                      for k, v in seconds.items()}
     result["step_temp_bytes"] = {k: temp for k, (_, temp) in made.items()}
     for name, s in result["step_s"].items():
-        print(f"{name:>13}: {s * 1e3:7.1f} ms/step, temp {made[name][1] / 1e6:7.1f} MB "
+        print(f"{name:>13}: {s * 1e3:7.1f} ms/step, "
+              f"{result['step_vs_float_merged'][name]:.2f}x float merged's (median of rounds), "
+              f"temp {made[name][1] / 1e6:7.1f} MB "
               "(rounds: " + ", ".join(f"{t * 1e3:.0f}" for t in seconds[name]) + " ms)")
     result["layer_matmuls_2048_rows_s"] = layer_matmuls(BATCH * SEQ, args.repeats)
     mm = result["layer_matmuls_2048_rows_s"]
     print(f"one layer's int8 matmuls at {BATCH * SEQ} rows: kernel {mm['kernel'] * 1e3:.2f} ms, "
           f"XLA dequantizing {mm['xla'] * 1e3:.2f} ms ({kernels.isa()})")
     if not args.skip_losses:
-        result["losses"] = got = losses(args.base_steps, args.lora_steps)
+        result["losses"] = got = losses(args.base_steps, args.lora_steps, args.lora_lr)
         for name, r in got.items():
             print(f"LoRA {args.lora_steps} steps on the {name} base: loss {r['first']:.5f} -> "
                   f"{r['train_last5']:.5f} (mean of the last 5), eval {r['eval']:.5f}, "

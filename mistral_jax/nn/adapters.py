@@ -13,7 +13,6 @@ The arrays are `Adapter` variables, not `nnx.Param`s, so what reads a model's we
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from mistral_jax.nn.layers import Adapted
@@ -64,10 +63,3 @@ def attach(model, tree: dict, scale: float):
 def attached(model) -> Adapters | None:
     return getattr(model.layers, ATTRIBUTE, None)
 
-
-def arrays(model) -> dict:
-    """{name: {"a", "b"}} of the adapters a model carries ({} if none)."""
-    lora = attached(model)
-    if lora is None:
-        return {}
-    return jax.tree.map(lambda v: v[...], nnx.to_pure_dict(nnx.state(lora, Adapter)))
