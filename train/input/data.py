@@ -47,9 +47,8 @@ class Document:
     where: str = field(default="", compare=False)  # FILE:LINE, for errors
 
 
-def read_documents(path: str | Path) -> list[Document]:
-    """The documents of a .txt / .jsonl file (by suffix; .json lines too)."""
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A data file's text; a missing, non-UTF-8 or empty file is a DataError naming it."""
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     try:
@@ -58,6 +57,13 @@ def read_documents(path: str | Path) -> list[Document]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
+    return raw
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """The documents of a .txt / .jsonl file (by suffix; .json lines too)."""
+    path = Path(path)
+    raw = read_text(path)
     if path.suffix not in (".jsonl", ".json"):
         return [Document(raw)]
     docs = []

@@ -52,14 +52,7 @@ class Pair:
 def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
     """The pairs of a .jsonl file, tokenized; a bad line is a DataError naming FILE:LINE."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty")
+    raw = D.read_text(path)
     if tokenizer is None:
         raise DataError("the checkpoint has no tokenizer, so text cannot be tokenized; add one "
                         "to the checkpoint directory (tokenizer.model or tokenizer.json)")
