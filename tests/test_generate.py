@@ -66,10 +66,12 @@ def test_cached_decoding_equals_recomputing_every_step(models_, name):
     _, mine = models_[name]
     ids = prompt(5, seed=3)
     got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=24)
-    seq = ids
-    for _ in range(24):
-        logits = mistral_jax.forward(mine, seq)
-        seq = np.concatenate([seq, np.asarray(logits)[:, -1].argmax(-1)[:, None]], axis=1)
+    # every step the whole sequence again, no cache; held right-padded at its final width, so
+    # one program serves every step (position t's logits see the tokens up to t alone)
+    seq = np.zeros((ids.shape[0], 5 + 24), ids.dtype)
+    seq[:, :5] = ids
+    for t in range(5, 5 + 24):
+        seq[:, t] = np.asarray(mistral_jax.forward(mine, seq))[:, t - 1].argmax(-1)
     np.testing.assert_array_equal(got, seq[:, 5:])
 
 

@@ -7,12 +7,12 @@ fewer new tokens) and the `python` that runs them (this virtualenv's). A command
 runs once. Each page's Python blocks run in a namespace of their own, as one session would. The
 files the commands expect (`path/to/hf-folder`, `train.jsonl`, `val.jsonl`) are made first: a
 tiny transformers Mistral with a BPE tokenizer and a chat template, JSONL from the corpus. SKIPPED
-says what is not run, and why; the serving blocks run in their own test, on a live server."""
+says what is not run, and why; the serving blocks run in their own test, on a live server, and
+README's whole path on a real model in test_readme_path.py (tests/pages.py reads the pages)."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import os
@@ -21,8 +21,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,98 +32,25 @@ import transformers
 import mistral_jax
 from mistral_jax.base import trees
 from mistral_jax.text.chat_template import encode_chat
+from tests.pages import (
+    NEW_TOKENS,
+    PYTHONS,
+    README,
+    SKIPPED,
+    blocks,
+    commands,
+    name,
+    pages,
+    run,
+    section,
+    skip_reason,
+    user_env,
+    wait_for_health,
+)
 from tests.reference import ours, text_model
 from train.input import default
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 JOBS = ("Convert", "Generate", "Serve", "Fine-tune", "Evaluate")  # README's quickstarts
-PYTHONS = ("python", ".venv/bin/python")
-NEW_TOKENS = 8
-# appended to shorten a command: argparse takes the last of a repeated flag
-SHORTEN = {**dict.fromkeys(("train.finetune", "train.dpo"), ["--steps", "3", "--seq-len", "64",
-           "--batch-size", "8", "--eval-every", "3", "--save-every", "3", "--eval-batches", "1"]),
-           "mistral_jax.generate": ["--max-new-tokens", str(NEW_TOKENS)]}
-# a command matching the pattern is not run here, for the reason given
-SKIPPED = {
-    r"-m pytest": "the suite running this test",
-    r"^pip install": "scripts/setup.sh installed the extras already",
-    r"bench/run\.py": "every CPU benchmark, about 12 minutes (the figures in docs/benchmarks.md)",
-    r"bench/gpu\.sh": "needs an NVIDIA GPU",
-    r"convert\.from_torch (path/to/Mistral-7B-v0\.1/|mistralai/|mistral-7B-v0\.1/)":
-        "Mistral-7B is a 14 GB download; tests/test_convert_streaming.py and "
-        "tests/test_mistral_original.py convert small checkpoints of these formats",
-    r"convert\.from_torch \S+\.gguf": "a GGUF download; tests/test_gguf.py converts small ones",
-    r"convert\.from_torch (megatron_lm_345m|checkpoints/gpt2-345m|model_optim_rng\.pt)":
-        "a Megatron-LM checkpoint from NGC; tests/test_megatron.py converts small ones",
-}
-
-
-def pages() -> list[Path]:
-    """README, then the docs pages in the order its Documentation section lists them."""
-    listed = README.read_text().split("\n## Documentation\n")[1].split("\n## ")[0]
-    return [README, *(ROOT / p for p in re.findall(r"\]\((docs/[\w-]+\.md)\)", listed))]
-
-
-def name(page: Path) -> str:  # docs/serving.md
-    return page.relative_to(ROOT).as_posix()
-
-
-def blocks(page: Path) -> list[tuple[str, str, str]]:
-    """(section heading, language, code) of every fenced block of `page`, in order."""
-    found, heading = [], ""
-    lines = page.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        if m := re.match(r"#+ (.*)", lines[i]):
-            heading = m.group(1).strip()
-        elif m := re.match(r"```(\w+)", lines[i]):
-            end = lines.index("```", i + 1)
-            found.append((heading, m.group(1), "\n".join(lines[i + 1:end])))
-            i = end
-        i += 1
-    return found
-
-
-def serving(page: Path, heading: str) -> bool:
-    """Blocks that need a live server: test_the_serving_blocks_as_written runs them."""
-    return page.name == "serving.md" or (page == README and heading == "Serve")
-
-
-def commands(code: str) -> list[list[str]]:
-    """The command lines of a bash block as argv lists (continuations joined, comments cut,
-    `a && b` taken as its last command)."""
-    out = []
-    for line in code.replace("\\\n", " ").splitlines():
-        argv = shlex.split(line, comments=True)
-        while "&&" in argv:
-            argv = argv[argv.index("&&") + 1:]
-        if argv:
-            out.append(argv)
-    return out
-
-
-def skip_reason(line: str) -> str | None:
-    return next((why for pattern, why in SKIPPED.items() if re.search(pattern, line)), None)
-
-
-def user_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell
-
-
-def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    assert argv[0] in PYTHONS and argv[1] == "-m", f"a page runs {argv[0]} directly: {argv}"
-    module = argv[2]
-    args = []
-    for a in argv[3:]:
-        matches = sorted(glob.glob(a, root_dir=cwd)) if "*" in a else [a]
-        assert matches, f"{a} matches nothing in {cwd}"
-        args += matches
-    proc = subprocess.run([sys.executable, "-m", module, *args, *SHORTEN.get(module, [])],
-                          cwd=cwd, env=user_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}:\n" \
-        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def make_inputs(cwd: Path) -> None:
@@ -157,7 +82,7 @@ def followed(tmp_path_factory) -> Followed:
         for page in pages():
             namespace = done.namespaces.setdefault(name(page), {})
             for heading, lang, code in blocks(page):
-                if serving(page, heading):
+                if section(page, heading) != "pages":
                     continue
                 if lang == "python":
                     exec(compile(code, f"{name(page)} ({heading})", "exec"), namespace)  # noqa: S102
@@ -195,7 +120,7 @@ def test_readme_has_a_quickstart_per_job():
 
 def test_every_command_ran_or_is_skipped_with_a_reason(followed):
     shown = {" ".join(argv) for page in pages() for h, lang, code in blocks(page)
-             if lang == "bash" and not serving(page, h) for argv in commands(code)}
+             if lang == "bash" and section(page, h) == "pages" for argv in commands(code)}
     assert shown == set(followed.results) | set(followed.skipped)
     for pattern in SKIPPED:  # no reason kept for a command that is gone
         assert any(re.search(pattern, line) for line in followed.skipped), pattern
@@ -339,7 +264,7 @@ def test_the_serving_blocks_as_written(followed):
     curl and openai client example against it, and the terminal chat fed `/exit`."""
     cwd = followed.cwd
     shown = [(page, lang, code) for page in pages() for h, lang, code in blocks(page)
-             if serving(page, h) and lang in ("bash", "python")]
+             if section(page, h) == "serving" and lang in ("bash", "python")]
     lines = [argv for _, lang, code in shown if lang == "bash" for argv in commands(code)]
     by_kind = {}  # module or program -> its command lines
     for argv in lines:
@@ -369,18 +294,6 @@ def test_the_serving_blocks_as_written(followed):
     done = subprocess.run([sys.executable, *shlex.split(chat)[1:]], cwd=cwd, env=user_env(),
                           input="/exit\n", capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def wait_for_health(server: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, \
-                server.stdout.read() if server.poll() is not None else "no /health in 180 s"
-            time.sleep(1)
 
 
 def check_chat_reply(reply: dict, model, body: dict) -> None:
