@@ -24,8 +24,18 @@ import pytest
 
 import mistral_jax
 from mistral_jax.base import trees
-from tests.pages import PYTHONS, README, ROOT, WHOLE_PATH, blocks, commands, run, section, \
-    user_env, wait_for_health
+from tests.pages import (
+    PYTHONS,
+    README,
+    ROOT,
+    WHOLE_PATH,
+    blocks,
+    commands,
+    run,
+    section,
+    user_env,
+    wait_for_health,
+)
 
 
 def shown() -> tuple[list[list[str]], list[str]]:
