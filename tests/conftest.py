@@ -9,14 +9,8 @@ and one that writes into a checkpoint folder copies it into its own tmp_path fir
 import os
 
 FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
-# The tests' programs are tiny, and most of their time is XLA compiling them: LLVM's optimisation
-# level 0 for the generated CPU code halves that (one sharding parity test: 45 s of compiling
-# -> 24 s). It changes how fast the code runs, not what it computes (the default run's random
-# init is the same bits). test_readme runs the user's commands without it, as a user's shell.
-NO_LLVM_OPT = "--xla_backend_optimization_level=0"
-for flag in (FAKE_DEVICES, NO_LLVM_OPT):
-    if flag not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inherit it)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+if FAKE_DEVICES not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inherit it)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAKE_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One XLA compilation cache for the run, new each run: the workers and every CLI a test starts
