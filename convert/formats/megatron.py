@@ -19,9 +19,9 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from convert.mapping.conversion import Conversion
 from convert.mapping.keymaps import KeyMap, key_pattern
@@ -40,6 +40,9 @@ from convert.read.megatron_files import Shard, dir_names, find_layout, read_shar
 from convert.read.sources import TensorSource, to_numpy
 from mistral_jax.arch.configs import ConfigError, GPT2Config
 from mistral_jax.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the shards are torch pickles: torch comes in when the first one is read
+    import torch
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -342,6 +345,8 @@ def _tied(stages: list[list[Shard]], roles: dict[str, str]) -> bool:
         return True
     if len(stages) == 1:
         return False
+    import torch  # (loaded already: the shards are torch pickles)
+
     return bool(torch.equal(_find(stages, roles["lm_head"]), _find(stages, roles["embed"])))
 
 

@@ -17,11 +17,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from convert.read.errors import ConversionError
-from convert.read.pickles import load_torch
+
+if TYPE_CHECKING:  # torch itself comes in with the first pickle read (convert.read.pickles)
+    import torch
 from mistral_jax.base import trees
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -80,6 +81,12 @@ def find_layout(names: list[str], where: Path, read=None) -> dict[tuple[int, int
         return iterations[chosen]
     raise ConversionError(f"{where} holds several checkpoints ({', '.join(sorted(iterations))}) "
                           f"and no {TRACKER} to choose one; point at the one to convert")
+
+
+def load_torch(path: Path, **kwargs):
+    from convert.read.pickles import load_torch
+
+    return load_torch(path, **kwargs)
 
 
 def read_shards(path: Path) -> list[list[Shard]]:
@@ -141,6 +148,8 @@ def _shard(where: str, ckpt) -> Shard:
                               "tools/checkpoint first")
     model = ckpt["model"] if "model" in ckpt else ckpt  # or a bare state dict
     flat = trees.flatten(model) if isinstance(model, dict) else {}
+    import torch
+
     tensors = {k: v for k, v in flat.items()
                if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     if not tensors:

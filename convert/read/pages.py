@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # (a tensor is handed in: the caller has torch loaded)
+    import torch
 
 MADVISE_MIN = 1 << 20  # small tensors share pages with their neighbours; leave them
 MADV_DONTNEED = 4  # Linux's value

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import torch
 
-from convert.read import pages
 from convert.read.errors import ConversionError, listed
-from convert.read.pickles import load_torch
+
+# torch is imported where a torch pickle is read, not here: a safetensors or GGUF conversion
+# starts without it (its import is seconds of every `convert.from_torch` run otherwise)
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:  # noqa: F821 (imported where a pickle is read)
     """A torch tensor as numpy, bfloat16 kept as ml_dtypes.bfloat16 (numpy has no bfloat16)."""
+    import torch
+
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -92,12 +94,22 @@ class TensorSource:
     def release(self, key: str) -> None:
         """`key` has been converted: drop what memory it still holds."""
         handle = self._open.get(self.files_by_key[key])
-        if isinstance(handle, dict) and isinstance(handle.get(key), torch.Tensor):
-            pages.release_tensor(handle[key])
+        if isinstance(handle, dict):  # a torch pickle's tensors
+            import torch
+
+            from convert.read import pages
+
+            if isinstance(handle.get(key), torch.Tensor):
+                pages.release_tensor(handle[key])
 
     def _handle(self, f: Path):
         if f not in self._open:
-            self._open[f] = SafetensorsFile(f) if f.suffix == ".safetensors" else load_torch(f)
+            if f.suffix == ".safetensors":
+                self._open[f] = SafetensorsFile(f)
+            else:
+                from convert.read.pickles import load_torch
+
+                self._open[f] = load_torch(f)
         return self._open[f]
 
 
