@@ -98,7 +98,7 @@ def user_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user's shell
 
 
-def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run(argv: list[str], cwd: Path, shorten: dict = SHORTEN) -> subprocess.CompletedProcess:
     assert argv[0] in PYTHONS and argv[1] == "-m", f"a page runs {argv[0]} directly: {argv}"
     module = argv[2]
     args = []
@@ -106,7 +106,7 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
         matches = sorted(glob.glob(a, root_dir=cwd)) if "*" in a else [a]
         assert matches, f"{a} matches nothing in {cwd}"
         args += matches
-    proc = subprocess.run([sys.executable, "-m", module, *args, *SHORTEN.get(module, [])],
+    proc = subprocess.run([sys.executable, "-m", module, *args, *shorten.get(module, [])],
                           cwd=cwd, env=user_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}:\n" \
         f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"

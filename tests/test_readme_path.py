@@ -5,7 +5,8 @@ question through the `openai` client.
 
 Every command of the section runs as written from a fresh folder that holds what "the clone's
 folder" gives these commands (`train/`, whose `corpus/` has the data), with training shortened
-as test_readme shortens it (tests/pages.py SHORTEN: 3 steps of 8 x 64 tokens). The server is
+as test_readme shortens it (tests/pages.py SHORTEN: 3 steps of 64 tokens) but in batches of 2
+rows, not 8 (SMALL_BATCHES). The server is
 started as written and stopped with SIGTERM; the Python block runs against it."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.pages import (
     PYTHONS,
     README,
     ROOT,
+    SHORTEN,
     WHOLE_PATH,
     blocks,
     commands,
@@ -36,6 +38,11 @@ from tests.pages import (
     user_env,
     wait_for_health,
 )
+
+# what the tests below read (losses at steps 1-3, DPO's rewards, step 1's log 2) does not depend
+# on the batch size; each row of this 135M model costs seconds a step on 2 cores
+SMALL_BATCHES = {module: [*flags, "--batch-size", "2"] for module, flags in SHORTEN.items()
+                 if module in ("train.finetune", "train.dpo")}
 
 
 def shown() -> tuple[list[list[str]], list[str]]:
@@ -65,7 +72,7 @@ def path(tmp_path_factory):
                             f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
             results[shlex.join(argv)] = proc
         else:
-            results[shlex.join(argv)] = run(argv, cwd)
+            results[shlex.join(argv)] = run(argv, cwd, {**SHORTEN, **SMALL_BATCHES})
     return cwd, results
 
 
