@@ -346,13 +346,17 @@ def test_repetition_penalty_ignores_padding(models_):
     ids = prompt(5, seed=7)
     assert 0 not in ids
     got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=8, repetition_penalty=0.01)
-    seq = ids
-    for _ in range(8):
-        logits = np.asarray(mistral_jax.forward(mine, seq))[:, -1]
+    # every step the whole sequence again, held right-padded at a fixed width (that of
+    # test_cached_decoding_equals_recomputing_every_step: one program serves both tests and
+    # every step; position t's logits see the tokens up to t alone)
+    seq = np.zeros((1, 5 + 24), ids.dtype)
+    seq[:, :5] = ids
+    for t in range(5, 5 + 8):
+        logits = np.asarray(mistral_jax.forward(mine, seq))[:, t - 1]
         seen = np.zeros(logits.shape[-1], bool)
-        seen[seq[0]] = True
+        seen[seq[0, :t]] = True
         logits = np.where(seen, np.where(logits > 0, logits / 0.01, logits * 0.01), logits)
-        seq = np.concatenate([seq, logits.argmax(-1)[:, None]], axis=1)
+        seq[:, t] = logits.argmax(-1)
     np.testing.assert_array_equal(got, seq[:, 5:])
 
 
