@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 import transformers
@@ -35,6 +36,8 @@ from convert.formats import hf
 from mistral_jax.base import trees
 from mistral_jax.cli import HelpFormatter, entry
 from mistral_jax.model import registry as models
+from mistral_jax.model.apply import check_ids, on_mesh
+from mistral_jax.parallel.sharding import mesh_of
 from mistral_jax.text.tokenizer import Tokenizer
 
 # Tiny configs for --demo and the tests: a 4-token window so 16 tokens span 4 windows.
@@ -98,13 +101,20 @@ def passage(entries: int = 20) -> str:
     return "\n\n".join(found[first:first + entries])
 
 
+@jax.jit
+def _logits_and_loss(model, ids):
+    """mistral_jax.forward and .loss traced together: one compilation of the model, not two."""
+    return mistral_jax.forward(model, ids), mistral_jax.loss(model, ids)
+
+
 def compare(theirs, model, ids: np.ndarray) -> dict:
     """How far our logits and loss are from a torch model's on the token ids `ids`."""
     with torch.no_grad():
         out = theirs(torch.tensor(ids), labels=torch.tensor(ids))
     ref, ref_loss = out.logits.float().numpy(), out.loss.item()
-    got = np.asarray(mistral_jax.forward(model, ids))
-    loss = float(mistral_jax.loss(model, ids))
+    with on_mesh(mesh_of(model)):  # (forward's own, which it cannot read from tracers)
+        got, loss = _logits_and_loss(model, check_ids(ids, model.config.vocab_size))
+    got, loss = np.asarray(got), float(loss)
     return {"max_abs_logit_diff": float(np.max(np.abs(got - ref))),
             "max_abs_logit": float(np.max(np.abs(ref))),
             "loss_diff": abs(loss - ref_loss),

@@ -60,19 +60,28 @@ def test_blockwise_equals_the_materialized_scores_and_their_gradients(case):
     # every query, padding too: one that sees no key averages all values in both
     dense = lambda q, k, v: D.attention(q, k, v, masking.dense())[0]
     flash = lambda q, k, v: B.blockwise(q, k, v, masking, (bq, bk))
-    np.testing.assert_allclose(flash(q, k, v), dense(q, k, v), atol=2e-6)
     weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32)
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-             for f in (dense, flash)]
-    for expected, got in zip(*grads, strict=True):
+
+    @jax.jit  # both paths' outputs and gradients in one program (a model runs them jitted)
+    def outputs_and_grads(q, k, v):
+        results = []
+        for f in (dense, flash):
+            out, vjp = jax.vjp(f, q, k, v)
+            results.append((out, vjp(weights)))  # the gradients of sum(out * weights)
+        return results
+
+    (out_dense, grads_dense), (out_flash, grads_flash) = outputs_and_grads(q, k, v)
+    np.testing.assert_allclose(out_flash, out_dense, atol=2e-6)
+    for expected, got in zip(grads_dense, grads_flash, strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-6 * float(jnp.abs(expected).max()))
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
     q, k, v = qkv(1, 200, 4, 2, 16)
     masking = Masking(jnp.ones((1, 200), bool), None, 64)
-    full = B.blockwise(q, k, v, masking, (64, 64))
-    half = B.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, (64, 64))
+    full, half = jax.jit(lambda q, k, v: (  # one program for both (a model runs them jitted)
+        B.blockwise(q, k, v, masking, (64, 64)),
+        B.blockwise(*(a.astype(jnp.bfloat16) for a in (q, k, v)), masking, (64, 64))))(q, k, v)
     assert half.dtype == jnp.bfloat16
     assert float(jnp.abs(half.astype(jnp.float32) - full).max()) < 0.05
 
@@ -87,11 +96,19 @@ def test_splash_in_interpret_mode_equals_blockwise():
     valid[1, :30] = False
     masking = Masking(jnp.asarray(valid), documents(2, 200, (120,)), 50)
     real = jnp.asarray(valid)[:, :, None, None]
-    np.testing.assert_allclose(splash_attention(q, k, v, masking) * real,
-                               B.blockwise(q, k, v, masking, (64, 64)) * real, atol=2e-6)
-    g = [jax.grad(lambda q, f=f: jnp.sum(f(q) * real))(q) for f in (
-        lambda q: splash_attention(q, k, v, masking), lambda q: B.blockwise(q, k, v, masking))]
-    np.testing.assert_allclose(g[0], g[1], atol=2e-6)
+
+    grad = lambda f: jax.grad(lambda q: jnp.sum(f(q) * real))  # noqa: E731
+
+    @jax.jit  # both kernels' outputs and gradients in one program (as a model runs them)
+    def outputs_and_grads(q):
+        return (splash_attention(q, k, v, masking) * real,
+                B.blockwise(q, k, v, masking, (64, 64)) * real,
+                grad(lambda q: splash_attention(q, k, v, masking))(q),
+                grad(lambda q: B.blockwise(q, k, v, masking))(q))  # the default blocks
+
+    splash, flash, grad_splash, grad_flash = outputs_and_grads(q)
+    np.testing.assert_allclose(splash, flash, atol=2e-6)
+    np.testing.assert_allclose(grad_splash, grad_flash, atol=2e-6)
 
 
 def test_auto_picks_the_backends_kernel_where_it_serves_the_case():
@@ -164,16 +181,18 @@ LONG = dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, num_hi
             max_position_embeddings=8192, initializer_range=0.05)
 
 
-def grads_of_every_weight(theirs, mine, ids, mask=None):
-    """(transformers' gradients of the mean causal-LM loss, ours in transformers' names)."""
+def logits_and_grads_of_every_weight(theirs, mine, ids):
+    """(transformers' logits, ours; transformers' gradients of the mean causal-LM loss, ours in
+    transformers' names). Ours from one program: mistral_jax.forward and the gradient of
+    mistral_jax.loss traced together (jax.grad of the jitted loss alone compiles twice)."""
     theirs.zero_grad()
-    labels = ids if mask is None else np.where(mask.astype(bool), ids, -100)
-    kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
-    theirs(torch.tensor(ids).long(), labels=torch.tensor(labels).long(), **kwargs).loss.backward()
+    out = theirs(torch.tensor(ids).long(), labels=torch.tensor(ids).long())
+    out.loss.backward()
     expected = {k: p.grad.numpy() for k, p in theirs.named_parameters()}
-    g = jax.grad(mistral_jax.loss)(mine, ids, None if mask is None else jnp.asarray(mask))
+    loss_and_logits = lambda m: (mistral_jax.loss(m, ids), mistral_jax.forward(m, ids))  # noqa: E731
+    (_, logits), g = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))(mine)
     got = hf_tensors(mine.config, jax.tree.map(np.asarray, trees.weights(g)))
-    return expected, got
+    return out.logits.detach().float().numpy(), np.asarray(logits), expected, got
 
 
 @pytest.mark.parametrize("t,window", [(1024, 64), (2048, 500), (4096, 4096)])
@@ -182,9 +201,8 @@ def test_long_sequences_equal_transformers_logits_and_gradients(t, window, tmp_p
     mine = ours(tmp_path)
     assert mine.attention == "auto"  # blockwise on a CPU
     ids = RNG.integers(0, 96, (1, t))
-    np.testing.assert_allclose(np.asarray(mistral_jax.forward(mine, ids)),
-                               torch_logits(theirs, ids), atol=1e-4)
-    expected, got = grads_of_every_weight(theirs, mine, ids)
+    ref, logits, expected, got = logits_and_grads_of_every_weight(theirs, mine, ids)
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
     assert sorted(got) == sorted(expected)
     for name, e in expected.items():
         err = np.abs(got[name] - e).max() / np.abs(e).max()
@@ -199,10 +217,12 @@ def test_left_padding_at_length_equals_transformers(tmp_path):
     mask[0, :300] = 0
     positions = np.asarray(L.default_positions(jnp.asarray(mask)))
     real = mask.astype(bool)
-    got = np.asarray(mistral_jax.forward(mine, ids, mask))
+    # the logits, the loss and the first row alone traced together: one program, not three
+    got, loss, alone = jax.tree.map(np.asarray, jax.jit(lambda m: (
+        mistral_jax.forward(m, ids, mask), mistral_jax.loss(m, ids, mask),
+        mistral_jax.forward(m, ids[:1, 300:])))(mine))
     np.testing.assert_allclose(got[real], torch_logits(theirs, ids, mask, positions)[real],
                                atol=1e-4)
-    alone = np.asarray(mistral_jax.forward(mine, ids[:1, 300:]))
     np.testing.assert_allclose(got[0, 300:], alone[0], atol=1e-4)
     # the loss counts the first real token, predicted from the last padding position, as
     # transformers' does: that position's attention (it sees no key) must be theirs too
@@ -210,7 +230,7 @@ def test_left_padding_at_length_equals_transformers(tmp_path):
     with torch.no_grad():
         expected = theirs(torch.tensor(ids), attention_mask=torch.tensor(mask),
                           position_ids=torch.tensor(positions), labels=torch.tensor(labels)).loss
-    assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected.item()) <= 1e-5
+    assert abs(float(loss) - expected.item()) <= 1e-5
 
 
 def test_packed_documents_equal_each_document_alone(tmp_path):

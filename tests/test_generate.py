@@ -122,23 +122,34 @@ def test_seeded_sampling_is_reproducible(models_):
     assert not np.array_equal(a, mistral_jax.generate_tokens(mine, ids, seed=2, **kwargs))
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.7), (10, 0.5), (None, 0.05),
-                                         (None, None)])
-def test_top_k_and_top_p_sample_transformers_distribution(top_k, top_p):
+WARPERS = [(5, None), (None, 0.7), (10, 0.5), (None, 0.05), (None, None)]
+LOGITS = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
+DRAWS = 4000
+
+
+@pytest.fixture(scope="module")
+def draws():
+    """{(top_k, top_p): [DRAWS, rows] seeded samples at temperature 0.7}: every case's draws
+    from one jitted program (one compilation, not one per case)."""
+    keys = jax.random.split(jax.random.key(0), DRAWS)
+    seen = np.zeros(LOGITS.shape, bool)
+    draw = jax.jit(lambda keys: [jax.vmap(lambda key, s=s: sample(LOGITS, key, seen, s))(keys)
+                                 for s in (Sampling(0.7, k, p) for k, p in WARPERS)])
+    return dict(zip(WARPERS, map(np.asarray, draw(keys)), strict=True))
+
+
+@pytest.mark.parametrize("top_k,top_p", WARPERS)
+def test_top_k_and_top_p_sample_transformers_distribution(draws, top_k, top_p):
     """4000 seeded draws per row: a token transformers' warpers drop is never drawn, and each
     token's frequency is within 5 standard errors (plus two draws, for the rarest tokens) of
     the probability transformers gives it; the total variation distance is under 0.03."""
-    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
-    theirs = torch.tensor(logits) / 0.7
+    theirs = torch.tensor(LOGITS) / 0.7
     if top_k:
         theirs = transformers.TopKLogitsWarper(top_k)(None, theirs)
     if top_p:
         theirs = transformers.TopPLogitsWarper(top_p)(None, theirs)
     expected = torch.softmax(theirs, dim=-1).numpy().astype(np.float64)
-    n = 4000
-    draw = jax.jit(jax.vmap(lambda key: sample(logits, key, np.zeros(logits.shape, bool),
-                                               Sampling(0.7, top_k, top_p))))
-    samples = np.asarray(draw(jax.random.split(jax.random.key(0), n)))  # [n, rows]
+    n, samples = DRAWS, draws[top_k, top_p]  # [n, rows]
     freq = np.stack([np.bincount(samples[:, r], minlength=50) / n for r in range(4)])
     assert not (freq[expected == 0] > 0).any()  # never a token transformers would drop
     stderr = np.sqrt(expected * (1 - expected) / n)
@@ -346,14 +357,18 @@ def test_repetition_penalty_ignores_padding(models_):
     ids = prompt(5, seed=7)
     assert 0 not in ids
     got = mistral_jax.generate_tokens(mine, ids, max_new_tokens=8, repetition_penalty=0.01)
-    seq = ids
-    for _ in range(8):
-        logits = np.asarray(mistral_jax.forward(mine, seq))[:, -1]
+    # every step the whole sequence again, held right-padded at a fixed width (that of
+    # test_cached_decoding_equals_recomputing_every_step: one program serves both tests and
+    # every step; position t's logits see the tokens up to t alone)
+    seq = np.zeros((1, 5 + 24), ids.dtype)
+    seq[:, :5] = ids
+    for t in range(5, 5 + 8):
+        logits = np.asarray(mistral_jax.forward(mine, seq))[:, t - 1]
         seen = np.zeros(logits.shape[-1], bool)
-        seen[seq[0]] = True
+        seen[seq[0, :t]] = True
         logits = np.where(seen, np.where(logits > 0, logits / 0.01, logits * 0.01), logits)
-        seq = np.concatenate([seq, logits.argmax(-1)[:, None]], axis=1)
-    np.testing.assert_array_equal(got, seq[:, 5:])
+        seq[:, t] = logits.argmax(-1)
+    np.testing.assert_array_equal(got, seq[:, 5:5 + 8])
 
 
 def test_a_stream_compiles_its_step_once(text_model):

@@ -1,5 +1,6 @@
 """Parity with Hugging Face transformers' torch models: logits, loss, hidden states, attentions."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,69 +37,93 @@ def pair(request, tmp_path_factory):
     return hf_model(kind, path, **overrides), ours(path)
 
 
-def test_logits_and_loss_equal_torch(pair):
-    theirs, mine = pair
-    ids = random_ids((2, 16))  # 4 windows of 4 for the windowed Mistral
-    ref = torch_logits(theirs, ids)
-    got = np.asarray(mistral_jax.forward(mine, ids))
+# One batch of ids for the logits, both losses and the per-layer outputs: the programs that
+# compute them from the same ids share their forward pass (XLA computes it once).
+IDS = random_ids((2, 16))  # 4 windows of 4 for the windowed Mistral
+LABELS = IDS.copy()
+LABELS[0, :6] = -100
+LABELS[1, 9:] = -100
+PADDED = random_ids((3, 14), seed=1)
+MASK = np.ones_like(PADDED)
+MASK[0, :5] = 0  # left padding
+MASK[1, :1] = 0
+MASK[2, 11:] = 0  # right padding
+EMBEDDED = random_ids((1, 9), seed=4)
+POSITIONS = np.arange(3, 12)[None]
+
+
+@pytest.fixture(scope="module")
+def outputs(pair):
+    """What the tests below compare with torch, all of it from ONE jitted program per model:
+    the public mistral_jax.forward and mistral_jax.loss, traced together, compile once, where
+    each call alone would compile its own program (a tiny model's compilation, not its
+    arithmetic, is what these tests cost)."""
+    _, mine = pair
+    embeds = np.asarray(mine.embed[...])[EMBEDDED]
+
+    @jax.jit
+    def run(m):
+        return {"logits": mistral_jax.forward(m, IDS), "loss": mistral_jax.loss(m, IDS),
+                "padded": mistral_jax.forward(m, PADDED, MASK),
+                "alone": mistral_jax.forward(m, PADDED[:1, 5:]),
+                "labelled": mistral_jax.loss(m, IDS, labels=LABELS),
+                "layers": mistral_jax.forward(m, IDS, output_hidden_states=True,
+                                              output_attentions=True),
+                "embedded": mistral_jax.forward(m, inputs_embeds=embeds, positions=POSITIONS)}
+
+    return jax.tree.map(np.asarray, run(mine))
+
+
+def test_logits_and_loss_equal_torch(pair, outputs):
+    theirs, _ = pair
+    ref = torch_logits(theirs, IDS)
+    got = outputs["logits"]
     assert got.shape == ref.shape and got.dtype == np.float32
     assert np.max(np.abs(got - ref)) <= ATOL
     with torch.no_grad():
-        ref_loss = theirs(torch.tensor(ids).long(), labels=torch.tensor(ids).long()).loss.item()
-    assert abs(float(mistral_jax.loss(mine, ids)) - ref_loss) <= 1e-5
+        ref_loss = theirs(torch.tensor(IDS).long(), labels=torch.tensor(IDS).long()).loss.item()
+    assert abs(float(outputs["loss"]) - ref_loss) <= 1e-5
 
 
-def test_left_padded_batch_equals_torch_and_unpadded(pair):
-    theirs, mine = pair
-    ids = random_ids((3, 14), seed=1)
-    mask = np.ones_like(ids)
-    mask[0, :5] = 0  # left padding
-    mask[1, :1] = 0
-    mask[2, 11:] = 0  # right padding
-    positions = np.asarray(default_positions(jnp.asarray(mask)))
-    ref = torch_logits(theirs, ids, mask, positions)
-    got = np.asarray(mistral_jax.forward(mine, ids, mask))
-    real = mask.astype(bool)
+def test_left_padded_batch_equals_torch_and_unpadded(pair, outputs):
+    theirs, _ = pair
+    positions = np.asarray(default_positions(jnp.asarray(MASK)))
+    ref = torch_logits(theirs, PADDED, MASK, positions)
+    got = outputs["padded"]
+    real = MASK.astype(bool)
     assert np.max(np.abs(got[real] - ref[real])) <= ATOL
-    alone = np.asarray(mistral_jax.forward(mine, ids[:1, 5:]))
-    assert np.max(np.abs(got[0, 5:] - alone[0])) <= ATOL
+    assert np.max(np.abs(got[0, 5:] - outputs["alone"][0])) <= ATOL
 
 
-def test_loss_ignores_minus_100_like_torch(pair):
-    theirs, mine = pair
-    ids = random_ids((2, 12), seed=2)
-    labels = ids.copy()
-    labels[0, :6] = -100
-    labels[1, 9:] = -100
+def test_loss_ignores_minus_100_like_torch(pair, outputs):
+    theirs, _ = pair
     with torch.no_grad():
-        ref = theirs(torch.tensor(ids).long(), labels=torch.tensor(labels).long()).loss.item()
-    assert abs(float(mistral_jax.loss(mine, ids, labels=labels)) - ref) <= 1e-5
+        ref = theirs(torch.tensor(IDS).long(), labels=torch.tensor(LABELS).long()).loss.item()
+    assert abs(float(outputs["labelled"]) - ref) <= 1e-5
 
 
-def test_hidden_states_and_attentions_equal_torch(pair):
-    theirs, mine = pair
-    ids = random_ids((2, 10), seed=3)
+def test_hidden_states_and_attentions_equal_torch(pair, outputs):
+    theirs, _ = pair
     with torch.no_grad():
-        ref = theirs(torch.tensor(ids).long(), output_hidden_states=True, output_attentions=True)
-    out = mistral_jax.forward(mine, ids, output_hidden_states=True, output_attentions=True)
+        ref = theirs(torch.tensor(IDS).long(), output_hidden_states=True,
+                     output_attentions=True)
+    out = outputs["layers"]
     assert len(out.hidden_states) == len(ref.hidden_states)
     assert len(out.attentions) == len(ref.attentions)
     for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
-        assert np.max(np.abs(np.asarray(a) - b.numpy())) <= ATOL
+        assert np.max(np.abs(a - b.numpy())) <= ATOL
     for a, b in zip(out.attentions, ref.attentions, strict=True):
         assert a.shape == tuple(b.shape)
-        assert np.max(np.abs(np.asarray(a) - b.numpy())) <= 1e-5
+        assert np.max(np.abs(a - b.numpy())) <= 1e-5
 
 
-def test_inputs_embeds_and_explicit_positions(pair):
+def test_inputs_embeds_and_explicit_positions(pair, outputs):
     theirs, mine = pair
-    ids = random_ids((1, 9), seed=4)
-    embeds = np.asarray(mine.embed[...])[ids]
+    embeds = np.asarray(mine.embed[...])[EMBEDDED]
     with torch.no_grad():
-        positions = torch.arange(3, 12)[None]
-        ref = theirs(inputs_embeds=torch.tensor(embeds), position_ids=positions).logits.numpy()
-    got = mistral_jax.forward(mine, inputs_embeds=embeds, positions=np.asarray(positions))
-    assert np.max(np.abs(np.asarray(got) - ref)) <= ATOL
+        ref = theirs(inputs_embeds=torch.tensor(embeds),
+                     position_ids=torch.tensor(POSITIONS)).logits.numpy()
+    assert np.max(np.abs(outputs["embedded"] - ref)) <= ATOL
 
 
 @pytest.mark.parametrize("kind,overrides", [("mistral", {}),
@@ -116,7 +141,10 @@ def test_long_sequences_in_causal_query_blocks_equal_torch(kind, overrides, tmp_
     mask[1, 290:] = 0
     positions = np.asarray(default_positions(jnp.asarray(mask)))
     ref = torch_logits(theirs, ids, mask, positions)
-    got = np.asarray(mistral_jax.forward(mine, ids, mask))
+    # the logits and the loss traced together: one program of the model, not two
+    got, loss = jax.jit(lambda m: (mistral_jax.forward(m, ids, mask),
+                                   mistral_jax.loss(m, ids, mask)))(mine)
+    got = np.asarray(got)
     real = mask.astype(bool)
     assert np.max(np.abs(got[real] - ref[real])) <= ATOL
     labels = np.where(real, ids, -100)
@@ -124,7 +152,7 @@ def test_long_sequences_in_causal_query_blocks_equal_torch(kind, overrides, tmp_
         expected = theirs(torch.tensor(ids).long(), attention_mask=torch.tensor(mask),
                           position_ids=torch.tensor(positions).long(),
                           labels=torch.tensor(labels).long()).loss.item()
-    assert abs(float(mistral_jax.loss(mine, ids, mask)) - expected) <= 1e-5
+    assert abs(float(loss) - expected) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])

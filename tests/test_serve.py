@@ -347,8 +347,8 @@ def test_sigterm_ends_a_running_stream_cleanly(ckpt, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     process = subprocess.Popen(
         [sys.executable, "-m", "mistral_jax.serve", ckpt.name, "--port", "0",
-         "--shutdown-grace", "0.5"], cwd=ckpt.parent, env=env, stderr=subprocess.PIPE,
-        text=True)
+         "--shutdown-grace", "0.5", "--max-batch", "1"],  # one slot: one decode step to warm up
+        cwd=ckpt.parent, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port, lines = None, []
         deadline = time.monotonic() + 120

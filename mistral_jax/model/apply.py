@@ -58,19 +58,25 @@ def _loss(model, input_ids, attention_mask, labels, positions):
 
 
 def check_ids(input_ids, vocab_size: int):
-    """Token ids outside [0, vocab_size) would silently read garbage rows: refuse them."""
-    input_ids = jnp.asarray(input_ids) if not isinstance(input_ids, jax.core.Tracer) else input_ids
+    """Token ids outside [0, vocab_size) would silently read garbage rows: refuse them.
+
+    Ids that are not on a device yet (a list, a numpy array) are checked on the host: jnp's
+    min and max would compile a program for every new shape of input."""
+    if not isinstance(input_ids, jax.Array):
+        input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, time], got shape {input_ids.shape}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
-    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
-        lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+    if isinstance(input_ids, jax.core.Tracer):
+        return input_ids
+    if input_ids.size:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); "
                              "check the tokenizer matches this checkpoint")
-    return input_ids
+    return jnp.asarray(input_ids)
 
 
 def check_positions(config, length: int, what: str = "the input", positions=None) -> None:
