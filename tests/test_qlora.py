@@ -59,7 +59,8 @@ def adapters_for(model, targets, seed=0):
     rng, weights = np.random.default_rng(seed + 1), trees.weights(model)
     adapters = {}
     for name in targets:
-        a, b = lora.shapes(name, weights["layers"][name].shape, 3)
+        w = weights["layers"][name]  # (an int8 weight: {"values", "scale"})
+        a, b = lora.shapes(name, (w["values"] if isinstance(w, dict) else w).shape, 3)
         adapters[name] = {"a": normal(rng, a, 1 / np.sqrt(np.prod(a[1:-1]))),
                           "b": normal(rng, b, 0.3)}
     return {"layers": adapters}
