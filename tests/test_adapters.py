@@ -30,10 +30,15 @@ TARGETS = {"mistral": ["q", "k", "v", "o", "gate", "up", "down"],
 
 def trained_adapters(base, targets, path, *, rank=3, alpha=5.0, seed=1):
     """Adapters with A and B both random, as if trained, written as train.finetune does."""
-    adapters = lora.init(trees.weights(base), trees.logical_axes(base), targets, rank, seed)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(targets)))
-    for ab in adapters["layers"].values():
-        ab["b"] = 0.3 * jax.random.normal(next(keys), ab["b"].shape)
+    # lora.init's shapes and A's scale, drawn by numpy (jax.random compiles a program a shape)
+    rng, layers = np.random.default_rng(seed), trees.weights(base)["layers"]
+    adapters = {"layers": {}}
+    for name in targets:
+        a, b = lora.shapes(name, layers[name].shape, rank)
+        adapters["layers"][name] = {
+            "a": jax.numpy.asarray(rng.standard_normal(a, np.float32) / np.sqrt(np.prod(a[1:-1]),
+                                                                               dtype=np.float32)),
+            "b": jax.numpy.asarray(0.3 * rng.standard_normal(b, np.float32))}
     lora.write(adapters, path, rank=rank, alpha=alpha, targets=targets, config=base.config,
                base="base")
     return adapters

@@ -22,8 +22,10 @@ import transformers
 import mistral_jax
 from convert import from_torch, parity, to_torch
 from mistral_jax.arch import configs
+from mistral_jax.base import trees
 from mistral_jax.cli import generate as generate_cli
 from mistral_jax.io import files
+from mistral_jax.model import registry
 from mistral_jax.parallel import devices
 from tests.reference import hf_model, text_model
 from train import eval as eval_cli
@@ -112,7 +114,12 @@ def test_fine_tuning_a_nine_head_model_picks_a_mesh_and_says_which(text_ckpt, tm
                                                                    capsys):
     tok = mistral_jax.load(text_ckpt[1]).tokenizer
     config = dataclasses.replace(NINE_HEADS, vocab_size=tok.vocab_size)
-    mistral_jax.save(mistral_jax.init(config, tokenizer=tok), tmp_path / "nine")
+    # random weights drawn by numpy (mistral_jax.init's jax.random compiles a program a shape)
+    model, rng = registry.abstract(config, tokenizer=tok), np.random.default_rng(0)
+    mistral_jax.save(trees.with_weights(model, trees.unflatten({
+        name: jax.numpy.asarray(np.ones(x.shape, np.float32) if name.endswith("norm")
+                                else 0.02 * rng.standard_normal(x.shape, np.float32))
+        for name, x in trees.flatten(trees.weights(model)).items()})), tmp_path / "nine")
     (tmp_path / "data.txt").write_text(default.CORPUS.read_text()[:4000])
     assert finetune.main(["--init", str(tmp_path / "nine"), "--data", str(tmp_path / "data.txt"),
                           "--out", str(tmp_path / "out"), "--steps", "1", "--seq-len", "32",
@@ -172,6 +179,13 @@ def test_parity_fails_a_conversion_with_q_and_k_in_the_wrong_rope_order(text_ckp
     assert line.endswith("[FAIL: logits, top1, perplexity]"), line
 
 
+# The run of test_keep_holds_the_last_checkpoints, and the step test_packed_examples_... below
+# takes its first loss from: the same flags, so one compiled train step serves both (the compilation
+# cache), not two.
+KEEP_RUN = ["--steps", "4", "--seq-len", "128", "--batch-size", "8", "--mesh", "1x8",
+            "--remat", "dots"]
+
+
 def test_packed_examples_are_isolated_by_default(text_ckpt, tmp_path, capsys):
     """The first step's loss is the examples' loss each alone; --no-isolate-documents is the
     opt-out and gives another. Data smaller than one batch is reported."""
@@ -184,29 +198,30 @@ def test_packed_examples_are_isolated_by_default(text_ckpt, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
                             for p, c in examples))
-    total, count = 0.0, 0
-    for prompt, completion in examples:  # each alone, transformers' way: loss on the completion
-        p, c = tok.encode(prompt), tok.encode_text(completion) + [tok.eos_id]
-        ids = np.asarray([p + c])
-        labels = np.asarray([[-100] * len(p) + c])
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(mistral_jax.loss(model, ids, labels=labels)) * n
-        count += n
-    alone = total / count
+    # Each alone, transformers' way: loss on the completion. One row each, padded at the end
+    # (ignored labels, after every real token under the causal mask): one compiled loss for
+    # the three, the mean over all their completion tokens.
+    rows = [(tok.encode(p), tok.encode_text(c) + [tok.eos_id]) for p, c in examples]
+    width = max(len(p) + len(c) for p, c in rows)
+    pad = [width - len(p) - len(c) for p, c in rows]
+    ids = np.asarray([p + c + [tok.eos_id] * n for (p, c), n in zip(rows, pad, strict=True)])
+    labels = np.asarray([[-100] * len(p) + c + [-100] * n
+                         for (p, c), n in zip(rows, pad, strict=True)])
+    alone = float(mistral_jax.loss(model, ids, labels=labels))
 
     def first_loss(*extra):
+        # the flags of test_keep_holds_the_last_checkpoints' run: one compiled step for both
         out = tmp_path / f"out{len(extra)}"
         assert finetune.main(["--init", str(ckpt), "--data", str(data), "--out", str(out),
-                              "--steps", "1", "--seq-len", "128", "--batch-size", "8",
-                              "--mesh", "1x8", *extra]) == 0
+                              *KEEP_RUN, *extra]) == 0
         rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
         return rows[0]["loss"]
 
     assert abs(first_loss() - alone) < 1e-5
     err = capsys.readouterr().err
     assert "warning: the training data: 3 documents, " in err
-    assert "1 row of 128 tokens: fewer than one batch of 8, so each batch repeats rows; over 1 " \
-        "step each row is seen about 8 times" in err
+    assert "1 row of 128 tokens: fewer than one batch of 8, so each batch repeats rows; over 4 " \
+        "steps each row is seen about 32 times" in err
     assert abs(first_loss("--no-isolate-documents") - alone) > 1e-3
 
 
@@ -330,8 +345,8 @@ def test_keep_holds_the_last_checkpoints(text_ckpt, tmp_path):
     _, ckpt = text_ckpt
     (tmp_path / "d.txt").write_text(default.CORPUS.read_text()[:3000])
     assert finetune.main(["--init", str(ckpt), "--data", str(tmp_path / "d.txt"), "--out",
-                          str(tmp_path / "run"), "--steps", "4", "--save-every", "1", "--keep",
-                          "2", "--seq-len", "32", "--mesh", "1x8", "--remat", "dots"]) == 0
+                          str(tmp_path / "run"), *KEEP_RUN, "--save-every", "1", "--keep",
+                          "2"]) == 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3", "4"]
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [0 < r["mfu"] < 1 for r in rows if "loss" in r] == [True] * 4  # remat: not counted

@@ -18,6 +18,7 @@ import mistral_jax
 from mistral_jax.arch import configs
 from mistral_jax.base import trees
 from mistral_jax.io import lora
+from mistral_jax.model import registry
 from mistral_jax.nn import layers as L
 from mistral_jax.quant import int8 as quant
 from train import finetune, merge_lora
@@ -37,13 +38,32 @@ TARGETS = {"mistral": ["q", "k", "v", "o", "gate", "up", "down"],
 SCALE = 1.5
 
 
+def normal(rng, shape, scale=1.0):
+    """Test data from numpy's generator: jax.random.normal would compile a program per shape."""
+    return jnp.asarray(np.float32(scale) * rng.standard_normal(shape, np.float32))
+
+
+def random_model(config, seed):
+    """`mistral_jax.init`'s model (normal(0, 0.02) weights, unit norms) with numpy's draws: the
+    claims here are about the adapters, whatever the base's random weights are."""
+    model = registry.abstract(config)
+    rng = np.random.default_rng(seed)
+    return trees.with_weights(model, trees.unflatten({
+        name: jnp.ones(x.shape, x.dtype) if name.endswith(("norm", "_scale"))
+        else normal(rng, x.shape, config.initializer_range)
+        for name, x in trees.flatten(trees.weights(model)).items()}))
+
+
 def adapters_for(model, targets, seed=0):
-    """Adapters with A and B both random, as if trained."""
-    adapters = lora.init(trees.weights(model), trees.logical_axes(model), targets, 3, seed)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(targets)))
-    for ab in adapters["layers"].values():
-        ab["b"] = 0.3 * jax.random.normal(next(keys), ab["b"].shape)
-    return adapters
+    """Adapters with A and B both random, as if trained (lora.init's shapes and A's scale)."""
+    rng, weights = np.random.default_rng(seed + 1), trees.weights(model)
+    adapters = {}
+    for name in targets:
+        w = weights["layers"][name]  # (an int8 weight: {"values", "scale"})
+        a, b = lora.shapes(name, (w["values"] if isinstance(w, dict) else w).shape, 3)
+        adapters[name] = {"a": normal(rng, a, 1 / np.sqrt(np.prod(a[1:-1]))),
+                          "b": normal(rng, b, 0.3)}
+    return {"layers": adapters}
 
 
 def merged(model, adapters):
@@ -52,7 +72,7 @@ def merged(model, adapters):
 
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])
 def test_unmerged_forward_and_decoding_equal_the_merged_ones_on_a_float_base(kind):
-    model = mistral_jax.init(CONFIGS[kind], seed=1)
+    model = random_model(CONFIGS[kind], seed=1)
     adapters = adapters_for(model, TARGETS[kind])
     beside = lora.attach(model, adapters, SCALE)
     expected = mistral_jax.forward(merged(model, adapters), IDS)
@@ -67,14 +87,19 @@ def test_unmerged_forward_and_decoding_equal_the_merged_ones_on_a_float_base(kin
 
 def test_an_adapter_per_row_gives_each_row_its_own_adapter():
     """The layer takes A [b, *in, r] and B [b, r, *out] as well: several adapters in a batch."""
-    k = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(k[0], (3, 5, 8))
-    w = jax.random.normal(k[1], (8, 2, 4))
-    a, b = jax.random.normal(k[2], (3, 8, 2)), jax.random.normal(k[3], (3, 2, 2, 4))
-    together = L.project("btd,dnh->btnh", x, L.Adapted(w, a, b, 0.5))
+    rng = np.random.default_rng(0)
+    x, w = normal(rng, (3, 5, 8)), normal(rng, (8, 2, 4))
+    a, b = normal(rng, (3, 8, 2)), normal(rng, (3, 2, 2, 4))
+
+    @jax.jit  # one program for the batch and each row alone, not one per eager op
+    def together_and_alone():
+        return (L.project("btd,dnh->btnh", x, L.Adapted(w, a, b, 0.5)),
+                [L.project("btd,dnh->btnh", x[i:i + 1], L.Adapted(w, a[i], b[i], 0.5))
+                 for i in range(3)])
+
+    together, alone = together_and_alone()
     for i in range(3):
-        alone = L.project("btd,dnh->btnh", x[i:i + 1], L.Adapted(w, a[i], b[i], 0.5))
-        np.testing.assert_allclose(together[i:i + 1], alone, atol=1e-5)
+        np.testing.assert_allclose(together[i:i + 1], alone[i], atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [(2, 3), (8, 8)])  # fewer rows than inputs, and more
@@ -89,22 +114,28 @@ def test_the_int8_matmul_differentiates_in_x_as_its_dequantized_weight(equation,
     the scales on the output (few rows) or on the weight (many)."""
     layout = "nk" if equation.endswith("->btv") else "kn"
     n_in = 2 if equation.startswith("btnh") else 1
-    k = jax.random.split(jax.random.key(1), 3)
-    values, scale = quant.quantize(jax.random.normal(k[0], shape), 0, n_in, layout, group)
-    w = quant.dequantize(values, scale, 0, n_in, layout)
-    x = jax.random.normal(k[1], (*rows, *(shape[:n_in] if layout == "kn" else shape[1:])))
-    out = jax.random.normal(k[2], jnp.einsum(equation, x, w).shape)
-    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * out))(x)  # noqa: E731
-    int8 = lambda x: quant.project(equation, x, quant.QWeight(values, scale), kernel=False)  # noqa: E731
-    np.testing.assert_allclose(int8(x), jnp.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
-    got = grad(int8)
-    np.testing.assert_allclose(got, grad(lambda x: jnp.einsum(equation, x, w)), rtol=1e-5,
-                               atol=1e-5)
+    rng = np.random.default_rng(1)
+    weight = normal(rng, shape)
+    x = normal(rng, (*rows, *(shape[:n_in] if layout == "kn" else shape[1:])))
+    out = normal(rng, jax.eval_shape(lambda: jnp.einsum(equation, x, weight)).shape)
+
+    @jax.jit  # one program per case, as a jitted train step runs it, not one per eager op
+    def products_and_grads(weight, x, out):
+        values, scale = quant.quantize(weight, 0, n_in, layout, group)
+        w = quant.dequantize(values, scale, 0, n_in, layout)
+        int8 = lambda x: quant.project(equation, x, quant.QWeight(values, scale), kernel=False)  # noqa: E731
+        on_float = lambda x: jnp.einsum(equation, x, w)  # noqa: E731
+        grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * out))(x)  # noqa: E731
+        return int8(x), on_float(x), grad(int8), grad(on_float)
+
+    got, want, got_dx, want_dx = products_and_grads(weight, x, out)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gpt2"])
 def test_qlora_gradients_equal_the_merged_paths_on_the_dequantized_base(kind):
-    base = quant.quantized(mistral_jax.init(CONFIGS[kind], seed=1))
+    base = quant.quantized(random_model(CONFIGS[kind], seed=1))
     float_base = quant.dequantized(base)
     adapters = adapters_for(base, TARGETS[kind])
     frozen, template = trees.weights(base), lora.attach(base, adapters, SCALE)
@@ -115,8 +146,9 @@ def test_qlora_gradients_equal_the_merged_paths_on_the_dequantized_base(kind):
     def on_float(adapters):
         return merged(float_base, adapters).loss(IDS)
 
-    (got_loss, got), (want_loss, want) = (jax.value_and_grad(f)(adapters)
-                                          for f in (qlora, on_float))
+    # one jitted program for both paths (as the train step is jitted), not one per eager op
+    (got_loss, got), (want_loss, want) = jax.jit(
+        lambda a: (jax.value_and_grad(qlora)(a), jax.value_and_grad(on_float)(a)))(adapters)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for name, g in trees.flatten(got).items():
         assert g.dtype == jnp.float32, name
@@ -124,12 +156,17 @@ def test_qlora_gradients_equal_the_merged_paths_on_the_dequantized_base(kind):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
 
 
+# The flags of the QLoRA run (qlora_run) and of the step test_the_trainer_... takes: one compiled
+# train step for both (the compilation cache, which the run's subprocess shares), not two.
+RUN = ["--lora-rank", "4", "--lora-targets", "q,v,o,down", "--quantize-base", "int8", "--mesh",
+       "2x4", "--steps", "3", "--seq-len", "64", "--batch-size", "8", "--lr", "1e-2", "--dtype",
+       "bfloat16"]
+
+
 def test_the_trainer_keeps_the_base_int8_and_trains_float32_adapters(tmp_path):
     """Even under bfloat16 compute: the compute copy is cast inside the step."""
     args = flags.with_defaults(flags.parser("finetune", None).parse_args([
-        "--mesh", "1x1", "--init", str(small_checkpoint(tmp_path)), "--lora-rank", "2",
-        "--lora-targets", "q,v,down", "--quantize-base", "int8", "--steps", "2", "--seq-len",
-        "32", "--batch-size", "2", "--dtype", "bfloat16", "--out", str(tmp_path / "run")]))
+        "--init", str(small_checkpoint(tmp_path)), *RUN, "--out", str(tmp_path / "run")]))
     flags.check(args)
     setup = loop.set_up(args)
     with jax.set_mesh(setup.mesh):
@@ -143,12 +180,12 @@ def test_the_trainer_keeps_the_base_int8_and_trains_float32_adapters(tmp_path):
         assert frozen["layers.attn_norm"].dtype == jnp.float32
         int8 = sum(x.nbytes for x in frozen.values() if x.dtype == jnp.int8)
         assert sum(x.nbytes for x in frozen.values()) - int8 < int8 / 4  # scales, norms
-        batches = loop.D.Batches(setup.rows, batch_size=2, grad_accum=1, seed=0,
+        batches = loop.D.Batches(setup.rows, batch_size=8, grad_accum=1, seed=0,
                                  mesh=setup.mesh)
         state, metrics = trainer.train_step(trainer.state, trainer.frozen, next(batches))
     assert np.isfinite(float(metrics["loss"]))
-    assert set(trees.flatten(state.params)) == {f"layers.{t}.{p}" for t in ("q", "v", "down")
-                                                for p in "ab"}
+    assert set(trees.flatten(state.params)) == {f"layers.{t}.{p}"
+                                                for t in ("q", "v", "o", "down") for p in "ab"}
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 1]
     assert all(x.dtype == jnp.float32 for x in (*jax.tree.leaves(state.params), *moments))
     assert {x.dtype for x in jax.tree.leaves(trainer.frozen)} == {
@@ -174,9 +211,7 @@ def qlora_run(tmp_path_factory):
     base = small_checkpoint(d)
     mistral_jax.save(quant.quantized(mistral_jax.load(base)), d / "int8")
     (d / "eval.txt").write_text(default.CORPUS.read_text()[20000:24000])
-    command = [sys.executable, "-m", "train.finetune", "--init", str(base), "--lora-rank", "4",
-               "--lora-targets", "q,v,o,down", "--quantize-base", "int8", "--mesh", "2x4",
-               "--steps", "3", "--seq-len", "64", "--batch-size", "8", "--lr", "1e-2",
+    command = [sys.executable, "-m", "train.finetune", "--init", str(base), *RUN,
                "--eval-data", str(d / "eval.txt"), "--eval-every", "3", "--out", str(d / "run")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
@@ -199,9 +234,10 @@ def test_a_qlora_run_writes_adapters_that_load_evaluate_and_export(qlora_run, ca
     info = json.loads((d / "run" / "adapters" / "adapter_config.json").read_text())
     assert info["base_quantize"] == "int8" and info["base"] == str(d / "base")
     assert json.loads((d / "run" / "run.json").read_text())["quantize_base"] == "int8"
-    # on the int8 base the adapters run beside it, as in the run: its eval loss again
+    # on the int8 base the adapters run beside it, as in the run (bfloat16, on its mesh): its
+    # eval loss again
     assert eval_cli.main([str(d / "int8"), "--adapters", str(d / "run" / "adapters"),
-                          "--data", str(d / "eval.txt"), "--mesh", "1x1"]) == 0
+                          "--data", str(d / "eval.txt"), "--mesh", "2x4"]) == 0
     loss = float(capsys.readouterr().out.split(",")[0].removeprefix("loss "))
     assert f"{loss:.4f}" == f"{[r for r in rows if 'eval_loss' in r][-1]['eval_loss']:.4f}"
     on_int8 = mistral_jax.load(d / "int8", adapters=d / "run" / "adapters")
@@ -239,9 +275,8 @@ def test_what_cannot_work_is_refused_in_one_line(qlora_run, tmp_path, capsys):
     refused(finetune.main, ["--init", str(d / "int8"), "--lora-rank", "2", "--merge-lora",
                             "--out", str(tmp_path / "b")], "--merge-lora", "holds int8 weights")
     # --resume refuses another base: the run quantized it, this one would not
-    refused(finetune.main, ["--init", str(d / "base"), "--lora-rank", "4", "--lora-targets",
-                            "q,v,o,down", "--mesh", "2x4", "--steps", "3", "--seq-len", "64",
-                            "--batch-size", "8", "--lr", "1e-2", "--eval-data",
+    unquantized = [a for a in RUN if a not in ("--quantize-base", "int8")]
+    refused(finetune.main, ["--init", str(d / "base"), *unquantized, "--eval-data",
                             str(d / "eval.txt"), "--eval-every", "3", "--out", str(d / "run"),
                             "--resume"], "quantize_base: 'int8' there, None now")
     # merging into the int8 base: refused, naming the float base the run quantized

@@ -113,14 +113,14 @@ def test_eval_gives_the_numbers_the_run_printed(files, uninterrupted, capsys):
         printed
 
 
-def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, tmp_path, capsys):
+def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, lora_run, capsys):
     """No --seq-len: train.eval on a run's final/, and on the base with its adapters/, packs
     the data as the run did (32 tokens a row, not 256) and gives the run's eval loss; a flag
     given still wins."""
     from train import eval as eval_cli
 
-    def evaluate(*argv):
-        assert eval_cli.main([*argv, "--data", str(files / "eval.jsonl"), "--mesh", "2x4"]) == 0
+    def evaluate(*argv, mesh="2x4"):
+        assert eval_cli.main([*argv, "--data", str(files / "eval.jsonl"), "--mesh", mesh]) == 0
         printed = capsys.readouterr()
         return float(printed.out.split(",")[0].removeprefix("loss ")), printed.err
 
@@ -131,15 +131,14 @@ def test_eval_of_a_runs_output_takes_the_runs_settings(files, uninterrupted, tmp
         f"run in {full} trained" in said
     assert evaluate(str(full / "final"), "--seq-len", "256")[0] != pytest.approx(loss, abs=1e-3)
 
-    lora = tmp_path / "lora"
-    assert finetune.main(flags(files, lora, "--lora-rank", "2", "--steps", "2",
-                               "--eval-every", "2", "--dtype", "bfloat16")) == 0
-    run_eval = losses(lora)[1][2]
-    loss, said = evaluate(str(files / "ckpt"), "--adapters", str(lora / "adapters"))
+    # the LoRA run (bfloat16, on 1x8: evaluated on the run's mesh, as the float run on its own)
+    lora = lora_run
+    run_eval = losses(lora)[1][3]
+    loss, said = evaluate(str(files / "ckpt"), "--adapters", str(lora / "adapters"), mesh="1x8")
     assert f"{loss:.4f}" == f"{run_eval:.4f}"
     assert "--seq-len 32, --dtype bfloat16" in said
     assert evaluate(str(files / "ckpt"), "--adapters", str(lora / "adapters"), "--seq-len",
-                    "256")[0] != pytest.approx(loss, abs=1e-3)
+                    "256", mesh="1x8")[0] != pytest.approx(loss, abs=1e-3)
     assert eval_cli.main([str(lora / "adapters"), "--data", str(files / "eval.jsonl")]) == 1
     assert capsys.readouterr().err == (
         f"error: {lora / 'adapters'} holds LoRA adapters, not a checkpoint: evaluate them on "
@@ -241,12 +240,20 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(files, uninter
     assert mistral_jax.load(out / "final").config.vocab_size == 300
 
 
-def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files):
-    out = files / "lora"  # with the other options of the step, end to end
+@pytest.fixture(scope="module")
+def lora_run(files):
+    """A LoRA run in bfloat16 with the other options of the step, end to end: its adapters are
+    merged (test_lora_...) and evaluated on their base (test_eval_of_a_runs_output_...)."""
+    out = files / "lora"
     argv = flags(files, out, "--lora-rank", "2", "--lora-targets", "q,v,down", "--merge-lora",
                  "--steps", "3", "--mesh", "1x8", "--isolate-documents", "--dtype", "bfloat16",
                  "--grad-accum", "2", "--remat", "full", "--unroll", "all")
     assert finetune.main(argv) == 0
+    return out
+
+
+def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(files, lora_run):
+    out = lora_run
     train, evals = losses(out)
     assert sorted(train) == [1, 2, 3] and all(np.isfinite(list(train.values())))
     adapters = json.loads((out / "adapters" / "adapter_config.json").read_text())
@@ -283,9 +290,9 @@ def test_the_flags_take_effect(files, uninterrupted):
     --steps 6, --eval-every 3, --save-every 3: the steps logged, evaluated and saved; --lr 1e-2
     and --warmup 1: each step's learning rate, 0 then the peak, decaying by a cosine towards a
     tenth of it at step 6; --batch-size 8, --seq-len 32: the run's record (which train.eval and
-    --resume read). Then a run of 2 steps with --seed 1 (another data order: step 1's update is
-    0 at the warm-up's start, so step 2's loss differs from the first run's by its batch
-    alone) and --log-every 2 (step 2's row alone). The other flags have their own tests here:
+    --resume read). Then a run with --seed 1 (another data order: step 1's update is 0 at the
+    warm-up's start, so step 2's loss differs from the first run's by its batch alone) and
+    --log-every 2 (the even steps' rows alone). The other flags have their own tests here:
     --resume, the LoRA flags with --grad-accum, --remat, --unroll and --dtype, the processes."""
     out = files / "uninterrupted"
     rows = report.read_metrics(out)
@@ -299,11 +306,11 @@ def test_the_flags_take_effect(files, uninterrupted):
     record = json.loads((out / "run.json").read_text())
     assert (record["batch_size"], record["seq_len"], record["seed"]) == (8, 32, 0)
 
-    seeded = files / "seed-1"
-    assert finetune.main(flags(files, seeded, "--steps", "2", "--seed", "1", "--log-every",
-                               "2")) == 0
+    seeded = files / "seed-1"  # --steps 6 as the first run: the same compiled step (cached)
+    assert finetune.main(flags(files, seeded, "--seed", "1", "--log-every", "2",
+                               "--save-every", "6", "--eval-every", "6")) == 0
     train, _ = losses(seeded)
-    assert list(train) == [2] and train[2] != uninterrupted[0][2]
+    assert list(train) == [2, 4, 6] and train[2] != uninterrupted[0][2]
 
 
 BAD = [
