@@ -55,23 +55,24 @@ def perturbed(config):
     return trees.with_weights(model, jax.tree.map_with_path(draw, trees.weights(model)))
 
 
-def logits_loss_and_grads(model):
-    """`forward`'s logits, `loss` and the loss's gradients (vocab rows cut back to the config's)
-    on IDS / MASK, from one program jitted on the model's mesh: one compilation, where calling
-    forward, loss and an eager jax.grad compiled three programs and dozens of small ones."""
+def loss_and_grads(model):
+    """`loss` on IDS / MASK and its gradients (vocab rows cut back to the config's), from one
+    program jitted on the model's mesh: one compilation where loss and an eager jax.grad
+    compiled three programs and dozens of small ones. (Taking forward's logits as aux too made
+    one program that compiled slower than forward's and this one apart.)"""
     vocab = model.config.vocab_size
-
-    def loss_and_logits(m):
-        return mistral_jax.loss(m, IDS, MASK), mistral_jax.forward(m, IDS, MASK)
 
     @jax.jit
     def run(m):
-        (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(m)
-        return logits, loss, trees.resize_vocab(trees.weights(grads), trees.logical_axes(m),
-                                                vocab)
+        loss, grads = jax.value_and_grad(lambda m: mistral_jax.loss(m, IDS, MASK))(m)
+        return loss, trees.resize_vocab(trees.weights(grads), trees.logical_axes(m), vocab)
 
-    with on_mesh(sharding.mesh_of(model)):  # as forward and loss trace: under the weights' mesh
+    with on_mesh(sharding.mesh_of(model)):  # as loss traces: under the weights' mesh
         return run(model)
+
+
+def logits_loss_and_grads(model):
+    return mistral_jax.forward(model, IDS, MASK), *loss_and_grads(model)
 
 
 @pytest.fixture(scope="module", params=[MISTRAL, GPT2], ids=["mistral", "gpt2"])
