@@ -60,47 +60,41 @@ def _weights(rng, kind, layout, K, N, stacked):
     return jnp.asarray(w), scale, dense if stacked else dense[None]
 
 
-def _assert_close(y, x, dense, what=""):
+def _assert_close(y, x, dense):
     """|y - x @ dense| within 1e-5 of sum |x| |dense| (float32 accumulation over K)."""
     x = np.asarray(x, np.float64)
     err = np.abs(np.asarray(y, np.float64) - x @ dense)
     tol = 1e-5 * (np.abs(x) @ np.abs(dense))
-    assert (err <= tol).all(), f"{what}max error / tolerance {np.max(err / tol):.3g}"
+    assert (err <= tol).all(), f"max error / tolerance {np.max(err / tol):.3g}"
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[0]}N{s[1]}")
 @pytest.mark.parametrize("layout", ("kn", "nk"))
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_float64(isa, kind, layout):
-    """Each shape of SHAPES and each M of MS, plain and with a traced index in a jitted scan
-    over stacked layers; all of them in one jitted program (one compilation, where a program
-    per shape cost about a second each)."""
-    inputs, dense = [], []
-    for K, N in SHAPES:
-        rng = np.random.default_rng(K * N)
-        xs = [jnp.asarray(rng.standard_normal((m, K)).astype(np.float32)) for m in MS]
-        w, scale, plain = _weights(rng, kind, layout, K, N, stacked=False)
-        ws, scales, stacked = _weights(rng, kind, layout, K, N, stacked=True)
-        inputs.append((xs, w, scale, ws, scales))
-        dense.append((plain, stacked))
+def test_matches_float64(isa, kind, layout, shape):
+    """Each M of MS, plain and with a traced index in a jitted scan over stacked layers."""
+    K, N = shape
+    rng = np.random.default_rng(K * N)
+    xs = [jnp.asarray(rng.standard_normal((m, K)).astype(np.float32)) for m in MS]
 
-    def matmuls(xs, w, s, ws, ss):
+    w, scale, dense = _weights(rng, kind, layout, K, N, stacked=False)
+    ys = jax.jit(lambda xs, w, s: [kernels.matmul(x, w, s, layout=layout) for x in xs])(
+        xs, w, scale)
+    for x, y in zip(xs, ys, strict=True):
+        assert y.shape == (x.shape[0], N) and y.dtype == jnp.float32
+        _assert_close(y, x, dense[0])
+
+    w, scale, dense = _weights(rng, kind, layout, K, N, stacked=True)
+
+    @jax.jit
+    def scanned(xs, w, s):
         def step(carry, i):
-            return carry, [kernels.matmul(x, ws, ss, index=i, layout=layout) for x in xs]
+            return carry, [kernels.matmul(x, w, s, index=i, layout=layout) for x in xs]
+        return jax.lax.scan(step, 0, jnp.arange(L, dtype=jnp.int32))[1]
 
-        return ([kernels.matmul(x, w, s, layout=layout) for x in xs],
-                jax.lax.scan(step, 0, jnp.arange(L, dtype=jnp.int32))[1])
-
-    outputs = jax.jit(lambda inputs: [matmuls(*a) for a in inputs])(inputs)
-    for (K, N), (xs, *_), (plain, stacked), (ys, scanned) in zip(SHAPES, inputs, dense, outputs,
-                                                                strict=True):
-        for x, y in zip(xs, ys, strict=True):
-            what = f"K={K} N={N} M={x.shape[0]}: "
-            assert y.shape == (x.shape[0], N) and y.dtype == jnp.float32, what
-            _assert_close(y, x, plain[0], what)
-        for x, y in zip(xs, scanned, strict=True):
-            for layer in range(L):
-                _assert_close(y[layer], x, stacked[layer], f"K={K} N={N} M={x.shape[0]} "
-                              f"layer {layer}: ")
+    for x, y in zip(xs, scanned(xs, w, scale), strict=True):
+        for layer in range(L):
+            _assert_close(y[layer], x, dense[layer])
 
 
 @pytest.mark.parametrize("layout", ("kn", "nk"))
@@ -293,9 +287,9 @@ def test_attention_reads_the_cache_as_xla_does(dtype, window, c):
     new_index[1, 0] = -1  # padding
     query_index = jnp.asarray(np.tile(np.arange(40, 40 + c, dtype=np.int32), (b, 1)))
     blocks = kv.blocks_in_use(cache, b, 1)
-    got, want = jax.jit(lambda q, layer: [kv.attend_cached(  # both paths, one compilation
+    got, want = (jax.jit(lambda q, layer, kernel=kernel: kv.attend_cached(
         q, cache, layer, blocks, k_new, k_new * 2, jnp.asarray(new_index), query_index, window,
-        first=1, kernel=kernel) for kernel in (True, False)])(q, 1)
+        first=1, kernel=kernel))(q, 1) for kernel in (True, False))
     # (XLA's path weighs 16-bit values with 16-bit probabilities; the kernel in float32)
     tol = 2e-5 if dtype in ("float32", "int8") else 3e-3
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
