@@ -3,6 +3,7 @@ model of its dequantized weights computes, checkpoints keep it int8, the scales 
 columns (read off the arrays on 8 fake CPU devices), and the decode step's kernel path (layer
 weights read in place) equals the plain forward."""
 
+import functools
 import subprocess
 import sys
 from functools import partial
@@ -15,8 +16,10 @@ import pytest
 import mistral_jax
 from mistral_jax import kernels
 from mistral_jax.arch import configs
+from mistral_jax.arch import weights as weight_tables
 from mistral_jax.base import trees
 from mistral_jax.model import cache as kv
+from mistral_jax.model import registry as models
 from mistral_jax.model.options import with_options
 from mistral_jax.parallel import sharding
 from mistral_jax.quant import int8 as quant
@@ -30,8 +33,26 @@ GPT2 = configs.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=8, n_posi
 IDS = np.random.default_rng(0).integers(0, 100, (2, 10)).astype(np.int32)
 
 
+@functools.cache
+def drawn(config):
+    """The weights init would draw (normal(0, initializer_range), ones, zeros, as the weight
+    table says), numpy's draws: no random program for XLA to compile per weight shape."""
+    rng = np.random.default_rng(3)
+    inits = {w.short: w.init for w in weight_tables.table(config)}
+
+    def draw(path, x):
+        init = inits[str(path[-1].key)]
+        if init != "normal":
+            return np.full(x.shape, init == "ones", np.float32)
+        return config.initializer_range * rng.standard_normal(x.shape, np.float32)
+
+    return jax.tree.map_with_path(draw, trees.weights(models.abstract(config)))
+
+
 def model(config):
-    return mistral_jax.init(config, seed=3)
+    """A new random model (a test may change it in place: each call is its own)."""
+    return trees.with_weights(models.abstract(config),
+                              jax.tree.map(jnp.asarray, drawn(config)))
 
 
 @partial(jax.jit, static_argnames="fresh")
@@ -133,11 +154,11 @@ def test_scales_shard_with_their_columns_on_1x8(tmp_path):
     one = mistral_jax.load(tmp_path / "int8")
     np.testing.assert_allclose(np.asarray(mistral_jax.forward(m, IDS)),
                                np.asarray(mistral_jax.forward(one, IDS)), atol=1e-4)
-    for cache in (None, "int8"):  # the int8 cache's scales shard like its keys
-        m, one = (with_options(x, kv_cache_dtype=cache) for x in (m, one))
-        sharded = mistral_jax.generate_tokens(m, IDS, max_new_tokens=6)
-        np.testing.assert_array_equal(sharded, mistral_jax.generate_tokens(one, IDS,
-                                                                           max_new_tokens=6))
+    # the int8 cache's scales shard like its keys: the decode step on the sharded int8 weights
+    # (the float cache's generation on a mesh is test_generate's)
+    m, one = (with_options(x, kv_cache_dtype="int8") for x in (m, one))
+    np.testing.assert_array_equal(mistral_jax.generate_tokens(m, IDS, max_new_tokens=6),
+                                  mistral_jax.generate_tokens(one, IDS, max_new_tokens=6))
 
 
 def test_quantizing_a_sharded_model_keeps_it_sharded():

@@ -2,6 +2,8 @@
 batch, one compilation, skipped non-finite steps, remat, unrolled layers and bfloat16 keep the
 numbers, packed documents isolated as if alone, and LoRA trains only its adapters."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from mistral_jax.arch import configs
 from mistral_jax.base import trees
 from mistral_jax.io import lora
 from mistral_jax.model import registry as models
-from mistral_jax.model.options import Options
+from mistral_jax.model.options import with_options
 from train.compute import step as S
 from train.input import data as D
 
@@ -37,16 +39,36 @@ def mesh_of(spec):
     return mistral_jax.make_mesh(spec, jax.devices()[: data * model])
 
 
-def setup(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
+@functools.cache
+def tiny(seed=1):
+    """TINY as init draws it (normal(0, initializer_range) matrices, unit norms), the draws
+    numpy's: no random program (seconds of XLA compilation) for each mesh a test puts it on."""
+    model = models.abstract(TINY)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        if "norm" in str(path[-1].key):
+            return jnp.ones(x.shape, jnp.float32)
+        return jnp.asarray(TINY.initializer_range * rng.standard_normal(x.shape, np.float32))
+
+    return trees.with_weights(model, jax.tree.map_with_path(draw, trees.weights(model)))
+
+
+def parts(spec="1x1", *, dtype=jnp.float32, remat="none", lr=1e-2, unroll=1):
+    """(mesh, model, fresh: a new first state, step)."""
     mesh = mesh_of(spec)
-    model = models.init(TINY, seed=1, mesh=mesh, options=Options(remat=remat, unroll=unroll))
+    model = mistral_jax.shard(with_options(tiny(), remat=remat, unroll=unroll), mesh)
     params = trees.weights(model)
     tx = S.optimizer(lr=lr, warmup=0, steps=10, weight_decay=0.1, clip=1.0)
     shardings = S.state_shardings(params, tx, mesh)
-    state = S.init_state(params, tx, 0, shardings)
     step = S.make_train_step(tx, shardings, S.causal_lm_loss(model, dtype=dtype,
                                                              assemble=lambda p, f: p))
-    return mesh, model, state, step
+    return mesh, model, lambda: S.init_state(params, tx, 0, shardings), step
+
+
+def setup(spec="1x1", **kwargs):
+    mesh, model, fresh, step = parts(spec, **kwargs)
+    return mesh, model, fresh(), step
 
 
 def flat(tree):
@@ -54,17 +76,21 @@ def flat(tree):
 
 
 def test_accumulated_micro_batches_equal_one_batch_and_the_step_compiles_once():
+    """On 2x4 (data and model axes): the first step's loss is the unsharded model's causal-LM
+    loss, and two micro-batches of 2 rows give what one batch of 4 gives, step after step."""
     results = []
     for k in (1, 2):
-        mesh, _, state, step = setup("2x1")
+        mesh, model, state, step = setup("2x4")
         with jax.set_mesh(mesh):
             losses = []
             for _ in range(3):
                 state, m = step(state, {}, batch_of(IDS, mesh, grad_accum=k))
                 losses.append(float(m["loss"]))
+                assert int(m["tokens"]) == 4 * 15
         assert step._cache_size() == 1  # three steps, one compilation
         results.append((losses, flat(state.params)))
     (l1, p1), (l2, p2) = results
+    np.testing.assert_allclose(l1[0], mistral_jax.loss(model, IDS), atol=1e-6, rtol=0)
     np.testing.assert_allclose(l1, l2, atol=1e-6, rtol=0)
     assert l1[2] < l1[0]
     # Adam divides by the gradients' scale, so a rounding difference in a tiny gradient moves
@@ -73,17 +99,17 @@ def test_accumulated_micro_batches_equal_one_batch_and_the_step_compiles_once():
         np.testing.assert_allclose(p1[name], p2[name], atol=3e-5, rtol=0, err_msg=name)
 
 
-def test_loss_on_a_2x4_mesh_is_the_unsharded_models_causal_lm_loss():
-    mesh, model, state, step = setup("2x4")
-    expected = mistral_jax.loss(model, IDS)
-    with jax.set_mesh(mesh):
-        _, m = step(state, {}, batch_of(IDS, mesh))
-    np.testing.assert_allclose(m["loss"], expected, atol=1e-6, rtol=0)
-    assert int(m["tokens"]) == 4 * 15
+@pytest.fixture(scope="module")
+def float32_setup():
+    """The 1x1 float32 step, compiled once for the tests that run it; `fresh()` a new state
+    (the step donates the one it is given)."""
+    mesh, _, fresh, step = parts()
+    return mesh, step, fresh
 
 
-def test_a_non_finite_step_is_skipped_and_reported():
-    mesh, _, state, step = setup()
+def test_a_non_finite_step_is_skipped_and_reported(float32_setup):
+    mesh, step, fresh = float32_setup
+    state = fresh()
     before = flat(state.params)
     poisoned = {**state.params, "norm": state.params["norm"].at[0].set(jnp.nan)}
     state = S.TrainState(poisoned, state.opt_state, state.step, state.key)
@@ -99,7 +125,7 @@ def test_a_non_finite_step_is_skipped_and_reported():
 
 
 def test_weight_decay_skips_norms_and_biases():
-    mask = S.decay_mask(trees.weights(models.init(configs.preset("gpt2-tiny"))))
+    mask = S.decay_mask(trees.weights(models.abstract(configs.preset("gpt2-tiny"))))
     flat_mask = trees.flatten(mask)
     assert not flat_mask["layers.ln1_scale"] and not flat_mask["layers.q_bias"]
     assert not flat_mask["norm_bias"] and not flat_mask["norm_scale"]
@@ -114,24 +140,23 @@ def one_step(spec="1x1", **kwargs):
 
 
 @pytest.fixture(scope="module")
-def float32_step():
-    return one_step()
+def float32_step(float32_setup):
+    mesh, step, fresh = float32_setup
+    with jax.set_mesh(mesh):
+        state, m = step(fresh(), {}, batch_of(IDS, mesh))
+    return float(m["loss"]), float(m["grad_norm"]), flat(state.params)["layers.q"]
 
 
-def test_remat_changes_memory_not_numbers(float32_step):
+def test_remat_and_unrolled_layers_change_memory_not_numbers(float32_step):
+    """Each remat kind (nothing saved; dots saved) once, one of them on the 2 layers unrolled
+    (no loop; remat then keeps its CSE barrier): one compilation a case. dots_no_batch was a
+    case too: it differs from dots only in which dot outputs jax keeps, not in our code."""
     loss, grad_norm, q = float32_step
-    for policy in ("full", "dots", "dots_no_batch"):
-        got = one_step(remat=policy)
-        np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=policy)
-        np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=policy)
-
-
-def test_unrolled_layers_give_the_same_step(float32_step):
-    loss, grad_norm, q = float32_step
-    for unroll in (True,):  # the 2 layers without a loop
-        got = one_step(unroll=unroll)
-        np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=str(unroll))
-        np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=str(unroll))
+    for remat, unroll in (("full", 1), ("dots", True)):
+        got = one_step(remat=remat, unroll=unroll)
+        what = f"remat={remat} unroll={unroll}"
+        np.testing.assert_allclose(got[:2], (loss, grad_norm), rtol=1e-6, err_msg=what)
+        np.testing.assert_allclose(got[2], q, atol=1e-5, err_msg=what)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(float32_step):
@@ -144,23 +169,35 @@ def test_bfloat16_compute_keeps_float32_master_weights(float32_step):
 
 
 def test_isolated_documents_in_one_row_score_as_if_alone():
-    model = models.init(TINY, seed=3)
+    model = tiny(seed=3)
     a, b = IDS[0, :7], IDS[1, :9]
     rows = D.pack([(a, np.ones(7, bool)), (b, np.ones(9, bool))], 16, pad_id=0,
                   isolate_documents=True)
     assert rows.ids.tolist() == [np.concatenate([a, b]).tolist()]  # no EOS: ids given as-is
+    # one program for every call: a document alone is its row padded to 16 tokens whose labels
+    # after it are -100 (not counted; causal attention never lets it see them), and the row
+    # not isolated is the packed one as a single document
     loss_terms = jax.jit(lambda m, *args: m.loss_terms(*args))
+    positions = np.broadcast_to(np.arange(16, dtype=rows.positions.dtype), rows.positions.shape)
+    one_document = np.zeros_like(rows.segments)
+
+    def alone(x):
+        ids, labels = np.zeros_like(rows.ids), np.full_like(rows.labels, -100)
+        ids[0, :len(x)] = labels[0, :len(x)] = x
+        return loss_terms(model, ids, labels, positions, one_document)
+
     total, count = loss_terms(model, rows.ids, rows.labels, rows.positions, rows.segments)
-    alone = [loss_terms(model, x[None], x[None]) for x in (a, b)]
+    alone = [alone(x) for x in (a, b)]
     assert int(count) == sum(int(c) for _, c in alone) == 6 + 8
     np.testing.assert_allclose(total, sum(t for t, _ in alone), rtol=1e-5)
-    crossing, _ = loss_terms(model, rows.ids, rows.labels)  # same labels, not isolated
+    crossing, _ = loss_terms(model, rows.ids, rows.labels, positions, one_document)
     assert abs(float(crossing) - float(total)) > 1e-3
+    assert loss_terms._cache_size() == 1
 
 
 def test_lora_trains_only_adapters_and_merges_into_plain_weights():
     mesh = mesh_of("1x4")
-    model = models.init(TINY, seed=1, mesh=mesh)
+    model = mistral_jax.shard(tiny(), mesh)
     base = trees.weights(model)
     adapters = lora.init(base, trees.logical_axes(model), ["q", "o", "down"], 2, 0, mesh)
     assert adapters["layers"]["q"]["a"].shape == (2, 32, 2)
