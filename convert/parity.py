@@ -112,7 +112,9 @@ def compare(theirs, model, ids: np.ndarray) -> dict:
     with torch.no_grad():
         out = theirs(torch.tensor(ids), labels=torch.tensor(ids))
     ref, ref_loss = out.logits.float().numpy(), out.loss.item()
-    with on_mesh(mesh_of(model)):  # (forward's own, which it cannot read from tracers)
+    # under the weights' mesh, as forward and loss enter it themselves when called eagerly
+    # (inside jit they cannot read it from tracers)
+    with on_mesh(mesh_of(model)):
         got, loss = _logits_and_loss(model, check_ids(ids, model.config.vocab_size))
     got, loss = np.asarray(got), float(loss)
     return {"max_abs_logit_diff": float(np.max(np.abs(got - ref))),

