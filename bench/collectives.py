@@ -6,6 +6,7 @@ with sequence parallelism a layer shows 2 all-reduces + 2 all-gathers here (2 re
 2 all-gathers on GPU/TPU); tests/test_sharding.py checks that the slices are all that reads them.
 """
 
+import math
 import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -39,8 +40,8 @@ def main():
         model = models.init(config)
         for spec in ["1x2", "1x8", "2x4"]:
             for sp in (False, True):
-                d, tp = sharding.parse_mesh(spec)
-                mesh = mistral_jax.make_mesh(spec, jax.devices()[: d * tp])
+                size = math.prod(sharding.parse_mesh(spec))
+                mesh = mistral_jax.make_mesh(spec, jax.devices()[:size])
                 m = mistral_jax.shard(model, mesh, sequence_parallel=sp)
                 layer = jax.tree.map(lambda x: x[0], m.layers)
                 with jax.set_mesh(m.embed[...].sharding.mesh):

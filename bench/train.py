@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import sys
@@ -36,6 +37,7 @@ from mistral_jax.arch import configs
 from mistral_jax.base import trees  # noqa: E402
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import Options  # noqa: E402
+from mistral_jax.parallel import sharding  # noqa: E402
 from train import finetune  # noqa: E402
 from train.compute import flops  # noqa: E402
 from train.compute import step as S  # noqa: E402
@@ -46,8 +48,11 @@ BATCH, SEQ, LR = 8, 256, 1e-4
 
 
 def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1,
-         attention: str = "auto"):
-    mesh = mistral_jax.make_mesh("1x1", jax.devices()[:1])
+         attention: str = "auto", mesh_spec: str = "1x1", holder: dict | None = None):
+    """The trainer's step on `mesh_spec` (one device by default); `holder` (a dict) gets the
+    state, which the returned `run()` steps."""
+    mesh = mistral_jax.make_mesh(mesh_spec, jax.devices()[:math.prod(
+        sharding.parse_mesh(mesh_spec))])
     batch_size, seq = ids.shape
     with jax.set_mesh(mesh):
         model = models.init(config, seed=0, mesh=mesh,
@@ -57,16 +62,20 @@ def ours(ids: np.ndarray, remat: str, config=CONFIG, dtype=jnp.float32, unroll=1
         shardings = S.state_shardings(params, tx, mesh)
         state = S.init_state(params, tx, 0, shardings)
         # one random stream of tokens, as transformers sees it: no documents to keep apart
-        step = S.make_train_step(model, tx, shardings, dtype=dtype, assemble=lambda p, f: p,
-                                 isolate_documents=False)
+        loss = S.causal_lm_loss(model, dtype=dtype, assemble=lambda p, f: p,
+                                isolate_documents=False)
+        step = S.make_train_step(tx, shardings, loss)
         rows = D.Rows(ids, ids, np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape),
                       np.zeros_like(ids))
         batch = D.place(rows, np.arange(batch_size)[None], jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, "data", None)))
-        holder = {"state": state}
+            mesh, jax.sharding.PartitionSpec(None, sharding.split_over(mesh, sharding.BATCH),
+                                             None)))
+        holder = {} if holder is None else holder
+        holder["state"] = state
 
         def run():
-            holder["state"], m = step(holder["state"], {}, batch)
+            with jax.set_mesh(mesh):
+                holder["state"], m = step(holder["state"], {}, batch)
             m["loss"].block_until_ready()
 
         return run

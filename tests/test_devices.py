@@ -14,7 +14,7 @@ import pytest
 import mistral_jax
 from mistral_jax.arch import configs
 from mistral_jax.parallel import devices
-from mistral_jax.parallel.sharding import ShardingError
+from mistral_jax.parallel.sharding import MeshShape, ShardingError
 from mistral_jax.text.tokenizer import Tokenizer
 from tests.fetch import byte_level_bpe
 from train import finetune
@@ -56,13 +56,13 @@ def probe(spec: str) -> dict:
 def test_auto_on_a_cpu_is_the_one_real_device_and_makes_no_fake_ones():
     got = probe("auto")
     assert got["xla_flags"] is None and got["devices"] == 1
-    assert got["mesh"] == {"data": 1, "model": 1}
+    assert got["mesh"] == {"data": 1, "fsdp": 1, "model": 1}
     assert got["said"].startswith("--mesh auto: 1x1 (the one CPU device; ")
 
 
 def test_a_mesh_of_more_devices_than_the_cpu_has_makes_fake_ones():
     got = probe("2x4")
-    assert got["devices"] == 8 and got["mesh"] == {"data": 2, "model": 4}
+    assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 1, "model": 4}
     assert got["said"] == ("--mesh 2x4: 8 CPU devices (--xla_force_host_platform_device_count=8 "
                            "in XLA_FLAGS)")
 
@@ -109,10 +109,14 @@ def test_3x3_is_refused_with_a_mesh_that_runs(run_files, tmp_path):
 @pytest.mark.parametrize("extra, problem, mesh", [
     (["--mesh", "1x3"], "num_attention_heads=8 is not divisible by the model axis 3", "1x2"),
     (["--mesh", "8x1", "--batch-size", "4"], "a micro-batch of 4 rows (--batch-size / "
-     "--grad-accum) does not split over the mesh's data axis of 8", "1x8"),
+     "--grad-accum) does not split over the mesh's 8 data-parallel replicas (D x F)", "1x8"),
     (["--mesh", "2x4", "--batch-size", "6", "--grad-accum", "2"], "a micro-batch of 3 rows",
      "1x8"),
-], ids=["model axis", "data axis", "micro-batch"])
+    (["--mesh", "1x3x1"], "hidden size 32 is not divisible by the fsdp axis 3", "1x2"),
+    (["--mesh", "1x4x2", "--batch-size", "4", "--grad-accum", "2"], "a micro-batch of 2 rows "
+     "(--batch-size / --grad-accum) does not split over the mesh's 4 data-parallel replicas "
+     "(D x F)", "1x8"),
+], ids=["model axis", "data axis", "micro-batch", "fsdp axis", "fsdp batch"])
 def test_a_refused_mesh_names_one_that_passes_every_check(run_files, tmp_path, extra, problem,
                                                           mesh):
     """1x3 used to be answered with 3x1, which a batch of 8 does not split either."""
@@ -124,8 +128,7 @@ def test_a_refused_mesh_names_one_that_passes_every_check(run_files, tmp_path, e
     assert message.startswith(f"{args.mesh.join(['--mesh ', ': '])}{problem}")
     assert "\n" not in message and suggested(message) == mesh
     args.mesh = mesh
-    assert dict(loop.set_up(args).mesh.shape) == dict(zip(("data", "model"),
-                                                          devices.parse(mesh), strict=True))
+    assert dict(loop.set_up(args).mesh.shape) == devices.parse(mesh)._asdict()
 
 
 def test_no_mesh_fits_says_so():
@@ -134,7 +137,7 @@ def test_no_mesh_fits_says_so():
     nine = configs.MistralConfig(vocab_size=300, **{**TINY, "num_attention_heads": 9,
                                                     "num_key_value_heads": 3,
                                                     "intermediate_size": 72})
-    assert devices.mesh_problem(nine, (4, 2), 8, True, 4) == (
+    assert devices.mesh_problem(nine, MeshShape(4, 1, 2), 8, True, 4) == (
         "num_attention_heads=9 is not divisible by the model axis 2; use a mesh whose T "
         "divides 9")
     assert devices.suggestion(nine, 8, 8, True, 4) == (

@@ -99,7 +99,7 @@ def test_auto_mesh_is_the_one_real_cpu_device_and_elsewhere_the_largest_model_ax
     """On a CPU, auto is the real device even with the 8 fake ones of this process; for a count
     of GPUs or TPUs, every device with the largest model axis that fits."""
     mesh, said = devices.mesh_for("auto", NINE_HEADS)  # SmolLM2's 9 heads, 3 kv heads
-    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "model": 1}
     assert list(mesh.devices.flat) == jax.devices()[:1]
     assert said == ("--mesh auto: 1x1 (the one CPU device; a larger --mesh makes fake CPU "
                     "devices, which share its cores and run slower)")

@@ -2,6 +2,7 @@
 arrays, and the collectives XLA compiles counted in the HLO."""
 
 import functools
+import math
 import re
 
 import jax
@@ -35,8 +36,7 @@ MASK[1, :3] = 0  # a left-padded row
 
 
 def mesh(spec):
-    d, t = sharding.parse_mesh(spec)
-    return mistral_jax.make_mesh(spec, jax.devices()[: d * t])
+    return mistral_jax.make_mesh(spec, jax.devices()[: math.prod(sharding.parse_mesh(spec))])
 
 
 @functools.cache
@@ -186,15 +186,17 @@ def test_loss_and_its_gradient_never_gather_the_logits(config):
                                 "all-to-all": 0, "collective-permute": 0}
 
 
-@pytest.mark.parametrize("saved_on", ["2x4", "1x1"])
+# saved from FSDP x tensor parallel shards (1x2x4; 2x4 held the same shards twice) or one device
+@pytest.mark.parametrize("saved_on", ["1x2x4", "1x1"])
 def test_checkpoint_saved_on_one_mesh_restores_on_every_other(reference, saved_on, tmp_path):
-    """Every mesh gets the saved weights bit for bit (read in numpy: nothing to compile per
-    mesh), its vocab padding zeros; one of them, 1x8, runs the reference's logits."""
+    """Every mesh (tensor, data, fully sharded data parallel) gets the saved weights bit for bit
+    (read in numpy: nothing to compile per mesh), its vocab padding zeros; one of them, 1x8,
+    runs the reference's logits."""
     model, logits, _, _ = reference
     mistral_jax.save(mistral_jax.shard(model, mesh(saved_on)), tmp_path / "c")
     saved = trees.flatten(trees.weights(model))
     axes = trees.flatten(trees.logical_axes(model))
-    for spec in ["1x1", "1x8", "2x4", "8x1"]:
+    for spec in ["1x1", "1x8", "2x4", "8x1", "1x8x1", "2x2x2"]:
         restored = mistral_jax.load(tmp_path / "c", mesh=mesh(spec))
         assert sharding.mesh_of(restored) is (None if spec == "1x1" else restored.embed[...]
                                               .sharding.mesh)
@@ -217,13 +219,14 @@ def test_checkpoint_saved_on_one_mesh_restores_on_every_other(reference, saved_o
 
 
 def test_mesh_strings_and_device_counts():
-    for bad in ["8", "1x", "axb", "0x8", "1x-2", "2x2x2"]:
-        with pytest.raises(sharding.ShardingError, match="is not DxT with positive integers"):
+    for bad in ["8", "1x", "axb", "0x8", "1x-2", "2x2x2x1", "1x0x8"]:
+        with pytest.raises(sharding.ShardingError, match="is not DxT or DxFxT with positive"):
             mistral_jax.make_mesh(bad)
     with pytest.raises(sharding.ShardingError, match="needs 16 devices and 8 cpu devices are "
-                       r"there; pick D and T with D\*T <= 8"):
+                       "there; pick sizes whose product is at most 8"):
         mistral_jax.make_mesh("2x8")
-    assert dict(mistral_jax.make_mesh("2x4").shape) == {"data": 2, "model": 4}
+    assert dict(mistral_jax.make_mesh("2x4").shape) == {"data": 2, "fsdp": 1, "model": 4}
+    assert dict(mistral_jax.make_mesh("1x4x2").shape) == {"data": 1, "fsdp": 4, "model": 2}
 
 
 def test_a_mesh_smaller_than_the_machine_takes_the_first_devices(capsys):

@@ -217,19 +217,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_equal_one_process_of_eight(files, uninterrupted):
+def fsdp_flags(files, out, *extra):
+    """1x4x2: FSDP over 4 devices, tensor parallel over 2. Two processes of 4 devices each hold
+    2 of the 4 fsdp shards: weights are gathered and gradients reduced across them."""
+    argv = flags(files, out, *extra)
+    argv[argv.index("--mesh") + 1] = "1x4x2"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(files):
+    assert finetune.main(fsdp_flags(files, files / "fsdp")) == 0
+    return losses(files / "fsdp")
+
+
+def test_fsdp_run_equals_the_data_and_tensor_parallel_one(fsdp_run, uninterrupted):
+    """The same run on 1x4x2 (weights and optimizer state in 4 fsdp shards) as on 2x4: the
+    same losses, up to the order XLA adds the gradients in."""
+    (train, evals), (train_2x4, evals_2x4) = fsdp_run, uninterrupted
+    assert sorted(train) == sorted(train_2x4) and sorted(evals) == sorted(evals_2x4)
+    np.testing.assert_allclose([train[s] for s in sorted(train)],
+                               [train_2x4[s] for s in sorted(train)], rtol=1e-5, atol=0)
+    np.testing.assert_allclose([evals[s] for s in sorted(evals)],
+                               [evals_2x4[s] for s in sorted(evals)], rtol=1e-5, atol=0)
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(files, fsdp_run):
+    """1x4x2 over two processes (`jax.distributed`, gloo) against the same mesh in one: each
+    process reads only the rows its devices hold, and the fsdp axis crosses the processes."""
     out = files / "two-processes"
-    common = flags(files, out) + ["--num-processes", "2",
-                                  "--coordinator", f"127.0.0.1:{free_port()}"]
+    common = fsdp_flags(files, out) + ["--num-processes", "2",
+                                       "--coordinator", f"127.0.0.1:{free_port()}"]
     procs = [subprocess.Popen([sys.executable, "-m", "train.finetune", *common,
                                "--process-id", str(i)], env=subprocess_env(), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "note: --mesh 2x4: 8 CPU devices" in outputs[0]
+    assert "note: --mesh 1x4x2: 8 CPU devices" in outputs[0]
     assert "note:" not in outputs[1]  # only process 0 speaks for the run
-    (train, evals), (train_alone, evals_alone) = losses(out), uninterrupted
+    (train, evals), (train_alone, evals_alone) = losses(out), fsdp_run
     assert train == train_alone  # bit for bit
     # The eval loss to float32 rounding: on an AVX-512 EPYC, two processes gave it one ULP off
     # at step 3, every run, where one process of 8 devices in a subprocess matched exactly

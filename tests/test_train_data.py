@@ -117,7 +117,8 @@ def test_batch_sizes_that_do_not_split():
     mesh = mistral_jax.make_mesh("2x4")
     with pytest.raises(D.DataError, match="not a multiple of --grad-accum 3"):
         D.Batches(rows_of(8), batch_size=4, grad_accum=3, seed=0, mesh=mesh)
-    with pytest.raises(D.DataError, match="micro-batch of 1 rows .* data axis of 2"):
+    with pytest.raises(D.DataError,
+                       match=r"micro-batch of 1 rows .* 2 data-parallel replicas \(D x F\)"):
         D.Batches(rows_of(8), batch_size=4, grad_accum=4, seed=0, mesh=mesh)
 
 

@@ -3,6 +3,7 @@ batch, one compilation, skipped non-finite steps, remat, unrolled layers and bfl
 numbers, packed documents isolated as if alone, and LoRA trains only its adapters."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from mistral_jax.base import trees
 from mistral_jax.io import lora
 from mistral_jax.model import registry as models
 from mistral_jax.model.options import with_options
+from mistral_jax.parallel import sharding
 from train.compute import step as S
 from train.input import data as D
 
@@ -31,12 +33,11 @@ def batch_of(ids, mesh, grad_accum=1, labels=None, positions=None, segments=None
                   np.zeros_like(ids) if segments is None else segments)
     index = np.arange(len(ids)).reshape(grad_accum, -1)
     return D.place(rows, index, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, "data", None)))
+        mesh, jax.sharding.PartitionSpec(None, sharding.BATCH, None)))
 
 
 def mesh_of(spec):
-    data, model = (int(n) for n in spec.split("x"))
-    return mistral_jax.make_mesh(spec, jax.devices()[: data * model])
+    return mistral_jax.make_mesh(spec, jax.devices()[: math.prod(sharding.parse_mesh(spec))])
 
 
 @functools.cache

@@ -1,5 +1,5 @@
 """Preference tuning (DPO, or IPO) of a checkpoint on pairs of responses, one preferred, on a
-("data", "model") device mesh: the fine-tuning run's loop, flags, checkpoints and outputs.
+("data", "fsdp", "model") device mesh: the fine-tuning run's loop, flags, checkpoints and outputs.
 
     python -m train.dpo --init ckpt/ --data prefs.jsonl --out dpo-run/
     python -m train.dpo --init ckpt/ --data prefs.jsonl --out dpo-run/ --lora-rank 8 --beta 0.1

@@ -1,4 +1,4 @@
-"""Fine-tune a checkpoint as a causal language model on a ("data", "model") device mesh.
+"""Fine-tune a checkpoint as a causal language model on a ("data", "fsdp", "model") device mesh.
 
     python -m train.finetune --mesh 1x8                      # the embedded default run
     python -m train.finetune --mesh 2x4 --init ckpt/ --data train.jsonl --out run/

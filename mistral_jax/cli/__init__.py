@@ -32,9 +32,10 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--mesh", default=default, metavar="DxT|auto",
-                   help="device mesh: D-way data x T-way tensor parallel over D*T devices (T "
-                   "must divide the attention heads); on a CPU, fake CPU devices are made for "
+    p.add_argument("--mesh", default=default, metavar="DxT|DxFxT|auto",
+                   help="device mesh: D-way data x F-way fully sharded data x T-way tensor "
+                   "parallel over D*F*T devices (DxT is Dx1xT; T must divide the attention "
+                   "heads, F the hidden size); on a CPU, fake CPU devices are made for "
                    "a mesh of more than one (they share the cores: slower than one); auto: on a "
                    "CPU the one real device, elsewhere every device with the largest T that "
                    "fits the model"

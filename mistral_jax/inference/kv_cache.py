@@ -26,7 +26,7 @@ def new_cache(model, batch: int, length: int, mesh) -> KVCache:
         weight = quant.arrays(model.embed)[0]
         return jax.device_put(cache, weight.sharding if isinstance(weight, jax.Array)
                               else jax.devices()[0])
-    data = sharding.DATA if batch % mesh.shape[sharding.DATA] == 0 else None
+    data = sharding.batch_axes(mesh, batch)
     model = sharding.MODEL if kv_heads % tp == 0 else None
     # [layers, batch, kv heads, ...]: batch over data, kv heads over model; index [batch, slots]
     spec = lambda x: P(data, None) if x.ndim == 2 else P(None, data, model)  # noqa: E731

@@ -74,8 +74,9 @@ def _shardings(name: str, names: tuple, a_shape: tuple, b_shape: tuple, mesh):
         return device, device
     n_in = _inputs(name)
     a_axes, b_axes = (*names[:1 + n_in], None), (names[0], None, *names[1 + n_in:])
-    return (NamedSharding(mesh, sharding.spec_for(a_axes, a_shape, mesh)),
-            NamedSharding(mesh, sharding.spec_for(b_axes, b_shape, mesh)))
+    rules = sharding.WEIGHTS  # as the weights they adapt: over fsdp on embed too
+    return (NamedSharding(mesh, sharding.spec_for(a_axes, a_shape, mesh, rules)),
+            NamedSharding(mesh, sharding.spec_for(b_axes, b_shape, mesh, rules)))
 
 
 def _base(tree: dict, name: str):

@@ -146,6 +146,9 @@ class Decoder(nnx.Module):
     def lookup(self, name: str, ids, kernel: bool = False):
         """Rows `ids` of table `name` (int8 with its scales, or float) in the compute dtype."""
         table, scale = quant.arrays(getattr(self, name))
+        # FSDP: the table gathered from its fsdp shards where it is read, as the layers' weights
+        # are (left to XLA, a 2x2x2 mesh's lookup replicated the rows it looked up instead)
+        table = self.constrain(table, ("vocab" if name == "embed" else None, None))
         if kernel:
             return kernels.rows(table, ids, scale).astype(self.dtype)
         if scale is not None:

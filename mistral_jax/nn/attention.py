@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from mistral_jax.nn import dense
 from mistral_jax.nn.blockwise import BLOCKS, block_sizes, blockwise
 from mistral_jax.nn.masking import Masking
+from mistral_jax.parallel import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 HELP = ("attention implementation: blockwise (flash attention in JAX: memory O(t), work "
@@ -89,7 +90,7 @@ def _cudnn_cannot(platform: str, dtype, masking: Masking, left_padded: bool | No
 def attend_with(name: str, masking: Masking, *, weights: bool = False, blocks=None,
                 dtype=jnp.float32, left_padded: bool | None = None):
     """The `attend(q, k, v) -> (out, weights or None)` a decoder block takes."""
-    platform = jax.devices()[0].platform
+    platform = sharding.platform()  # the mesh's: train.plan traces a TPU step on a CPU
     chosen = choose(name, platform=platform, dtype=dtype, masking=masking, weights=weights,
                     left_padded=left_padded, blocks=blocks)
     if chosen == "xla":

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.nn.masking import Masking, pad_to_blocks, per_device
+from mistral_jax.parallel.sharding import platform
 
 # Block sizes ((queries, keys) of the forward pass, of the backward pass) by backend. On a CPU
 # (2 cores, AVX-512, 8k tokens): forward + backward of one layer took 1.66 s with these, 1.74 s
@@ -33,7 +34,7 @@ def blockwise(q, k, v, masking: Masking, blocks=None):
     """Flash attention over q [b, t, n, h], k / v [b, t, kv, h]; out [b, t, n, h]. `blocks`:
     (query block, key block) for both passes, or ((forward q, k), (backward q, k)); default:
     the backend's."""
-    blocks = block_sizes(blocks, jax.devices()[0].platform)
+    blocks = block_sizes(blocks, platform())
     return per_device(partial(_blockwise_local, window=masking.window, blocks=blocks),
                       q, k, v, masking)
 
@@ -55,7 +56,7 @@ def _blockwise_local(q, k, v, valid, segments, *, window, blocks):
     qg = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, padded, kv, n // kv, h)
     qg = qg.transpose(0, 2, 1, 3, 4)
     kg, vg = (a.transpose(0, 2, 1, 3) for a in (k, v))
-    if jax.devices()[0].platform == "cpu":  # XLA:CPU's fast matmuls are float32 ones
+    if platform() == "cpu":  # XLA:CPU's fast matmuls are float32 ones
         qg, kg, vg = (a.astype(jnp.float32) for a in (qg, kg, vg))
     out, lse = _flash(qg, kg, vg, valid.astype(bool), segments.astype(jnp.int32), window,
                       *blocks)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mistral_jax.parallel.sharding import DATA, MODEL
+from mistral_jax.parallel.sharding import MODEL, batch_axes
 
 
 class Masking(NamedTuple):
@@ -58,7 +58,7 @@ def per_device(fn, q, k, v, masking: Masking):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q, k, v, masking.valid, segments)
-    data = DATA if b % mesh.shape[DATA] == 0 else None
+    data = batch_axes(mesh, b)
     model = MODEL if kv % mesh.shape[MODEL] == 0 else None
     heads, rows = P(data, None, model, None), P(data, None)
     return jax.shard_map(fn, in_specs=(heads, heads, heads, rows, rows), out_specs=heads,

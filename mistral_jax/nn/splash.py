@@ -16,6 +16,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from mistral_jax.nn.masking import Masking, pad_to_blocks, per_device
+from mistral_jax.parallel.sharding import platform
 
 MIN_BLOCK = 128  # the kernel's tiles are multiples of the TPU's 128 lanes
 
@@ -37,7 +38,7 @@ def splash_attention(q, k, v, masking: Masking, block_q: int = 512, block_k: int
                                   block_kv_dq=bk)
         attend = kernel.make_splash_mha(masks.MultiHeadMask([one] * n), head_shards=1,
                                         q_seq_shards=1, block_sizes=sizes,
-                                        interpret=jax.devices()[0].platform != "tpu")
+                                        interpret=platform() != "tpu")
         ids = jnp.where(valid, segments, -1)  # padding: a document no real token is in
         heads_first = lambda a: a.transpose(0, 2, 1, 3)  # [b, heads, t, h]
         scaled = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)

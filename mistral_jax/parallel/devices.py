@@ -14,6 +14,7 @@ touches `jax.devices()`; importing this module does not import JAX.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -22,22 +23,22 @@ FLAG = "--xla_force_host_platform_device_count"
 AUTO = "auto"
 
 
-def parse(spec: str) -> tuple[int, int] | None:
-    """"DxT" -> (D, T); "auto" -> None."""
+def parse(spec: str):
+    """"DxT" or "DxFxT" -> `MeshShape` (D, F, T); "auto" -> None."""
     from mistral_jax.parallel.sharding import parse_mesh
 
     return None if spec == AUTO else parse_mesh(spec)
 
 
 def prepare(spec: str | None, num_processes: int = 1) -> None:
-    """Before JAX starts: for a mesh "DxT" of more than one device per process, ask XLA for
-    D*T / `num_processes` CPU devices in each process (fake ones: a CPU is one device), unless
-    XLA_FLAGS already sets a count. "auto" and None ask for none. GPU and TPU backends ignore
-    the flag."""
+    """Before JAX starts: for a mesh "DxT" / "DxFxT" of more than one device per process, ask
+    XLA for D*F*T / `num_processes` CPU devices in each process (fake ones: a CPU is one
+    device), unless XLA_FLAGS already sets a count. "auto" and None ask for none. GPU and TPU
+    backends ignore the flag."""
     shape = None if spec is None else parse(spec)
     if shape is None:
         return
-    per_process = shape[0] * shape[1] // num_processes
+    per_process = math.prod(shape) // num_processes
     flags = os.environ.get("XLA_FLAGS", "")
     if FLAG in flags or per_process <= 1:
         return
@@ -95,24 +96,25 @@ def fitting_meshes(config, counts: Iterable[int],
                 yield count // t, t
 
 
-def mesh_problem(config, shape: tuple[int, int], available: int, multi_process: bool,
+def mesh_problem(config, shape, available: int, multi_process: bool,
                  micro_batch: int | None = None, platform: str = "cpu") -> str | None:
-    """What stops the mesh `shape` (D, T) from running, or None: the devices, the model, the
-    batch, checked in that order."""
+    """What stops the mesh `shape` (a `MeshShape`: D, F, T) from running, or None: the devices,
+    the model, the batch, checked in that order."""
     from mistral_jax.parallel.sharding import ShardingError, check_layout
 
-    data, model = shape
-    if data * model > available or (multi_process and data * model != available):
-        return (f"needs {data * model} devices and {available} {platform} devices are there"
+    data, fsdp, model = shape
+    needed = data * fsdp * model
+    if needed > available or (multi_process and needed != available):
+        return (f"needs {needed} devices and {available} {platform} devices are there"
                 + ("; a multi-process mesh takes every process's devices" if multi_process
                    else ""))
     try:
-        check_layout(config, model)
+        check_layout(config, model, fsdp)
     except ShardingError as e:
         return str(e)
-    if micro_batch is not None and micro_batch % data:
+    if micro_batch is not None and micro_batch % (data * fsdp):
         return (f"a micro-batch of {micro_batch} rows (--batch-size / --grad-accum) does not "
-                f"split over the mesh's data axis of {data}")
+                f"split over the mesh's {data * fsdp} data-parallel replicas (D x F)")
     return None
 
 
@@ -153,7 +155,7 @@ def mesh_for(spec: str | None, config, *, flag: str = "--mesh", micro_batch: int
     problem = mesh_problem(config, shape, available, multi, micro_batch,
                            jax.devices()[0].platform)
     if problem:
-        hint = suggestion(config, shape[0] * shape[1], available, multi, micro_batch, flag)
+        hint = suggestion(config, math.prod(shape), available, multi, micro_batch, flag)
         raise ShardingError(f"{flag} {spec}: {problem}; {hint}")
     mesh = make_mesh(spec)
     note = None

@@ -3,8 +3,8 @@
 `onto`, which moves a model's weights there (`model.registry.shard` also sets its options).
 
 A vocab the model axis does not divide is padded (to a multiple of 128 x T, as Megatron). On the
-way in, the unpadded tables are sharded on `embed` instead, so that no device ever holds a whole
-one; the padding then happens on device.
+way in, the unpadded tables are sharded on `embed` over fsdp x model instead, so that no device
+ever holds a whole one; the padding then happens on device.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from jax.sharding import PartitionSpec as P
 
 from mistral_jax.base import trees
 from mistral_jax.parallel.sharding import (
+    FSDP,
     MODEL,
-    RULES,
+    WEIGHTS,
+    axis_size,
     check_layout,
     padded_vocab_size,
     spec_for,
+    split_over,
 )
 
 
@@ -40,7 +43,7 @@ def place(model, mesh: Mesh) -> Placement:
     """The placement of `model` (abstract or not, padded or not) on `mesh`; raises
     `ShardingError` for a layout the mesh cannot split."""
     config, tp = model.config, mesh.shape[MODEL]
-    check_layout(config, tp)
+    check_layout(config, tp, axis_size(mesh, FSDP))
     padded = padded_vocab_size(config.vocab_size, tp)
     axes = trees.logical_axes(model)
     shapes = jax.tree.map(lambda x: x.shape, trees.weights(model))
@@ -50,14 +53,17 @@ def place(model, mesh: Mesh) -> Placement:
         return tuple(size if n == "vocab" else s for s, n in zip(shape, names, strict=True))
 
     def target(names, shape):
-        return NamedSharding(mesh, spec_for(names, with_vocab(shape, names, padded), mesh, RULES))
+        return NamedSharding(mesh, spec_for(names, with_vocab(shape, names, padded), mesh,
+                                            WEIGHTS))
 
     def incoming(names, shape):
         shape = with_vocab(shape, names, config.vocab_size)
         if "vocab" in names:  # T does not divide the real vocab: shard the other axis
-            return NamedSharding(mesh, P(*[MODEL if n == "embed" and s % tp == 0 else None
-                                           for s, n in zip(shape, names, strict=True)]))
-        return NamedSharding(mesh, spec_for(names, shape, mesh, RULES))
+            both = (FSDP, MODEL)
+            return NamedSharding(mesh, P(*[split_over(
+                mesh, both if s % axis_size(mesh, both) == 0 else FSDP) if n == "embed" else None
+                for s, n in zip(shape, names, strict=True)]))
+        return NamedSharding(mesh, spec_for(names, shape, mesh, WEIGHTS))
 
     shardings = jax.tree.map(target, axes, shapes, is_leaf=is_axes)
     if padded == config.vocab_size:

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mistral_jax.nn.layers import IGNORE_INDEX
-from mistral_jax.parallel.sharding import DATA
+from mistral_jax.parallel.sharding import BATCH, axis_size, split_over
 from train.input import chat
 from train.input.packing import Rows, Tokens, describe, pack
 
@@ -143,14 +143,15 @@ def summary(rows: Rows, docs: list[Document], what: str, *,
     return lines
 
 
-def check_batch(batch_size: int, grad_accum: int, data_axis: int) -> None:
+def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
+    """Raise unless a micro-batch splits evenly over the mesh's data x fsdp devices."""
     if batch_size % grad_accum:
         raise DataError(f"--batch-size {batch_size} is not a multiple of --grad-accum "
                         f"{grad_accum}")
-    micro = batch_size // grad_accum
-    if micro % data_axis:
+    micro, ways = batch_size // grad_accum, axis_size(mesh, BATCH)
+    if micro % ways:
         raise DataError(f"a micro-batch of {micro} rows (--batch-size / --grad-accum) does "
-                        f"not split over the mesh's data axis of {data_axis}")
+                        f"not split over the mesh's {ways} data-parallel replicas (D x F)")
 
 
 class Batches:
@@ -160,10 +161,10 @@ class Batches:
 
     def __init__(self, rows: Rows, *, batch_size: int, grad_accum: int, seed: int,
                  mesh, shuffle: bool = True, position: int = 0):
-        check_batch(batch_size, grad_accum, dict(mesh.shape)[DATA])
+        check_batch(batch_size, grad_accum, mesh)
         self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
         self.seed, self.shuffle, self.position = seed, shuffle, position
-        self.sharding = NamedSharding(mesh, P(None, DATA, None))
+        self.sharding = NamedSharding(mesh, P(None, split_over(mesh, BATCH), None))
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -217,4 +218,5 @@ def eval_batch(rows: Rows, *, batch_size: int, max_batches: int, mesh) -> dict[s
         (rows.labels, np.full((1, rows.ids.shape[1]), IGNORE_INDEX, np.int32)),
         (rows.positions, np.zeros((1, rows.ids.shape[1]), np.int32)),
         (rows.segments, np.full((1, rows.ids.shape[1]), -1, np.int32)))))
-    return place(padded, index.reshape(k, batch_size), NamedSharding(mesh, P(None, DATA, None)))
+    return place(padded, index.reshape(k, batch_size),
+                 NamedSharding(mesh, P(None, split_over(mesh, BATCH), None)))

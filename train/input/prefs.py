@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mistral_jax.nn.layers import IGNORE_INDEX
-from mistral_jax.parallel.sharding import DATA
+from mistral_jax.parallel.sharding import BATCH, split_over
 from mistral_jax.text.chat_template import encode_chat
 from train.input import data as D
 from train.input.data import DataError
@@ -228,7 +228,7 @@ def place(rows: PairRows, index: np.ndarray, mesh) -> dict[str, jax.Array]:
     def field(name):
         tail = getattr(rows, name).shape[1:]
         shape = (*index.shape, *tail)
-        sharding = NamedSharding(mesh, P(None, DATA, *(None,) * len(tail)))
+        sharding = NamedSharding(mesh, P(None, split_over(mesh, BATCH), *(None,) * len(tail)))
 
         def local(slices):
             key = (slices[0].indices(shape[0]), slices[1].indices(shape[1]))

@@ -48,9 +48,11 @@ def parser(kind: str, doc: str | None, *, raising: bool = False) -> argparse.Arg
         prog=f"python -m train.{kind}", description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--mesh", default="auto", metavar="DxT|auto", help="device mesh DxT: D-way data "
-        "parallel x T-way tensor (Megatron) parallel over D*T devices; T must divide the "
-        "attention heads, D the micro-batch. On a CPU, a mesh of more than one device is made "
+    add("--mesh", default="auto", metavar="DxT|DxFxT|auto", help="device mesh DxFxT: D-way "
+        "data parallel x F-way fully sharded data parallel (FSDP: each replica holds 1/F of "
+        "the weights and optimizer state) x T-way tensor (Megatron) parallel over D*F*T "
+        "devices; DxT is Dx1xT. T must divide the attention heads, F the hidden size, D*F the "
+        "micro-batch. On a CPU, a mesh of more than one device is made "
         "of fake CPU devices, which share the cores and run slower than one. auto: on a CPU "
         "the one real device (1x1), elsewhere every device with the largest T that fits the "
         "model (default auto)")

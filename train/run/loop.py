@@ -87,7 +87,7 @@ def set_up(args, objective=None) -> Setup:
     micro = args.batch_size // args.grad_accum if args.batch_size % args.grad_accum == 0 else None
     mesh, mesh_note = devices.mesh_for(args.mesh, config, micro_batch=micro)
     messages = [f"note: {mesh_note}"] if mesh_note else []
-    D.check_batch(args.batch_size, args.grad_accum, mesh.shape["data"])
+    D.check_batch(args.batch_size, args.grad_accum, mesh)
     if config.learned_positions is not None and args.seq_len > config.learned_positions:
         raise UsageError(f"--seq-len {args.seq_len} is longer than the "
                          f"{config.learned_positions} positions this GPT-2 has learned")
