@@ -138,7 +138,10 @@ def prepare(target: Target) -> None:
                           f".venv/bin/pip install --target .venv/libtpu '{LIBTPU}')")
     os.environ["TPU_LIBRARY_PATH"] = path
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+    # libtpu takes /tmp/libtpu_lockfile, one process a machine, unless told more may load it:
+    # two plans at once (pytest's workers, a bench beside a command) otherwise fail
+    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                        ("TPU_WORKER_ID", "0"),
                         ("TPU_WORKER_HOSTNAMES", "localhost"),
                         ("TPU_ACCELERATOR_TYPE", target.name.replace("v5e", "v5litepod"))):
         os.environ.setdefault(name, value)
