@@ -9,3 +9,6 @@ if ! .venv/bin/python -c "import mistral_jax, train, torch, transformers, pytest
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q -e '.[test]'
 fi
+# libtpu for train.plan's TPU targets (compile-only, no TPU needed), apart from site-packages:
+# importable, it makes every JAX start print TPU-runtime warnings on stderr (train/plan/targets.py)
+[ -f .venv/libtpu/libtpu/libtpu.so ] || .venv/bin/pip install -q --no-deps --target .venv/libtpu 'libtpu==0.0.42.1'

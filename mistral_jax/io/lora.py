@@ -101,6 +101,18 @@ def init(weights: dict, axes: dict, targets: list[str], rank: int, seed: int, me
     return {"layers": adapters}
 
 
+def abstract(weights: dict, axes: dict, targets: list[str], rank: int, mesh) -> dict:
+    """The adapters `init` makes on `mesh`, as shapes with their shardings (nothing
+    allocated): what train.plan compiles a LoRA step with."""
+    adapters = {}
+    for name in targets:
+        a_shape, b_shape = shapes(name, _base(weights, name).shape, rank)
+        a_at, b_at = _shardings(name, _base(axes, name), a_shape, b_shape, mesh)
+        adapters[name] = {"a": jax.ShapeDtypeStruct(a_shape, jnp.float32, sharding=a_at),
+                          "b": jax.ShapeDtypeStruct(b_shape, jnp.float32, sharding=b_at)}
+    return {"layers": adapters}
+
+
 def delta(name: str, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """scale * A B for a stacked weight: [L, *in, r] x [L, r, *out] -> [L, *in, *out]."""
     n_in = a.ndim - 2

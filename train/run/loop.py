@@ -218,37 +218,39 @@ def run(args, objective=None, *, on_step=None, on_eval=None) -> None:
             progress.message(trainer.next_step(out))
 
 
-class Trainer:
-    """The model, optimizer and jitted steps of one run, and its state."""
+class Step:
+    """What a run's step is made of, from its flags and a model: the template it runs, the
+    trained params (all weights, or LoRA adapters beside the frozen base), the optimizer, the
+    state's shardings and the jitted train and eval steps. `wire` reads only shapes and
+    shardings, so the model may hold `jax.ShapeDtypeStruct`s: train.plan compiles this same
+    step for a machine it does not have, with nothing allocated."""
 
-    def __init__(self, args, setup: Setup, mesh, dtype, peak: float, objective=None):
-        self.args, self.setup, self.mesh, self.dtype, self.peak = args, setup, mesh, dtype, peak
-        self.objective = objective = objective or CausalLM()
-        self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
-        options = Options(attention=args.attention, remat=args.remat, unroll=args.unroll)
-        if args.init is None:
-            model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
-                                mesh=mesh, options=options)
-        else:
-            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=options,
-                                    quantize=args.quantize_base)
+    def __init__(self, args, mesh, dtype, objective=None):
+        self.args, self.mesh, self.dtype = args, mesh, dtype
+        self.objective = objective or CausalLM()
+        self.options = Options(attention=args.attention, remat=args.remat, unroll=args.unroll)
+
+    def wire(self, model) -> dict:
+        """Builds the step around `model`; returns the params to train (arrays for arrays,
+        shapes with shardings for shapes), which the state starts from."""
+        args, mesh = self.args, self.mesh
         self.quantized = quant.is_quantized(model)  # a frozen int8 base (QLoRA)
         weights = trees.weights(model)
-        abstract = lambda tree: jax.tree.map(  # noqa: E731
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-        self.template = trees.with_weights(model, abstract(weights))
+        self.template = trees.with_weights(model, _abstract(weights))
         self.adapted = self.template  # the model the step runs: with LoRA, adapters beside
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
-            params = lora.init(weights, trees.logical_axes(model), args.lora_targets,
-                               args.lora_rank, args.seed, mesh)
+            made = (lora.init if all(isinstance(x, jax.Array) for x in jax.tree.leaves(weights))
+                    else lambda *a: lora.abstract(*a[:4], a[5]))  # shapes: train.plan
+            params = made(weights, trees.logical_axes(model), args.lora_targets, args.lora_rank,
+                          args.seed, mesh)
             self.frozen = weights
             # The adapters stay beside the frozen base (x W + scale (x A) B in each layer), never
             # merged into it: an int8 base stays int8, and a float base's step is faster than
             # with W + scale A B formed each step, whose backward computes W's full gradient
             # (bench/qlora.py, default model, batch 8 x 256, rank 8 on q,v, 2-core AMD EPYC:
             # 1.31 s a step against 1.43 merged, 0.93x; on every target 0.95x; int8 1.37 s)
-            self.adapted = lora.attach(self.template, abstract(params), self.scale)
+            self.adapted = lora.attach(self.template, _abstract(params), self.scale)
             self.assemble = lora.beside
             self.base = lambda frozen: frozen  # the weights without the adapters (DPO's reference)
         else:
@@ -258,17 +260,40 @@ class Trainer:
         self.tx = S.optimizer(lr=args.lr, warmup=args.warmup, steps=args.steps,
                               weight_decay=args.weight_decay, clip=args.clip)
         self.schedule = S.learning_rate(lr=args.lr, warmup=args.warmup, steps=args.steps)
-        shardings = S.state_shardings(params, self.tx, mesh)
-        self.state = S.init_state(params, self.tx, args.seed, shardings)
-        loss = objective.loss(self)
-        self.train_step = S.make_train_step(self.tx, shardings, loss)
+        self.shardings = S.state_shardings(params, self.tx, mesh)
+        loss = self.objective.loss(self)
+        self.train_step = S.make_train_step(self.tx, self.shardings, loss)
         self.eval_step = S.make_eval_step(loss)
+        return params
+
+
+def _abstract(tree):
+    """`tree`'s leaves as shapes with their shardings."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+class Trainer(Step):
+    """The model, optimizer and jitted steps of one run, and its state."""
+
+    def __init__(self, args, setup: Setup, mesh, dtype, peak: float, objective=None):
+        super().__init__(args, mesh, dtype, objective)
+        self.setup, self.peak = setup, peak
+        self.steps_done = 0  # optimizer steps taken, kept on the host (the state is donated)
+        if args.init is None:
+            model = models.init(setup.config, seed=args.seed, tokenizer=setup.tokenizer,
+                                mesh=mesh, options=self.options)
+        else:
+            model = checkpoint.load(args.init, mesh=mesh, dtype=jnp.float32, options=self.options,
+                                    quantize=args.quantize_base)
+        params = self.wire(model)
+        self.state = S.init_state(params, self.tx, args.seed, self.shardings)
         self.flops = flops.training_flops(setup.config, lora_targets=args.lora_targets,
                                           lora_rank=args.lora_rank or 0)
-        objective.prepare(self)  # on the initial weights, before a resumed run restores its own
+        self.objective.prepare(self)  # on the initial weights, before a resumed run restores
         self.eval_data = None
         if setup.eval_rows is not None:
-            self.eval_data = objective.eval_batch(setup.eval_rows, args, mesh)
+            self.eval_data = self.objective.eval_batch(setup.eval_rows, args, mesh)
 
     def evaluate(self) -> tuple[dict, str]:
         """(the eval metrics row's values, what to say) on the eval data."""
