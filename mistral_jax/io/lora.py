@@ -87,22 +87,21 @@ def _base(tree: dict, name: str):
 
 def init(weights: dict, axes: dict, targets: list[str], rank: int, seed: int, mesh=None) -> dict:
     """{"layers": {name: {"a": [L, *in, r], "b": [L, r, *out]}}} for each target, float32
-    (over float or int8 weights alike)."""
-    adapters, keys = {}, iter(jax.random.split(jax.random.key(seed), len(targets)))
-    for name in targets:
-        a_shape, b_shape = shapes(name, _base(weights, name).shape, rank)
-        a = jax.random.normal(next(keys), a_shape, jnp.float32) / math.sqrt(
-            math.prod(a_shape[1:-1]))
-        b = jnp.zeros(b_shape, jnp.float32)
+    (over float or int8 weights alike): A random, B zeros, in their shards on `mesh`."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(targets)))
+    adapters = {}
+    for name, at in abstract(weights, axes, targets, rank, mesh)["layers"].items():
+        a_shape, b_shape = at["a"].shape, at["b"].shape
+        values = {"a": jax.random.normal(next(keys), a_shape, jnp.float32)
+                  / math.sqrt(math.prod(a_shape[1:-1])), "b": jnp.zeros(b_shape, jnp.float32)}
         if mesh is not None:
-            a_at, b_at = _shardings(name, _base(axes, name), a_shape, b_shape, mesh)
-            a, b = jax.device_put(a, a_at), jax.device_put(b, b_at)
-        adapters[name] = {"a": a, "b": b}
+            values = {k: jax.device_put(v, at[k].sharding) for k, v in values.items()}
+        adapters[name] = values
     return {"layers": adapters}
 
 
-def abstract(weights: dict, axes: dict, targets: list[str], rank: int, mesh) -> dict:
-    """The adapters `init` makes on `mesh`, as shapes with their shardings (nothing
+def abstract(weights: dict, axes: dict, targets: list[str], rank: int, mesh=None) -> dict:
+    """The adapters `init` makes, as shapes with their shardings on `mesh` (nothing
     allocated): what train.plan compiles a LoRA step with."""
     adapters = {}
     for name in targets:

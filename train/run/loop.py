@@ -240,10 +240,12 @@ class Step:
         self.adapted = self.template  # the model the step runs: with LoRA, adapters beside
         if args.lora_rank:
             self.scale = args.lora_alpha / args.lora_rank
-            made = (lora.init if all(isinstance(x, jax.Array) for x in jax.tree.leaves(weights))
-                    else lambda *a: lora.abstract(*a[:4], a[5]))  # shapes: train.plan
-            params = made(weights, trees.logical_axes(model), args.lora_targets, args.lora_rank,
-                          args.seed, mesh)
+            axes = trees.logical_axes(model)
+            if all(isinstance(x, jax.Array) for x in jax.tree.leaves(weights)):
+                params = lora.init(weights, axes, args.lora_targets, args.lora_rank, args.seed,
+                                   mesh)
+            else:  # shapes (train.plan): the adapters' shapes too
+                params = lora.abstract(weights, axes, args.lora_targets, args.lora_rank, mesh)
             self.frozen = weights
             # The adapters stay beside the frozen base (x W + scale (x A) B in each layer), never
             # merged into it: an int8 base stays int8, and a float base's step is faster than
