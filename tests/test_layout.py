@@ -16,7 +16,7 @@ LAYERS = {
     "mistral_jax": ["base", "text", "arch", "parallel", "kernels", "quant", "nn", "model", "io",
                     "inference", "serving", "cli"],
     "convert": ["read", "mapping", "formats"],
-    "train": ["input", "compute", "run"],
+    "train": ["input", "compute", "run", "plan"],  # plan: `python -m train.plan`, over run
 }
 ENTRIES = {  # what `python -m` runs, at each package's top
     "mistral_jax": {"generate", "chat", "serve"},

@@ -217,12 +217,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def fsdp_flags(files, out, *extra):
-    """1x4x2: FSDP over 4 devices, tensor parallel over 2. Two processes of 4 devices each hold
-    2 of the 4 fsdp shards: weights are gathered and gradients reduced across them."""
-    argv = flags(files, out, *extra)
-    argv[argv.index("--mesh") + 1] = "1x4x2"
-    return argv
+def fsdp_flags(files, out):
+    """1x4x2: 4-way FSDP, 2-way tensor parallel (over 2 processes, each holds 2 fsdp shards)."""
+    return [*flags(files, out), "--mesh", "1x4x2"]  # the last --mesh counts
 
 
 @pytest.fixture(scope="module")
@@ -257,11 +254,9 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(files, fsdp_ru
     assert "note: --mesh 1x4x2: 8 CPU devices" in outputs[0]
     assert "note:" not in outputs[1]  # only process 0 speaks for the run
     (train, evals), (train_alone, evals_alone) = losses(out), fsdp_run
-    # To float32 rounding: the gradients summed over the fsdp axis across two processes (gloo)
-    # add in another order than inside one. On a 2-core AMD EPYC, steps 3 and 6 of 6 were 1-2
-    # ULPs apart (5.6069989 against 5.6069994), the others equal; the same run on 2x4, where
-    # only the data axis crosses the processes, was bit for bit (its eval loss one ULP off on an
-    # AVX-512 EPYC).
+    # To float32 rounding: gloo adds the fsdp gradients across processes in another order. On
+    # a 2-core EPYC, 2 of 6 steps were 1-2 ULPs apart; on 2x4 (data across processes) the
+    # training losses were bit for bit.
     for got, alone in ((train, train_alone), (evals, evals_alone)):
         assert sorted(got) == sorted(alone)
         np.testing.assert_allclose([got[s] for s in sorted(got)],
@@ -349,6 +344,8 @@ BAD = [
     (["--seq-len", "200", "--init", "gpt2"], "--seq-len 200 is longer than the 128 positions"),
     (["--mesh", "1x3"], "num_attention_heads=8 is not divisible by the model axis 3"),
     (["--batch-size", "3"], r"micro-batch of 3 rows .* 2 data-parallel replicas \(D x F\)"),
+    (["--mesh", "1x3x1", "--num-processes", "2", "--coordinator", "127.0.0.1:1"],
+     r"--mesh 1x3x1 \(3 devices\) does not split evenly over 2 processes"),
     (["--resume", "--out", "empty-out"], "holds no checkpoint to resume from"),
     (["--resume", "--seq-len", "16"], "from another run .*seq_len: 32 there, 16 now"),
     ([], "already holds a run's checkpoints; pass --resume"),

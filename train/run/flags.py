@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import time
 
@@ -209,8 +210,8 @@ def check(args: argparse.Namespace, kind: str = "finetune") -> None:
         raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT")
     if not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
-    if shape and (shape[0] * shape[1]) % args.num_processes:
-        raise UsageError(f"--mesh {args.mesh} ({shape[0] * shape[1]} devices) does not split "
+    if shape and math.prod(shape) % args.num_processes:
+        raise UsageError(f"--mesh {args.mesh} ({math.prod(shape)} devices) does not split "
                          f"evenly over {args.num_processes} processes")
     if args.out is None:
         raise UsageError("--resume and multi-process runs need --out (every process must "
