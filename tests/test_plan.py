@@ -31,7 +31,7 @@ def _expected_argument_bytes(args, mesh) -> int:
     model = build.abstract_model(preset("mistral-tiny"), mesh, plan_options(args))
     weights = jax.tree.leaves(build.trees.weights(model))
     per_device = sum(math.prod(w.sharding.shard_shape(w.shape)) * 4 for w in weights)
-    rows = args.batch_size // mesh.shape["data"]
+    rows = args.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     batch = 4 * rows * args.seq_len * 4  # ids, labels, positions, segments: int32
     # params + mu + nu; optax's counts (int32, for adam and the schedule) and the step, key
     scalars = 4 + 4 + 4 + 8
@@ -61,8 +61,9 @@ def test_command_prints_per_device_bytes_and_a_verdict():
     assert any(line.startswith("FLOPs per step") for line in out)
 
 
-def test_library_bytes_match_the_shards_and_hlo_counts():
-    args = _args("--mesh", "4x2")
+@pytest.mark.parametrize("spec", ["4x2", "1x2x4"])  # data x tensor; FSDP x tensor
+def test_library_bytes_match_the_shards_and_hlo_counts(spec):
+    args = _args("--mesh", spec)
     mesh = plan._mesh(args, preset("mistral-tiny"), jax.devices()[:8])
     done = build.train_step(args, preset("mistral-tiny"), mesh)
     parts = {k: build.shard_bytes(v) for k, v in done.arguments.items()}
@@ -79,9 +80,19 @@ def test_library_bytes_match_the_shards_and_hlo_counts():
     assert lines[-1].startswith("fits: ")
 
 
+def test_mesh_reads_dxt_dxfxt_and_auto():
+    config, devices = preset("mistral-tiny"), jax.devices()[:8]
+    shape = {spec: dict(plan._mesh(_args("--mesh", spec), config, devices).shape)
+             for spec in ("2x4", "1x8x1", "auto")}
+    assert shape["2x4"] == {"data": 2, "fsdp": 1, "model": 4}
+    assert shape["1x8x1"] == {"data": 1, "fsdp": 8, "model": 1}
+    assert math.prod(shape["auto"].values()) == 8
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--topology", "v9-8"], "--topology"),
     (["--topology", "cpu:8", "--mesh", "3x3"], "--mesh"),
+    (["--topology", "cpu:8", "--mesh", "1x2x2x2"], "--mesh"),
     (["--topology", "cpu:8", "--mesh", "1x8", "--remat", "most"], "--remat"),
     (["--topology", "cpu:8", "--mesh", "1x8", "--batch-size", "0"], "--batch-size"),
 ])

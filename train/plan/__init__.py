@@ -4,6 +4,8 @@ time for a target you do not have, on abstract arrays (`jax.jit(...).lower(...).
 
     python -m train.plan --model mistral-7b --topology v5e-8 --mesh 1x8 \\
         --batch-size 8 --seq-len 4096 --dtype bfloat16 --remat full
+    python -m train.plan --model mistral-7b --topology v5e-64 --mesh 1x16x4 \\
+        --batch-size 16 --seq-len 4096 --dtype bfloat16 --remat full --lora-rank 16
     python -m train.plan --model ckpt/ --topology cpu:8 --mesh 2x4 --batch-size 8 --seq-len 256
     python -m train.plan --model mistral-7b --topology v5e-8 --mesh 1x8 --serve \\
         --batch-size 16 --seq-len 4096 --dtype bfloat16
@@ -20,6 +22,7 @@ The flags shared with `python -m train.finetune` are its own (same names, values
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from train.run import flags
@@ -82,7 +85,14 @@ def _config(model: str):
 def _mesh(args, config, devices):
     """The mesh --mesh names over the target's devices, checked as a run checks it."""
     from mistral_jax.parallel import devices as D
-    from mistral_jax.parallel.sharding import ShardingError, make_mesh, parse_mesh
+    from mistral_jax.parallel.sharding import (
+        FSDP,
+        MODEL,
+        ShardingError,
+        check_layout,
+        make_mesh,
+        parse_mesh,
+    )
 
     spec = args.mesh
     micro = None if args.serve else args.batch_size // args.grad_accum
@@ -91,18 +101,13 @@ def _mesh(args, config, devices):
         if found is None:
             raise ShardingError(f"--mesh auto: no mesh over {len(devices)} devices fits")
         spec = "x".join(map(str, found))
-    shape = parse_mesh(spec)
-    size = 1
-    for n in shape:
-        size *= n
-    if size != len(devices):
-        raise ShardingError(f"--mesh {spec}: {size} devices, and --topology {args.topology} "
-                            f"has {len(devices)}")
     try:
+        size = math.prod(parse_mesh(spec))  # D x F x T
+        if size != len(devices):
+            raise ShardingError(f"{size} devices, and --topology {args.topology} has "
+                                f"{len(devices)}")
         mesh = make_mesh(spec, devices)
-        from mistral_jax.parallel.sharding import MODEL, check_layout
-
-        check_layout(config, mesh.shape[MODEL])
+        check_layout(config, mesh.shape[MODEL], mesh.shape[FSDP])
     except ShardingError as e:
         raise ShardingError(f"--mesh {spec}: {e}") from None
     return mesh
