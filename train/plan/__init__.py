@@ -135,9 +135,6 @@ def plan(args: argparse.Namespace) -> list[str]:
             f"{args.remat}",
             f"target: {target.describe()}",
             f"mesh: {args.mesh} -> " + ", ".join(f"{k} {v}" for k, v in mesh.shape.items())]
-    if target.is_tpu and args.attention == "auto":
-        head.append("note: attention 'auto' is chosen by this process's backend (CPU), so the "
-                    "TPU program uses blockwise attention where a TPU run uses splash")
     compiled = (build.decode_step if args.serve else build.train_step)(args, config, mesh)
     parts = {k: build.shard_bytes(v) for k, v in compiled.arguments.items()}
     said = (report.lines(compiled.compiled, target.chip, target.count, compiled.model_flops,
