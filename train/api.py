@@ -29,7 +29,7 @@ from pathlib import Path
 
 from train.input.data import DataError
 from train.run import flags
-from train.run.errors import UsageError
+from train.run.errors import UsageError, errors
 from train.run.loop import Interrupted, Stopped
 
 __all__ = ["DataError", "Interrupted", "Result", "Stopped", "UsageError", "dpo", "finetune"]
@@ -130,17 +130,6 @@ def start(args: argparse.Namespace, kind: str, *, on_step: Callback = None,
     rows = report.read_metrics(Path(args.out))
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     return Result(Path(args.out), rows, evals[-1] if evals else None)
-
-
-def errors() -> tuple:
-    """The exceptions a command line reports in one line (exit code 2)."""
-    from mistral_jax.arch.configs import ConfigError
-    from mistral_jax.io.checkpoint import CheckpointError
-    from mistral_jax.io.lora import LoraError
-    from mistral_jax.parallel.sharding import ShardingError
-
-    return (UsageError, DataError, CheckpointError, ConfigError, ShardingError, LoraError,
-            FileNotFoundError)
 
 
 def main(kind: str, parser: argparse.ArgumentParser, argv=None) -> int:

@@ -146,8 +146,8 @@ def plan(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> int:
     from mistral_jax import cli
-    from train.api import errors
     from train.plan import targets
+    from train.run.errors import errors
 
     args = parser().parse_args(argv)
 
