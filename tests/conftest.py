@@ -26,6 +26,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = MADE_HERE[-1]
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    # A size limit turns on JAX's file lock around each entry's read and write: without it an
+    # entry is written in place, and a process may read one another is still writing.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 if "MISTRAL_JAX_TEST_SHARED" not in os.environ:
     MADE_HERE.append(tempfile.mkdtemp(prefix="mistral_jax-tests-shared-"))
     os.environ["MISTRAL_JAX_TEST_SHARED"] = MADE_HERE[-1]
