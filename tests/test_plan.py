@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from mistral_jax.arch.configs import preset
+from tests.fetch import unavailable
 from train import plan
 from train.plan import build, report, targets
 
@@ -119,10 +120,9 @@ def test_optimizer_state_is_two_moments():
     assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 32
 
 
-@pytest.mark.skipif(targets.libtpu_path() is None,
-                    reason="libtpu is not installed (scripts/setup.sh installs it in "
-                           ".venv/libtpu)")
 def test_tiny_model_compiles_for_a_v5e_slice():
+    if targets.libtpu_path() is None:  # skipped locally, a failure in CI (tests/fetch.py's rule)
+        unavailable("libtpu is not installed: scripts/setup.sh installs it in .venv/libtpu")
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
     done = subprocess.run([sys.executable, "-m", "train.plan", *TINY, "--topology", "v5e-8",
